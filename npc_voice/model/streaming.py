@@ -1,0 +1,69 @@
+"""Per-slot streaming state.
+
+Every streaming module keeps its state in a `StreamState` dataclass whose tensors all have the
+slot (batch) dimension first and a fixed shape. A step updates them in place, so:
+- one slot can be reset (`reset(mask)`) or skipped (`active` mask of a step) without touching the
+  others, which are bit-identical whatever happens to their neighbours;
+- no shape ever changes, so a step can be captured in a CUDA graph;
+- a slot's whole state can be copied into another slot (`copy_slot`), which is how a cached
+  character prefix is installed into a live slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+
+def slot_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshapes a `[B]` mask so that it broadcasts against `like` (`[B, ...]`)."""
+    return mask.view(mask.shape[0], *([1] * (like.dim() - 1)))
+
+
+def where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """`new` for active slots, `old` for the others (`active` is `[B]` bool)."""
+    return torch.where(slot_mask(active, new), new, old)
+
+
+def state_field(fill: float | int | bool = 0) -> Any:
+    """A state tensor field whose value after a reset is `fill` (default zero)."""
+    return dataclasses.field(metadata={"fill": fill})
+
+
+@dataclass
+class StreamState:
+    """Base class: tensor fields (slot dim first), nested states, or lists of nested states."""
+
+    def _items(self) -> Iterator[tuple[str, Any, Any]]:
+        for f in dataclasses.fields(self):
+            yield f.name, getattr(self, f.name), f.metadata.get("fill", 0)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every state tensor, nested ones included."""
+        for _, value, _ in self._items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, StreamState):
+                    yield from item.tensors()
+                elif isinstance(item, torch.Tensor):
+                    yield item
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Puts the slots where `mask` ([B] bool) is true back to their initial state."""
+        for _, value, fill in self._items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, StreamState):
+                    item.reset(mask)
+                elif isinstance(item, torch.Tensor):
+                    item.masked_fill_(slot_mask(mask, item), fill)
+
+    def copy_slot(self, src: StreamState, src_slot: int, dst_slot: int) -> None:
+        """Copies slot `src_slot` of `src` (a state of the same structure) into our slot `dst_slot`."""
+        for mine, theirs in zip(self.tensors(), src.tensors(), strict=True):
+            mine[dst_slot].copy_(theirs[src_slot])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -1,0 +1,264 @@
+"""A streaming causal transformer shared by the LM (temporal and depth) and Mimi.
+
+Parameter names follow the reference checkpoints (`self_attn.in_proj_weight`, `self_attn.out_proj.weight`,
+`gating.linear_in.weight` or `linear1.weight`, `norm1.alpha` or `norm1.weight`, `layer_scale_1.scale`),
+so a checkpoint loads with no renaming. Layers with weights per step (the depth transformer) keep
+their projections stacked along dim 0, exactly as the checkpoint stores them.
+
+Streaming keeps a ring KV cache per layer in fixed-shape tensors with the slot first; positions are
+per slot, so slots advance, reset and skip steps independently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .streaming import StreamState, state_field, where_active
+
+NormKind = Literal["rms_f32", "layer"]
+FFNKind = Literal["gated_silu", "gelu"]
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32 (the reference's `rms_norm_f32`); weight named `alpha`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C]
+        xf = x.float()
+        var = self.eps + xf.pow(2).mean(dim=-1, keepdim=True)
+        return (xf * (self.alpha.float() * torch.rsqrt(var))).to(x.dtype)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
+    return RMSNorm(dim, eps) if kind == "rms_f32" else nn.LayerNorm(dim, eps=eps)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+    """Rotary embedding with interleaved (real, imaginary) pairs, computed in float32.
+
+    x: [B, H, T, D]; positions: [B, T] absolute positions.
+    """
+    B, H, T, D = x.shape
+    freqs = torch.exp(torch.arange(D // 2, device=x.device, dtype=torch.float32) * (-math.log(max_period) * 2 / D))
+    angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, D/2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pairs = x.view(B, H, T, D // 2, 2).float()
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.to(x.dtype).view(B, H, T, D)
+
+
+def ring_positions(end: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Absolute position held by each ring-buffer row once `end` ([B]) positions were written.
+
+    Row j holds the latest position p < end with p = j (mod capacity); rows never written get a
+    negative position. Returns [B, capacity].
+    """
+    rows = torch.arange(capacity, device=end.device)
+    last = (end - 1)[:, None]
+    return last - torch.remainder(last - rows, capacity)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+           context: int | None, always_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of queries at `q_pos` ([B, T]) over keys at `k_pos` ([B, S]; < 0 = empty).
+
+    A key is visible when 0 <= q_pos - k_pos < context. `always_valid` ([B, S] bool), if given, adds
+    keys that are visible anyway (used to keep skipped slots free of empty rows, hence of NaNs).
+    """
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+    visible = (k_pos[:, None, :] >= 0) & (delta >= 0)
+    if context is not None:
+        visible &= delta < context
+    if always_valid is not None:
+        visible |= always_valid[:, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+
+
+@dataclass
+class KVCache(StreamState):
+    keys: torch.Tensor  # [B, H, S, D]
+    values: torch.Tensor  # [B, H, S, D]
+
+
+@dataclass
+class TransformerState(StreamState):
+    position: torch.Tensor = state_field(0)  # [B] long: steps already seen by each slot
+    layers: list[KVCache] = state_field(0)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; `steps` > 0 gives each step (codebook) its own projections."""
+
+    def __init__(self, dim: int, num_heads: int, steps: int = 0):
+        super().__init__()
+        self.dim, self.num_heads, self.steps = dim, num_heads, steps
+        mult = max(steps, 1)
+        self.in_proj_weight = nn.Parameter(torch.empty(mult * 3 * dim, dim))
+        self.out_proj = nn.Linear(dim, mult * dim, bias=False)
+
+    def project_in(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> q, k, v, each [B, H, T, D]."""
+        w = self.in_proj_weight.view(max(self.steps, 1), 3 * self.dim, self.dim)[step]
+        B, T, _ = x.shape
+        qkv = F.linear(x, w).view(B, T, 3, self.num_heads, self.dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def project_out(self, y: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """y [B, H, T, D] -> [B, T, C]."""
+        B, H, T, D = y.shape
+        w = self.out_proj.weight.view(max(self.steps, 1), self.dim, self.dim)[step]
+        return F.linear(y.transpose(1, 2).reshape(B, T, H * D), w)
+
+
+class GatedFFN(nn.Module):
+    """SiLU-gated feed-forward: linear_in -> (silu(a) * b) -> linear_out."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.linear_in(x).chunk(2, dim=-1)
+        return self.linear_out(F.silu(gate) * value)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What kind of transformer layer: the LM's (RMS, gated SiLU) or Mimi's (LayerNorm, GELU, layer scale)."""
+
+    dim: int
+    num_heads: int
+    hidden: int  # FFN hidden width (gated: the width after gating)
+    norm: NormKind
+    ffn: FFNKind
+    norm_eps: float
+    layer_scale: float | None = None
+    steps: int = 0  # weights per step (depth transformer); 0 = shared
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.self_attn = Attention(spec.dim, spec.num_heads, spec.steps)
+        self.norm1 = make_norm(spec.norm, spec.dim, spec.norm_eps)
+        self.norm2 = make_norm(spec.norm, spec.dim, spec.norm_eps)
+        if spec.ffn == "gated_silu":
+            n = max(spec.steps, 1)
+            if spec.steps:
+                self.gating = nn.ModuleList(GatedFFN(spec.dim, spec.hidden) for _ in range(n))
+            else:
+                self.gating = GatedFFN(spec.dim, spec.hidden)
+        else:
+            self.linear1 = nn.Linear(spec.dim, spec.hidden, bias=False)
+            self.linear2 = nn.Linear(spec.hidden, spec.dim, bias=False)
+        if spec.layer_scale is not None:
+            self.layer_scale_1 = LayerScale(spec.dim, spec.layer_scale)
+            self.layer_scale_2 = LayerScale(spec.dim, spec.layer_scale)
+
+    def _scale(self, which: int, update: torch.Tensor) -> torch.Tensor:
+        if self.spec.layer_scale is None:
+            return update
+        return (self.layer_scale_1 if which == 1 else self.layer_scale_2)(update)
+
+    def feed_forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        h = self.norm2(x)
+        if self.spec.ffn == "gated_silu":
+            gating = self.gating[step] if self.spec.steps else self.gating
+            update = gating(h)
+        else:
+            update = self.linear2(F.gelu(self.linear1(h)))
+        return x + self._scale(2, update)
+
+
+class Transformer(nn.Module):
+    """A causal transformer over time with RoPE, run whole-sequence or streamed step by step."""
+
+    def __init__(self, spec: LayerSpec, num_layers: int, context: int | None, max_period: float):
+        super().__init__()
+        self.spec, self.context, self.max_period = spec, context, max_period
+        self.layers = nn.ModuleList(TransformerLayer(spec) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole sequence, no cache: x [B, T, C] -> [B, T, C]."""
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        for layer in self.layers:
+            q, k, v = layer.self_attn.project_in(layer.norm1(x))
+            q, k = apply_rope(q, pos, self.max_period), apply_rope(k, pos, self.max_period)
+            y = attend(q, k, v, pos, pos, self.context)
+            x = x + layer._scale(1, layer.self_attn.project_out(y))
+            x = layer.feed_forward(x)
+        return x
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, capacity: int | None = None) -> TransformerState:
+        """Empty streaming state for `batch_size` slots; the ring holds `capacity` (default: context) steps."""
+        capacity = capacity or self.context
+        if capacity is None:
+            raise ValueError("a streaming transformer needs a context or an explicit capacity")
+        ref = self.layers[0].self_attn.in_proj_weight
+        device = device or ref.device
+        dtype = dtype or ref.dtype
+        H = self.spec.num_heads
+        shape = (batch_size, H, capacity, self.spec.dim // H)
+        layers = [KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                  for _ in self.layers]
+        return TransformerState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
+
+    def step(self, x: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Streams T new steps: x [B, T, C] -> [B, T, C]. Slots where `active` ([B] bool) is false
+        keep their state untouched (their output is computed but meaningless)."""
+        B, T, _ = x.shape
+        if active is None:
+            active = torch.ones(B, dtype=torch.bool, device=x.device)
+        capacity = state.layers[0].keys.shape[2]
+        if T > capacity:
+            raise ValueError(f"cannot stream {T} steps at once into a cache of {capacity}")
+        start = state.position
+        q_pos = start[:, None] + torch.arange(T, device=x.device)  # [B, T]
+        end = start + T * active.long()
+        k_pos = ring_positions(end, capacity)  # [B, S]
+        rows = torch.remainder(q_pos, capacity)  # [B, T]
+        # Skipped slots see one arbitrary row, so that no attention row is empty (no NaN).
+        always = (~active)[:, None] & (torch.arange(capacity, device=x.device) == 0)
+        for layer, cache in zip(self.layers, state.layers):
+            q, k, v = layer.self_attn.project_in(layer.norm1(x))
+            q, k = apply_rope(q, q_pos, self.max_period), apply_rope(k, q_pos, self.max_period)
+            _write_rows(cache.keys, rows, k, active)
+            _write_rows(cache.values, rows, v, active)
+            y = attend(q, cache.keys, cache.values, q_pos, k_pos, self.context, always)
+            x = x + layer._scale(1, layer.self_attn.project_out(y))
+            x = layer.feed_forward(x)
+        state.position.copy_(end)
+        return x
+
+
+def _write_rows(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, active: torch.Tensor) -> None:
+    """cache [B, H, S, D] gets `new` [B, H, T, D] at rows [B, T], for active slots only."""
+    B, H, T, D = new.shape
+    index = rows[:, None, :, None].expand(B, H, T, D)
+    old = cache.gather(2, index)
+    cache.scatter_(2, index, where_active(active, new.to(cache.dtype), old))
