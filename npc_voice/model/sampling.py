@@ -1,0 +1,49 @@
+"""Sampling with per-slot parameters and per-slot random streams, free of host syncs.
+
+Each slot has its own temperature, top-k and seed. Randomness is counter-based: the uniform noise
+for (seed, frame, stream, vocabulary index) comes from an integer hash, so a slot's samples depend
+only on its own seed and position, never on what its neighbours do, and nothing waits on the host.
+A multinomial draw is the exponential race the reference uses: argmax(p / E) with E ~ Exp(1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK31 = (1 << 31) - 1
+_MULT = 0x45D9F3B  # < 2**27, so (x < 2**31) * _MULT stays well inside int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash (two xorshift-multiply rounds) on int64 tensors."""
+    x = ((x ^ (x >> 16)) * _MULT) & _MASK31
+    x = ((x ^ (x >> 16)) * _MULT) & _MASK31
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: int) -> torch.Tensor:
+    """Uniform noise in (0, 1), float32 [B, size], a pure function of (seed [B], counter [B], stream, index)."""
+    h = _mix(seed & _MASK31)
+    h = _mix(h ^ (counter & _MASK31))
+    h = _mix(h ^ stream)
+    index = torch.arange(size, device=seed.device)
+    h = _mix(h[:, None] ^ index[None, :])
+    return (h.float() + 0.5) / float(1 << 31)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+           noise: torch.Tensor) -> torch.Tensor:
+    """Samples one token per slot: logits [B, V], temperature [B] (<= 0: greedy), top_k [B]
+    (<= 0: no limit), noise [B, V] uniform in (0, 1) -> [B] long."""
+    logits = logits.float()
+    V = logits.shape[-1]
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    # Keep the top-k logits: the threshold is the k-th largest value of each row.
+    k = torch.where((top_k <= 0) | (top_k > V), torch.full_like(top_k, V), top_k)
+    ranked = scaled.sort(dim=-1, descending=True).values
+    threshold = ranked.gather(-1, (k - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    drawn = (probs / -torch.log(noise)).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
