@@ -102,7 +102,7 @@ class Generator:
         if active is None:
             active = torch.ones(B, dtype=torch.bool, device=device)
         delays = torch.tensor(cfg.delays, device=device)
-        t = state.offset
+        t = state.offset.clone()  # [B] this frame's index (the state advances below)
         user = slice(1 + self.num_agent, cfg.num_codebooks)
 
         # The user's frame t goes to positions t + delay.
@@ -134,7 +134,7 @@ class Generator:
         frame_tokens = state.tokens[:, agent].gather(2, out_pos[:, :, None])[..., 0]  # [B, 1 + A]
         valid = active & (t >= cfg.max_delay)
         state.offset.copy_(t + active.long())
-        return FrameOutput(frame_tokens[:, 0], frame_tokens[:, 1:], t.clone(), valid)
+        return FrameOutput(frame_tokens[:, 0], frame_tokens[:, 1:], t, valid)
 
     def _depth(self, hidden: torch.Tensor, text: torch.Tensor, state: GeneratorState,
                forced_audio: torch.Tensor | None) -> torch.Tensor:
