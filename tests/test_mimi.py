@@ -1,0 +1,242 @@
+"""Mimi codec: checkpoint layout, streaming == whole clip, per-slot isolation of skip and reset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+
+import pytest
+import torch
+
+from npc_voice.model.config import PRESETS, MimiConfig, MimiTransformerConfig, QuantizerConfig, SEANetConfig
+from npc_voice.model.mimi import Mimi, MimiState
+from npc_voice.model.mimi.convs import StreamingConv1d, StreamingConvTranspose1d
+
+TINY = PRESETS["tiny"].mimi
+FRAME = TINY.frame_size
+
+# Keys and shapes of Kyutai's released Mimi (`tokenizer-e351c8d8-checkpoint125.safetensors`): the
+# state_dict of moshi 0.2.13's `get_mimi(None)` with the attention weights under their checkpoint
+# names (`in_proj_weight`, `out_proj.weight`), as sorted "key (shape)" lines, hashed.
+OFFICIAL_NUM_KEYS = 318
+OFFICIAL_LAYOUT_SHA256 = "973eb9d2eee7899a22476b5638d0c6d85f3eb52213e4ab7a05544662645b06db"
+
+
+@torch.no_grad()
+def random_mimi(cfg: MimiConfig = TINY, seed: int = 0) -> Mimi:
+    """Random weights that make every part matter: layer scales well above their 0.01 init, and
+    codebooks at the scale of the latents they quantize (each one smaller, as for residuals), with
+    uneven positive usage so that embedding_sum / cluster_usage is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mimi = Mimi(cfg).eval()
+    for name, p in mimi.named_parameters():
+        if name.endswith(".scale"):
+            p.uniform_(0.05, 0.3, generator=g)
+        elif ".norm" in name:
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    pcm = 0.1 * torch.randn(2, 1, 4 * cfg.frame_size, generator=g)
+    latent = mimi.downsample(mimi.encoder_transformer(mimi.encoder(pcm)))
+    for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
+        std = rvq.input_proj(latent).std().item()
+        for layer in rvq.vq.layers:
+            usage = 0.5 + 2.0 * torch.rand(cfg.quantizer.bins, generator=g)
+            layer._codebook.cluster_usage.copy_(usage)
+            layer._codebook.embedding_sum.copy_(std * torch.randn(cfg.quantizer.bins, cfg.quantizer.dimension,
+                                                                  generator=g) * usage[:, None])
+            std *= 0.7
+    return mimi
+
+
+def random_pcm(batch: int, frames: int, seed: int = 1, frame: int = FRAME) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames * frame) / 24_000
+    tone = torch.sin(2 * torch.pi * 220 * t * (1 + torch.arange(batch)[:, None]))  # [B, N]
+    return (0.3 * tone + 0.05 * torch.randn(batch, frames * frame, generator=g))[:, None]  # [B, 1, N]
+
+
+@torch.no_grad()
+def stream(mimi: Mimi, pcm: torch.Tensor, state: MimiState | None = None,
+           active: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encodes `pcm` frame by frame and decodes the codes it gets: codes [B, K, F], pcm [B, 1, N]."""
+    B, frames = pcm.shape[0], pcm.shape[-1] // mimi.frame_size
+    state = state or mimi.init_state(B)
+    codes, out = [], []
+    for f in range(frames):
+        a = active[f] if active else None
+        c = mimi.encode_step(pcm[..., f * mimi.frame_size:(f + 1) * mimi.frame_size], state.encoder, a)
+        codes.append(c)
+        out.append(mimi.decode_step(c, state.decoder, a))
+    return torch.stack(codes, dim=-1), torch.cat(out, dim=-1)
+
+
+# ---- checkpoint layout --------------------------------------------------------------------------
+
+def test_state_dict_matches_official_checkpoint_layout() -> None:
+    with torch.device("meta"):
+        mimi = Mimi(PRESETS["personaplex-7b"].mimi)
+    sd = mimi.state_dict()
+    layout = "\n".join(sorted(f"{k} {tuple(v.shape)}" for k, v in sd.items()))
+    assert len(sd) == OFFICIAL_NUM_KEYS
+    assert hashlib.sha256(layout.encode()).hexdigest() == OFFICIAL_LAYOUT_SHA256
+    # A few readable spot checks of the same thing.
+    assert sd["encoder.model.3.conv.conv.weight"].shape == (128, 64, 8)
+    assert sd["decoder.model.2.convtr.convtr.weight"].shape == (1024, 512, 16)
+    assert sd["encoder_transformer.transformer.layers.7.self_attn.in_proj_weight"].shape == (1536, 512)
+    assert sd["downsample.conv.conv.conv.weight"].shape == (512, 512, 4)
+    assert sd["upsample.convtr.convtr.convtr.weight"].shape == (512, 1, 4)  # depthwise
+    assert sd["quantizer.rvq_rest.vq.layers.30._codebook.embedding_sum"].shape == (2048, 256)
+    assert sd["quantizer.rvq_first.vq.layers.0._codebook._initialized"].shape == (1,)
+
+
+def test_strict_round_trip_and_centroids() -> None:
+    src = random_mimi(seed=3)
+    dst = Mimi(TINY)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    pcm = random_pcm(1, 3)
+    with torch.no_grad():
+        assert torch.equal(src.encode(pcm), dst.encode(pcm))
+    cb = dst.quantizer.rvq_rest.vq.layers[2]._codebook
+    cb.cluster_usage[0] = 0.0  # clamped to epsilon, not a division by zero
+    expected = cb.embedding_sum / cb.cluster_usage.clamp(min=TINY.quantizer.epsilon)[:, None]
+    assert torch.equal(cb.embedding, expected)
+    codes = torch.tensor([[0, 5, 2047]])
+    assert torch.equal(cb.decode(codes), expected[codes])
+
+
+def test_num_codebooks_is_validated() -> None:
+    with pytest.raises(ValueError):
+        Mimi(dataclasses.replace(TINY, num_codebooks=TINY.quantizer.n_q + 1))
+
+
+# ---- whole clip vs streaming --------------------------------------------------------------------
+
+def test_whole_clip_shapes_and_padding() -> None:
+    mimi = random_mimi()
+    with torch.no_grad():
+        codes = mimi.encode(random_pcm(2, 3)[..., : 2 * FRAME + 7])  # padded to 3 frames
+        assert codes.shape == (2, TINY.num_codebooks, 3) and codes.dtype == torch.long
+        assert 0 <= codes.min() and codes.max() < TINY.quantizer.bins
+        assert mimi.decode(codes).shape == (2, 1, 3 * FRAME)
+
+
+def test_streaming_matches_whole_clip() -> None:
+    mimi = random_mimi()
+    pcm = random_pcm(2, 8)
+    with torch.no_grad():
+        whole_codes = mimi.encode(pcm)
+        whole_pcm = mimi.decode(whole_codes)
+    codes, out = stream(mimi, pcm)
+    assert whole_codes.unique().numel() > 20, "codes should not collapse onto a few centroids"
+    assert torch.equal(codes, whole_codes)
+    assert torch.allclose(out, whole_pcm, rtol=0, atol=1e-5 * whole_pcm.abs().max().item())
+    assert out.abs().max() > 1e-3
+
+
+def test_streaming_matches_whole_clip_with_projections_and_learnt_skips() -> None:
+    """d_model != SEANet dimension (input/output projections), conv shortcuts, replicate padding."""
+    cfg = MimiConfig(
+        seanet=SEANetConfig(dimension=24, n_filters=4, ratios=(4, 3, 2), true_skip=False, pad_mode="replicate",
+                            n_residual_layers=2),
+        transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64),
+        quantizer=QuantizerConfig(dimension=16, n_q=5, n_q_semantic=2, bins=64),
+        sample_rate=24_000, frame_rate=24_000 / 48, num_codebooks=4,
+    )
+    mimi = random_mimi(cfg, seed=5)
+    assert "encoder_transformer.input_proj.weight" in mimi.state_dict()
+    assert "encoder.model.1.shortcut.conv.conv.weight" in mimi.state_dict()
+    pcm = random_pcm(2, 10, frame=cfg.frame_size)
+    with torch.no_grad():
+        whole_codes = mimi.encode(pcm)
+        whole_pcm = mimi.decode(whole_codes)
+    codes, out = stream(mimi, pcm)
+    assert torch.equal(codes, whole_codes)
+    assert torch.allclose(out, whole_pcm, rtol=0, atol=1e-5 * whole_pcm.abs().max().item())
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+def test_conv_streaming_matches_whole(pad_mode: str) -> None:
+    x = torch.randn(2, 3, 48)
+    for kernel, stride, dilation in itertools.product([1, 3, 4, 8], [1, 2, 4], [1, 2]):
+        if stride > kernel or (stride > 1 and dilation > 1):
+            continue
+        conv = StreamingConv1d(3, 5, kernel, stride, dilation=dilation, pad_mode=pad_mode)
+        convtr = StreamingConvTranspose1d(5, 3, kernel, stride)
+        with torch.no_grad():
+            y, z = conv(x), convtr(conv(x))
+            cs, ts = conv.init_state(2, x.device, x.dtype), convtr.init_state(2, x.device, x.dtype)
+            ys, zs = [], []
+            for chunk in x.split(4 * stride, dim=-1):
+                ys.append(conv.step(chunk, cs))
+                zs.append(convtr.step(ys[-1], ts))
+        assert y.shape[-1] == x.shape[-1] // stride and z.shape[-1] == x.shape[-1]
+        torch.testing.assert_close(torch.cat(ys, -1), y, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.cat(zs, -1), z, rtol=0, atol=1e-6)
+
+
+# ---- per-slot isolation -------------------------------------------------------------------------
+
+def test_skipped_slot_is_frozen_and_others_unchanged() -> None:
+    mimi = random_mimi()
+    pcm = random_pcm(3, 6)
+    ref_codes, ref_pcm = stream(mimi, pcm)
+
+    state = mimi.init_state(3)
+    skip = torch.tensor([True, False, True])
+    active = [None, None, skip, skip, None, None]
+    # Slot 1's input on the skipped frames is junk: it must not leak anywhere.
+    noisy = pcm.clone()
+    noisy[1, :, 2 * FRAME:4 * FRAME] = torch.randn(1, 2 * FRAME)
+    frozen: list[torch.Tensor] = []
+
+    codes, out = [], []
+    with torch.no_grad():
+        for f in range(6):
+            if f == 2:
+                frozen = [t[1].clone() for t in state.tensors()]
+            if f == 4:
+                assert all(torch.equal(a, t[1]) for a, t in zip(frozen, state.tensors(), strict=True))
+            c = mimi.encode_step(noisy[..., f * FRAME:(f + 1) * FRAME], state.encoder, active[f])
+            codes.append(c)
+            out.append(mimi.decode_step(c, state.decoder, active[f]))
+    codes_t, out_t = torch.stack(codes, -1), torch.cat(out, -1)
+    for slot in (0, 2):
+        assert torch.equal(codes_t[slot], ref_codes[slot])
+        assert torch.equal(out_t[slot], ref_pcm[slot])
+    # Slot 1 resumes as if the skipped frames never happened.
+    kept = torch.cat([pcm[1:2, :, : 2 * FRAME], pcm[1:2, :, 4 * FRAME:]], dim=-1)
+    alone_codes, alone_pcm = stream(mimi, kept.expand(3, -1, -1).contiguous())
+    assert torch.equal(codes_t[1][:, [0, 1, 4, 5]], alone_codes[0])
+    torch.testing.assert_close(out_t[1:2, :, 4 * FRAME:], alone_pcm[:1, :, 2 * FRAME:], rtol=0, atol=1e-6)
+
+
+def test_reset_slot_restarts_it_and_leaves_others_unchanged() -> None:
+    mimi = random_mimi()
+    pcm = random_pcm(3, 6)
+    ref_codes, ref_pcm = stream(mimi, pcm)
+    k = 3
+    state = mimi.init_state(3)
+    head_codes, head_pcm = stream(mimi, pcm[..., : k * FRAME], state)
+    state.reset(torch.tensor([False, True, False]))
+    tail_codes, tail_pcm = stream(mimi, pcm[..., k * FRAME:], state)
+    codes, out = torch.cat([head_codes, tail_codes], -1), torch.cat([head_pcm, tail_pcm], -1)
+    for slot in (0, 2):
+        assert torch.equal(codes[slot], ref_codes[slot])
+        assert torch.equal(out[slot], ref_pcm[slot])
+    # The reset slot is a fresh stream started at frame k (same batch shape: bit-identical).
+    fresh_codes, fresh_pcm = stream(mimi, pcm[..., k * FRAME:])
+    assert torch.equal(tail_codes[1], fresh_codes[1])
+    assert torch.equal(tail_pcm[1], fresh_pcm[1])
+    assert not torch.equal(tail_codes[1], ref_codes[1, :, k:]) or not torch.equal(tail_pcm[1], ref_pcm[1, :, k * FRAME:])
+
+
+def test_copy_slot_clones_a_stream() -> None:
+    mimi = random_mimi()
+    pcm = random_pcm(2, 4)
+    state = mimi.init_state(2)
+    stream(mimi, pcm[..., : 2 * FRAME], state)
+    state.copy_slot(state, 0, 1)
+    same = pcm[:1, :, 2 * FRAME:].expand(2, -1, -1).contiguous()
+    codes, out = stream(mimi, same, state)
+    assert torch.equal(codes[0], codes[1]) and torch.equal(out[0], out[1])
