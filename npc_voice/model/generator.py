@@ -50,7 +50,8 @@ class FrameOutput:
     text: torch.Tensor  # [B] text token of the agent's frame
     audio: torch.Tensor  # [B, A] the agent's Mimi codes of the frame
     frame: torch.Tensor  # [B] long: which frame (the user frame it answers)
-    valid: torch.Tensor  # [B] bool: false for skipped slots and the first frame
+    valid: torch.Tensor  # [B] bool: false for skipped slots and the first frame (whose tokens
+    # may be the initial or ungenerated ids, outside the codebooks)
 
 
 class Generator:

@@ -31,17 +31,21 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: 
     return (h.float() + 0.5) / float(1 << 31)
 
 
+MAX_TOP_K = 512  # the largest top-k a slot may ask for (the reference uses 25 for text, 250 for audio)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            noise: torch.Tensor) -> torch.Tensor:
     """Samples one token per slot: logits [B, V], temperature [B] (<= 0: greedy), top_k [B]
-    (<= 0: no limit), noise [B, V] uniform in (0, 1) -> [B] long."""
+    (<= 0 or above MAX_TOP_K: MAX_TOP_K), noise [B, V] uniform in (0, 1) -> [B] long."""
     logits = logits.float()
-    V = logits.shape[-1]
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    # Keep the top-k logits: the threshold is the k-th largest value of each row.
-    k = torch.where((top_k <= 0) | (top_k > V), torch.full_like(top_k, V), top_k)
-    ranked = scaled.sort(dim=-1, descending=True).values
+    # Keep the top-k logits: the threshold is the k-th largest value of each row. One static
+    # top-MAX_TOP_K serves every slot's k, so per-slot values need no shape change.
+    kmax = min(MAX_TOP_K, logits.shape[-1])
+    k = torch.where((top_k <= 0) | (top_k > kmax), torch.full_like(top_k, kmax), top_k)
+    ranked = scaled.topk(kmax, dim=-1).values  # [B, kmax], descending
     threshold = ranked.gather(-1, (k - 1)[:, None])
     scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
