@@ -184,9 +184,11 @@ def test_skipped_slot_is_frozen_and_others_unchanged() -> None:
 
     state = mimi.init_state(3)
     skip = torch.tensor([True, False, True])
-    active = [None, None, skip, skip, None, None]
+    # Slot 1 sits out frame 0 (its stream, replicate padding included, starts at frame 1) and 2-3.
+    active = [skip, None, skip, skip, None, None]
     # Slot 1's input on the skipped frames is junk: it must not leak anywhere.
     noisy = pcm.clone()
+    noisy[1, :, :FRAME] = torch.randn(1, FRAME)
     noisy[1, :, 2 * FRAME:4 * FRAME] = torch.randn(1, 2 * FRAME)
     frozen: list[torch.Tensor] = []
 
@@ -205,10 +207,11 @@ def test_skipped_slot_is_frozen_and_others_unchanged() -> None:
         assert torch.equal(codes_t[slot], ref_codes[slot])
         assert torch.equal(out_t[slot], ref_pcm[slot])
     # Slot 1 resumes as if the skipped frames never happened.
-    kept = torch.cat([pcm[1:2, :, : 2 * FRAME], pcm[1:2, :, 4 * FRAME:]], dim=-1)
+    kept = torch.cat([pcm[1:2, :, FRAME:2 * FRAME], pcm[1:2, :, 4 * FRAME:]], dim=-1)
     alone_codes, alone_pcm = stream(mimi, kept.expand(3, -1, -1).contiguous())
-    assert torch.equal(codes_t[1][:, [0, 1, 4, 5]], alone_codes[0])
-    torch.testing.assert_close(out_t[1:2, :, 4 * FRAME:], alone_pcm[:1, :, 2 * FRAME:], rtol=0, atol=1e-6)
+    assert torch.equal(codes_t[1][:, [1, 4, 5]], alone_codes[0])
+    torch.testing.assert_close(out_t[1:2, :, FRAME:2 * FRAME], alone_pcm[:1, :, :FRAME], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out_t[1:2, :, 4 * FRAME:], alone_pcm[:1, :, FRAME:], rtol=0, atol=1e-6)
 
 
 def test_reset_slot_restarts_it_and_leaves_others_unchanged() -> None:
