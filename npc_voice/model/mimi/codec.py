@@ -160,6 +160,7 @@ class Mimi(nn.Module):
     def encode_step(self, pcm: torch.Tensor, state: MimiEncoderState,
                     active: torch.Tensor | None = None) -> torch.Tensor:
         """One frame per slot: pcm [B, 1, frame_size] -> codes [B, K]."""
+        active = _all_if_none(active, pcm)
         x = self.encoder.step(pcm, state.seanet, active)  # [B, C, 2]
         x = self.encoder_transformer.step(x, state.transformer, active)
         x = self.downsample.step(x, state.downsample, active)  # [B, C, 1]
@@ -168,6 +169,7 @@ class Mimi(nn.Module):
     def decode_step(self, codes: torch.Tensor, state: MimiDecoderState,
                     active: torch.Tensor | None = None) -> torch.Tensor:
         """One frame per slot: codes [B, K] -> pcm [B, 1, frame_size]."""
+        active = _all_if_none(active, codes)
         x = self.quantizer.decode(codes[..., None])  # [B, C, 1]
         x = self.upsample.step(x, state.upsample, active)  # [B, C, 2]
         x = self.decoder_transformer.step(x, state.transformer, active)
@@ -177,3 +179,8 @@ class Mimi(nn.Module):
                    ) -> tuple[torch.device, torch.dtype]:
         ref = self.downsample.conv.conv.conv.weight
         return torch.device(device) if device is not None else ref.device, dtype or ref.dtype
+
+
+def _all_if_none(active: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """One all-true mask per step, rather than one per layer."""
+    return torch.ones(like.shape[0], dtype=torch.bool, device=like.device) if active is None else active
