@@ -122,6 +122,10 @@ def test_whole_clip_shapes_and_padding() -> None:
         assert codes.shape == (2, TINY.num_codebooks, 3) and codes.dtype == torch.long
         assert 0 <= codes.min() and codes.max() < TINY.quantizer.bins
         assert mimi.decode(codes).shape == (2, 1, 3 * FRAME)
+        # PCM of another float dtype is cast to the weights' dtype, whole clip and streaming alike.
+        half = random_pcm(2, 1).bfloat16()
+        assert torch.equal(mimi.encode(half), mimi.encode(half.float()))
+        assert torch.equal(mimi.encode_step(half, mimi.init_encoder_state(2)), mimi.encode(half.float())[..., 0])
 
 
 def test_streaming_matches_whole_clip() -> None:

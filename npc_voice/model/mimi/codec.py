@@ -123,7 +123,7 @@ class Mimi(nn.Module):
         """pcm [B, 1, N] -> codes [B, K, ceil(N / frame_size)] (long); the clip is zero-padded on the
         right to whole frames."""
         pad = -pcm.shape[-1] % self.frame_size
-        x = nn.functional.pad(pcm, (0, pad))
+        x = nn.functional.pad(pcm.to(self._dtype), (0, pad))
         latent = self.downsample(self.encoder_transformer(self.encoder(x)))  # [B, C, F]
         return self.quantizer.encode(latent, self.num_codebooks)
 
@@ -161,7 +161,7 @@ class Mimi(nn.Module):
                     active: torch.Tensor | None = None) -> torch.Tensor:
         """One frame per slot: pcm [B, 1, frame_size] -> codes [B, K]."""
         active = _all_if_none(active, pcm)
-        x = self.encoder.step(pcm, state.seanet, active)  # [B, C, 2]
+        x = self.encoder.step(pcm.to(self._dtype), state.seanet, active)  # [B, C, 2]
         x = self.encoder_transformer.step(x, state.transformer, active)
         x = self.downsample.step(x, state.downsample, active)  # [B, C, 1]
         return self.quantizer.encode(x, self.num_codebooks)[..., 0]
@@ -174,6 +174,11 @@ class Mimi(nn.Module):
         x = self.upsample.step(x, state.upsample, active)  # [B, C, 2]
         x = self.decoder_transformer.step(x, state.transformer, active)
         return self.decoder.step(x, state.seanet, active)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The weights' dtype; PCM in any float dtype (bf16 fixtures, float64 audio) is cast to it."""
+        return self.downsample.conv.conv.conv.weight.dtype
 
     def _placement(self, device: torch.device | str | None, dtype: torch.dtype | None
                    ) -> tuple[torch.device, torch.dtype]:
