@@ -129,7 +129,7 @@ class Mimi(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, F] -> pcm [B, 1, F * frame_size]."""
-        latent = self.upsample(self.quantizer.decode(codes))  # [B, C, 2F]
+        latent = self.upsample(self.quantizer.decode(codes))  # [B, C, stride * F]
         return self.decoder(self.decoder_transformer(latent))
 
     # ---- streaming --------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class Mimi(nn.Module):
                     active: torch.Tensor | None = None) -> torch.Tensor:
         """One frame per slot: pcm [B, 1, frame_size] -> codes [B, K]."""
         active = _all_if_none(active, pcm)
-        x = self.encoder.step(pcm.to(self._dtype), state.seanet, active)  # [B, C, 2]
+        x = self.encoder.step(pcm.to(self._dtype), state.seanet, active)  # [B, C, stride]
         x = self.encoder_transformer.step(x, state.transformer, active)
         x = self.downsample.step(x, state.downsample, active)  # [B, C, 1]
         return self.quantizer.encode(x, self.num_codebooks)[..., 0]
@@ -171,7 +171,7 @@ class Mimi(nn.Module):
         """One frame per slot: codes [B, K] -> pcm [B, 1, frame_size]."""
         active = _all_if_none(active, codes)
         x = self.quantizer.decode(codes[..., None])  # [B, C, 1]
-        x = self.upsample.step(x, state.upsample, active)  # [B, C, 2]
+        x = self.upsample.step(x, state.upsample, active)  # [B, C, stride]
         x = self.decoder_transformer.step(x, state.transformer, active)
         return self.decoder.step(x, state.seanet, active)
 
