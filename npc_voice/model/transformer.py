@@ -114,6 +114,7 @@ class Attention(nn.Module):
         self.dim, self.num_heads, self.steps = dim, num_heads, steps
         mult = max(steps, 1)
         self.in_proj_weight = nn.Parameter(torch.empty(mult * 3 * dim, dim))
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))  # nn.Linear's default (no-op on meta)
         self.out_proj = nn.Linear(dim, mult * dim, bias=False)
 
     def project_in(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
