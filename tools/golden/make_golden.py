@@ -58,14 +58,16 @@ B = 2  # streams (batch)
 T_LM = 40  # LM steps; context 16 => the temporal ring KV cache wraps after step 15
 T_MIMI = 40  # Mimi frames; transformer context 8 at 25 Hz = 4 frames => wraps after frame 3
 FRAME = 1920
-# Size budget (~5 MB for the whole folder; the two checkpoints alone take 3.6 MB):
-# - Full depth logits are stored at DEPTH_STEPS only (all 40 steps would be 5.2 MB). The depth
-#   transformer restarts at every step, so it depends on the step only through the temporal output,
-#   which `text_logits` / `transformer_out` check at every step; argmax and logsumexp of the depth
-#   logits are stored for all steps.
-# - Decoded PCM is stored at PCM_FRAMES only (each frame's output depends on every earlier frame
-#   through the decoder's streaming state); per-frame RMS and peak are stored for all frames.
-DEPTH_STEPS = [0, 39]
+# Size budget (~5 MB for the whole folder; the two checkpoints alone take 3.6 MB, the full depth
+# logits of 40 steps would take 5.2 MB more):
+# - Depth logits are linear maps of 16-dim vectors: `depth_logits[:, t, k] = depth_hidden[:, t, k] @
+#   linears.k.weight.T` (fp32, weights from model.safetensors). `depth_hidden` is stored for every
+#   step, which gives the reference depth logits of all 40 steps to ~1e-7 (checked here against
+#   moshi's own); moshi's depth logits themselves are stored at DEPTH_STEPS, and their argmax /
+#   logsumexp at every step. Text logits are stored whole.
+# - Decoded PCM (streaming and whole clip) is stored at PCM_FRAMES only (each frame's output depends
+#   on every earlier frame through the decoder's state), plus RMS and peak of every frame.
+DEPTH_STEPS = [39]
 PCM_FRAMES = [0, 1, 2, 3, 4, 5, 6, 7, 38, 39]
 MIN_CODE_MARGIN = 2e-4
 
@@ -259,8 +261,11 @@ def lm_inputs(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def run_lm(lm: LMModel, lm_input: torch.Tensor, depth_input: torch.Tensor) -> dict[str, torch.Tensor]:
     dep_q = lm.dep_q
-    text_logits, depth_logits, outs = [], [], []
+    text_logits, depth_logits, outs, hidden = [], [], [], []
     assert lm.depformer is not None and lm.depformer._streaming_detached
+    assert all(isinstance(n, nn.Identity) for n in lm.depformer_norms)
+    captured: list[torch.Tensor] = []
+    hook = lm.depformer.register_forward_hook(lambda _m, _i, out: captured.append(out[:, 0]))
     with lm.streaming(B):
         # The depformer is detached: lm.streaming() does not put it in streaming mode; it gets its own
         # streaming context per time step (KV capacity dep_q, reset at every step), as LMGen does.
@@ -275,10 +280,13 @@ def run_lm(lm: LMModel, lm_input: torch.Tensor, depth_input: torch.Tensor) -> di
                     tok = depth_input[:, t, k].view(B, 1, 1)
                     step.append(lm.forward_depformer(k, tok, transformer_out)[:, 0, 0])  # [B, card]
             depth_logits.append(torch.stack(step, dim=1))  # [B, dep_q, card]
+            hidden.append(torch.stack(captured[-dep_q:], dim=1))  # [B, dep_q, depformer_dim]
+    hook.remove()
     return {
         "text_logits": torch.stack(text_logits, dim=1).float().contiguous(),
         "depth_logits": torch.stack(depth_logits, dim=1).float().contiguous(),
         "transformer_out": torch.stack(outs, dim=1).float().contiguous(),
+        "depth_hidden": torch.stack(hidden, dim=1).float().contiguous(),
     }
 
 
@@ -465,9 +473,19 @@ def main() -> None:
                  f"lengths {mimi_res['pcm_whole'].shape[-1]} and {mimi_res['pcm_stream'].shape[-1]}.")
 
     # ---------------- reference.safetensors ----------------
-    d = lm_res["depth_logits"]
+    text, depth = lm_res["text_logits"], lm_res["depth_logits"]
+    # The stored vectors reproduce moshi's logits through the checkpoint's output matrices.
+    w_text = loaded["text_linear.weight"]
+    w_depth = torch.stack([loaded[f"linears.{k}.weight"] for k in range(LM_KWARGS["dep_q"])])
+    text_rebuilt = lm_res["transformer_out"] @ w_text.T
+    depth_rebuilt = torch.einsum("btkd,kcd->btkc", lm_res["depth_hidden"], w_depth)
+    for name, rebuilt, direct in (("text", text_rebuilt, text), ("depth", depth_rebuilt, depth)):
+        rel = _max_rel(rebuilt, direct)
+        if rel > 1e-6:
+            raise RuntimeError(f"{name} logits rebuilt from the stored vectors: max relative error {rel:.2e}")
+        notes.append(f"LM {name} logits rebuilt from the stored vectors and the checkpoint's output "
+                     f"matrices vs moshi's own: max relative difference {rel:.2e}.")
     steps = torch.tensor(DEPTH_STEPS, dtype=torch.int64)
-    lse = torch.logsumexp(d, dim=-1)
     frames = torch.tensor(PCM_FRAMES, dtype=torch.int64)
 
     def per_frame(x: torch.Tensor) -> torch.Tensor:  # [B, 1, T*FRAME] -> [B, T, FRAME]
@@ -482,12 +500,13 @@ def main() -> None:
     reference = {
         "lm_input": lm_input,
         "depth_input": depth_input,
-        "text_logits": lm_res["text_logits"],
+        "text_logits": text,
         "transformer_out": lm_res["transformer_out"],
+        "depth_hidden": lm_res["depth_hidden"],
         "depth_steps": steps,
-        "depth_logits": d[:, steps].contiguous(),
-        "depth_argmax": d.argmax(-1),
-        "depth_logsumexp": lse.contiguous(),
+        "depth_logits_at": depth[:, steps].contiguous(),
+        "depth_argmax": depth.argmax(-1),
+        "depth_logsumexp": torch.logsumexp(depth, dim=-1).contiguous(),
         "pcm": pcm.to(torch.bfloat16).contiguous(),  # exact: the values are bf16-representable
         "codes_stream": mimi_res["codes_stream"],
         "codes_whole": mimi_res["codes_whole"],
@@ -539,9 +558,11 @@ DESCRIPTIONS = {
                 "a few -1 (zero embedding)",
     "depth_input": "token fed to depth step k at step t: k=0 a text token, k>=1 an audio token (codebook k-1)",
     "text_logits": "temporal transformer text logits at each step (streaming, one step per call)",
-    "transformer_out": "temporal transformer output after `out_norm` (the depformer's input) at each step",
-    "depth_steps": "the steps t whose full depth logits are stored",
-    "depth_logits": "depth logits `[B, len(depth_steps), 16, 1024]` at `depth_steps`",
+    "transformer_out": "temporal transformer output after `out_norm` at each step (the depformer's input)",
+    "depth_hidden": "depth transformer output for step t, codebook k: depth logits = "
+                    "`depth_hidden[:, t, k] @ linears.k.weight.T`",
+    "depth_steps": "the steps t whose depth logits are stored as moshi computed them",
+    "depth_logits_at": "moshi's depth logits at `depth_steps`",
     "depth_argmax": "argmax of the depth logits, every step",
     "depth_logsumexp": "logsumexp of the depth logits, every step",
     "pcm": "Mimi input, 24 kHz; bf16-exact values stored in bf16: cast to fp32",
@@ -550,8 +571,8 @@ DESCRIPTIONS = {
     "pcm_frames": "the frames t whose decoded PCM is stored",
     "pcm_stream": "`mimi.decode(codes_stream[:, :, t:t+1])` frame by frame inside `mimi.streaming(B)`, "
                   "frames `pcm_frames` concatenated",
-    "pcm_whole": "`mimi.decode(codes_stream)` on the whole clip, not streaming, frames `pcm_frames` concatenated",
     "pcm_stream_stats": "RMS and peak |x| of each of the 40 decoded frames, streaming",
+    "pcm_whole": "`mimi.decode(codes_stream)` on the whole clip, not streaming, frames `pcm_frames` concatenated",
     "pcm_whole_stats": "RMS and peak |x| of each of the 40 decoded frames, whole clip",
     "code_margins": "relative gap between the nearest and second-nearest centroid distances of each code "
                     "(min over streaming and whole-clip encodes)",
