@@ -6,4 +6,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source "$ROOT/scripts/_venv.sh"
+npc_voice_venv
 exec "$VENV/bin/npc-voice" bench "$@"

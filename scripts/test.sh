@@ -5,7 +5,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source "$ROOT/scripts/_venv.sh" test
+source "$ROOT/scripts/_venv.sh"
+npc_voice_venv test
 set +e
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
