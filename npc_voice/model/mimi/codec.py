@@ -14,7 +14,6 @@ branch, so it can be captured in a CUDA graph. Slots with `active[i] == False` k
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +62,6 @@ class MimiTransformer(nn.Module):
         spec = LayerSpec(t.d_model, t.num_heads, t.dim_feedforward, norm="layer", ffn="gelu",
                          norm_eps=t.norm_eps, layer_scale=t.layer_scale)
         self.transformer = Transformer(spec, t.num_layers, t.context, t.max_period)
-        for layer in self.transformer.layers:
-            # The shared Transformer leaves in_proj_weight uninitialised (torch.empty); give it
-            # nn.Linear's default init so a model that is not loaded from a checkpoint is finite.
-            nn.init.kaiming_uniform_(layer.self_attn.in_proj_weight, a=math.sqrt(5))
         self.input_proj = nn.Linear(dim, t.d_model, bias=False) if t.d_model != dim else None
         self.output_projs = nn.ModuleList([nn.Linear(t.d_model, dim, bias=False)] if t.d_model != dim else [])
 
