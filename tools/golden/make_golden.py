@@ -571,9 +571,9 @@ DESCRIPTIONS = {
     "pcm_frames": "the frames t whose decoded PCM is stored",
     "pcm_stream": "`mimi.decode(codes_stream[:, :, t:t+1])` frame by frame inside `mimi.streaming(B)`, "
                   "frames `pcm_frames` concatenated",
-    "pcm_stream_stats": "RMS and peak |x| of each of the 40 decoded frames, streaming",
+    "pcm_stream_stats": "RMS and peak absolute value of each of the 40 decoded frames, streaming",
     "pcm_whole": "`mimi.decode(codes_stream)` on the whole clip, not streaming, frames `pcm_frames` concatenated",
-    "pcm_whole_stats": "RMS and peak |x| of each of the 40 decoded frames, whole clip",
+    "pcm_whole_stats": "RMS and peak absolute value of each of the 40 decoded frames, whole clip",
     "code_margins": "relative gap between the nearest and second-nearest centroid distances of each code "
                     "(min over streaming and whole-clip encodes)",
 }
