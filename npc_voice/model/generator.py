@@ -37,6 +37,25 @@ class SamplingParams(StreamState):
     seed: torch.Tensor = state_field(0)  # [B] long
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """One conversation's sampling settings (the reference's defaults); temperature <= 0 is greedy."""
+
+    text_temperature: float = 0.7
+    text_top_k: int = 25
+    audio_temperature: float = 0.8
+    audio_top_k: int = 250
+
+    @classmethod
+    def greedy(cls) -> Sampling:
+        return cls(text_temperature=0.0, audio_temperature=0.0)
+
+    def apply(self, params: SamplingParams, slot: int, seed: int) -> None:
+        params.text_temperature[slot], params.text_top_k[slot] = self.text_temperature, self.text_top_k
+        params.audio_temperature[slot], params.audio_top_k[slot] = self.audio_temperature, self.audio_top_k
+        params.seed[slot] = seed
+
+
 @dataclass
 class GeneratorState(StreamState):
     offset: torch.Tensor = state_field(0)  # [B] long: frames stepped

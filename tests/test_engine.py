@@ -1,0 +1,167 @@
+"""The engine: parallel prompt prefixes, hot swap, and slots that never disturb each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from npc_voice.engine import Engine, EngineFull, Persona, Sampling
+from npc_voice.engine.prompt import (
+    SILENCE_FRAMES, Voice, build_prefix, delayed_positions, install_prefix, prompt_frames, special_codes,
+    text_prompt_tokens, voice_from_samples,
+)
+from npc_voice.model.generator import NOT_FORCED, Generator
+from npc_voice.model.loading import LoadedModel, random_model
+
+RATE = 24_000
+
+
+def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def persona(freq: float = 180.0, role: str = "You are a friendly innkeeper.", **kw) -> Persona:
+    return Persona(role=role, voice_samples=tuple(tone(1.0, freq).tolist()), **kw)
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return random_model("tiny", seed=3)
+
+
+def frame_by_frame(gen: Generator, frames: torch.Tensor, seed: int):
+    """The reference's way: one model step per prompt frame, every stream forced."""
+    A = gen.num_agent
+    state = gen.init_state(1)
+    state.sampling.seed[0] = seed
+    F = frames.shape[1]
+    for t in range(F):
+        nxt = t + 1 < F
+        forced_text = torch.tensor([frames[0, t + 1] if nxt else NOT_FORCED])
+        forced_audio = torch.empty(1, A, dtype=torch.long)
+        forced_audio[0, 0] = frames[1, t + 1] if nxt else NOT_FORCED  # codebook 0: no delay
+        forced_audio[0, 1:] = frames[2 : 1 + A, t]  # delayed codebooks: position t + 1 is frame t
+        gen.step(state, frames[1 + A :, t][None], forced_text=forced_text, forced_audio=forced_audio)
+    return state
+
+
+@torch.no_grad()
+def test_parallel_prefix_equals_frame_by_frame(model: LoadedModel) -> None:
+    gen = Generator(model.lm)
+    voice = voice_from_samples("v", tone(0.7, 210), model.mimi)
+    frames = prompt_frames(voice, text_prompt_tokens(model, "You guard the city gate."), special_codes(model.mimi), model)
+    F = frames.tokens.shape[1]
+    assert F == voice.frames + 2 * SILENCE_FRAMES + len(text_prompt_tokens(model, "You guard the city gate."))
+
+    slow = frame_by_frame(gen, frames.tokens, seed=5)
+    fast = gen.init_state(2)
+    install_prefix(gen, fast, 1, build_prefix(model, gen, frames), seed=5)
+
+    assert int(fast.offset[1]) == int(slow.offset[0]) == F
+    written = fast.tokens[1] != -2  # the user's codebook 0 at position F is written by the next step
+    assert written.sum() == written.numel() - 1
+    assert torch.equal(fast.tokens[1][written], slow.tokens[0][written])
+    for a, b in zip(fast.temporal.layers, slow.temporal.layers):
+        torch.testing.assert_close(a.keys[1, :, :F], b.keys[0, :, :F], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values[1, :, :F], b.values[0, :, :F], rtol=1e-5, atol=1e-5)
+
+    # The conversation that follows: the same logits, and (greedy) the same tokens.
+    user = torch.randint(0, 2048, (6, 1, gen.num_user))
+    for st, slot in ((fast, 1), (slow, 0)):
+        st.sampling.text_temperature[slot] = st.sampling.audio_temperature[slot] = 0.0
+    for t in range(6):
+        users = torch.zeros(2, gen.num_user, dtype=torch.long)
+        users[1] = user[t, 0]
+        a = gen.step(fast, users, torch.tensor([False, True]))
+        b = gen.step(slow, user[t])
+        assert torch.equal(a.text[1], b.text[0]) and torch.equal(a.audio[1], b.audio[0])
+    probe = torch.full((2, 17, 1), 5, dtype=torch.long)
+    torch.testing.assert_close(model.lm.step_text(probe, fast.temporal, torch.tensor([False, True]))[1][1],
+                               model.lm.step_text(probe[:1], slow.temporal)[1][0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_preset_voice_gives_the_same_prefix_as_its_sample(model: LoadedModel) -> None:
+    """A PersonaPlex preset (.pt: input embeddings of the voice positions + the reference's 4-slot
+    token ring) builds the same prefix as the voice sample it was made from."""
+    gen = Generator(model.lm)
+    special = special_codes(model.mimi)
+    sample_voice = voice_from_samples("v", tone(0.9, 260), model.mimi)
+    role = text_prompt_tokens(model, "You sell swords.")
+    frames = prompt_frames(sample_voice, role, special, model)
+    v = sample_voice.frames
+    positions = delayed_positions(frames.tokens[:, :v], model.config.lm.delays, gen._initial(torch.device("cpu")))
+    embeddings = model.lm.embed(positions[None, :, : v - 1])[0]
+    ring = torch.full((17, 4), -2, dtype=torch.long)
+    full = delayed_positions(frames.tokens, model.config.lm.delays, gen._initial(torch.device("cpu")))
+    for p in range(v - 3, v + 1):  # the reference's ring after v calls: positions up to v
+        delayed = torch.tensor(model.config.lm.delays) > 0
+        col = full[:, p].clone()
+        if p == v:  # undelayed streams at position v belong to frame v, not yet given
+            col[~delayed] = -2
+        ring[:, p % 4] = col
+    preset = Voice("p", embeddings=embeddings, ring=ring)
+    a = build_prefix(model, gen, frames)
+    b = build_prefix(model, gen, prompt_frames(preset, role, special, model))
+    torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.ring, b.ring)
+
+
+def run(engine: Engine, schedule: dict[int, callable], ticks: int, audio: dict[str, np.ndarray]):
+    """Ticks the engine, feeding each named session its audio, running schedule[t](engine) first."""
+    got: dict[str, list] = {}
+    sessions: dict[str, object] = {}
+    for t in range(ticks):
+        if t in schedule:
+            schedule[t](engine, sessions)
+        for name, s in sessions.items():
+            if name in audio:
+                s.push_audio(audio[name][t * 1920 : (t + 1) * 1920])
+        for ev in engine.tick():
+            got.setdefault(ev.session_id, []).append(ev)
+    return got, sessions
+
+
+def test_open_swap_close_leave_other_sessions_unchanged(model: LoadedModel) -> None:
+    user = {"a": tone(2.0, 300, seed=1), "b": tone(2.0, 500, seed=2)}
+    alone, s1 = run(Engine(model, slots=3), {0: lambda e, s: s.update(a=e.open(persona(), seed=7))}, 16, user)
+
+    def busy_open(e, s):
+        s["b"] = e.open(persona(400, "You forge blades."), seed=8)
+        s["a"] = e.open(persona(), seed=7)
+
+    schedule = {
+        0: busy_open,
+        4: lambda e, s: e.switch(s["b"], persona(600, "You are a quest giver.")),
+        6: lambda e, s: s.update(c=e.open(persona(700, "You guard the gate."), seed=9)),
+        9: lambda e, s: e.close(s.pop("c")),
+        11: lambda e, s: e.close(s.pop("b")),
+    }
+    crowded, s2 = run(Engine(model, slots=3), schedule, 16, user)
+    a1, a2 = alone[s1["a"].id], crowded[s2["a"].id]
+    assert [e.frame for e in a2] == list(range(16))  # no frame skipped
+    for x, y in zip(a1, a2):
+        assert x.text_token == y.text_token and np.array_equal(x.pcm, y.pcm)
+    b_frames = [e.frame for e in crowded[s2["b"].id]] if "b" in s2 else [e.frame for e in crowded["s1"]]
+    assert b_frames[:4] == [0, 1, 2, 3] and b_frames[4] == 0  # the switch restarted b's conversation
+
+
+def test_full_engine_refuses_and_frees_slots(model: LoadedModel) -> None:
+    engine = Engine(model, slots=1)
+    s = engine.open(persona())
+    with pytest.raises(EngineFull):
+        engine.open(persona())
+    engine.close(s)
+    engine.tick()
+    engine.open(persona())  # the freed slot is usable again
+
+
+def test_greedy_sessions_are_reproducible(model: LoadedModel) -> None:
+    p = persona(sampling=Sampling.greedy())
+    audio = {"a": tone(1.0, 320, seed=4)}
+    first, _ = run(Engine(model, slots=2), {0: lambda e, s: s.update(a=e.open(p, seed=1))}, 8, audio)
+    second, _ = run(Engine(model, slots=2), {0: lambda e, s: s.update(a=e.open(p, seed=99))}, 8, audio)
+    assert [e.text_token for e in next(iter(first.values()))] == [e.text_token for e in next(iter(second.values()))]
