@@ -42,7 +42,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bench_tick(model: LoadedModel, batch: int, frames: int = 100, warmup: int = 10, seed: int = 0) -> TickResult:
     """Times `frames` ticks of `batch` live slots (after `warmup` ticks)."""
     device = model.device

@@ -67,9 +67,9 @@ def test_directory_loads_and_computes_the_same(source: LoadedModel, weights_dir:
 
 def test_missing_key_is_named(weights_dir: Path) -> None:
     state = load_file(weights_dir / LM_FILE)
-    del state["depformer.layers.1.gating.3.linear_out.weight"]
+    del state["depformer.layers.0.gating.3.linear_out.weight"]
     save_file(state, weights_dir / LM_FILE)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing keys: depformer\.layers\.1\.gating\.3\.linear_out\.weight"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing keys: depformer\.layers\.0\.gating\.3\.linear_out\.weight"):
         load_model(weights_dir, device="cpu")
 
 

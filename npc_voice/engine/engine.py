@@ -188,7 +188,7 @@ class Engine:
         session.frames_out = 0
         self._sessions[slot] = session
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def tick(self) -> list[FrameEvent]:
         """One 80 ms frame for every live session; returns their NPC frames."""
         self._apply_pending()

@@ -247,8 +247,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         "tiny",
         LMConfig(
-            dim=128, num_layers=4, num_heads=8, text_card=1000, depformer_dim=64,
-            depformer_num_layers=2, depformer_num_heads=4, depformer_dim_feedforward=int(4.125 * 64),
+            dim=128, num_layers=2, num_heads=8, text_card=1000, depformer_dim=64,
+            depformer_num_layers=1, depformer_num_heads=4, depformer_dim_feedforward=int(4.125 * 64),
         ),
         MimiConfig(
             seanet=SEANetConfig(dimension=64, n_filters=8),

@@ -108,7 +108,7 @@ class Generator:
         init[0] = self.cfg.initial_text_token
         return init
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, state: GeneratorState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
              forced_text: torch.Tensor | None = None, forced_audio: torch.Tensor | None = None) -> FrameOutput:
         """One frame for every slot.
@@ -161,11 +161,11 @@ class Generator:
         """Samples the agent's codebooks one after the other: [B, A]."""
         sp = state.sampling
         scratch = self.lm.depformer.init_scratch(hidden.shape[0], hidden.device, hidden.dtype)
+        noise = uniform_noise(sp.seed, state.offset, 1, self.cfg.card, streams=self.depth_steps)  # [B, A, card]
         prev, tokens = text, []
         for k in range(self.depth_steps):
             logits = self.lm.depth_step(k, hidden, prev, scratch)
-            token = sample(logits, sp.audio_temperature, sp.audio_top_k,
-                           uniform_noise(sp.seed, state.offset, 1 + k, logits.shape[-1]))
+            token = sample(logits, sp.audio_temperature, sp.audio_top_k, noise[:, k])
             if forced_audio is not None:
                 token = torch.where(forced_audio[:, k] >= 0, forced_audio[:, k], token)
             tokens.append(token)

@@ -21,14 +21,18 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: int) -> torch.Tensor:
-    """Uniform noise in (0, 1), float32 [B, size], a pure function of (seed [B], counter [B], stream, index)."""
+def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: int,
+                  streams: int = 1) -> torch.Tensor:
+    """Uniform noise in (0, 1), float32, a pure function of (seed [B], counter [B], stream, index):
+    [B, size], or [B, streams, size] for the consecutive streams stream..stream+streams-1."""
     h = _mix(seed & _MASK31)
     h = _mix(h ^ (counter & _MASK31))
-    h = _mix(h ^ stream)
+    ids = torch.arange(stream, stream + streams, device=seed.device)
+    h = _mix(h[:, None] ^ ids[None, :])  # [B, S]
     index = torch.arange(size, device=seed.device)
-    h = _mix(h[:, None] ^ index[None, :])
-    return (h.float() + 0.5) / float(1 << 31)
+    h = _mix(h[:, :, None] ^ index)  # [B, S, size]
+    u = (h.float() + 0.5) / float(1 << 31)
+    return u[:, 0] if streams == 1 else u
 
 
 MAX_TOP_K = 512  # the largest top-k a slot may ask for (the reference uses 25 for text, 250 for audio)

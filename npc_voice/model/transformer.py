@@ -52,15 +52,19 @@ def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
     return RMSNorm(dim, eps) if kind == "rms_f32" else nn.LayerNorm(dim, eps=eps)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
-    """Rotary embedding with interleaved (real, imaginary) pairs, computed in float32.
+def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, float32 [B, 1, T, D/2], for positions [B, T]; computed
+    once per step and shared by every layer."""
+    freqs = torch.exp(torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
+                      * (-math.log(max_period) * 2 / head_dim))
+    angles = positions.float()[:, None, :, None] * freqs
+    return torch.cos(angles), torch.sin(angles)
 
-    x: [B, H, T, D]; positions: [B, T] absolute positions.
-    """
+
+def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding with interleaved (real, imaginary) pairs, computed in float32: x [B, H, T, D]."""
+    cos, sin = tables
     B, H, T, D = x.shape
-    freqs = torch.exp(torch.arange(D // 2, device=x.device, dtype=torch.float32) * (-math.log(max_period) * 2 / D))
-    angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, D/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
     pairs = x.view(B, H, T, D // 2, 2).float()
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
@@ -206,9 +210,10 @@ class Transformer(nn.Module):
         """Whole sequence, no cache: x [B, T, C] -> [B, T, C]."""
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device).expand(B, T)
+        rope = rope_tables(pos, self.spec.dim // self.spec.num_heads, self.max_period)
         for layer in self.layers:
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
-            q, k = apply_rope(q, pos, self.max_period), apply_rope(k, pos, self.max_period)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
             y = attend(q, k, v, pos, pos, self.context)
             x = x + layer._scale(1, layer.self_attn.project_out(y))
             x = layer.feed_forward(x)
@@ -245,9 +250,10 @@ class Transformer(nn.Module):
         rows = torch.remainder(q_pos, capacity)  # [B, T]
         # Skipped slots see one arbitrary row, so that no attention row is empty (no NaN).
         always = (~active)[:, None] & (torch.arange(capacity, device=x.device) == 0)
+        rope = rope_tables(q_pos, self.spec.dim // self.spec.num_heads, self.max_period)
         for layer, cache in zip(self.layers, state.layers):
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
-            q, k = apply_rope(q, q_pos, self.max_period), apply_rope(k, q_pos, self.max_period)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
             _write_rows(cache.keys, rows, k, active)
             _write_rows(cache.values, rows, v, active)
             y = attend(q, cache.keys, cache.values, q_pos, k_pos, self.context, always)
