@@ -79,3 +79,66 @@ def bench_tick(model: LoadedModel, batch: int, frames: int = 100, warmup: int = 
         decode_p50_ms=round(statistics.median(times["decode"]), 3),
         threads=torch.get_num_threads(),
     )
+
+
+@dataclass
+class SwapResult:
+    prompt_frames: int
+    build_ms: float  # one parallel forward over the whole prompt (a character not cached yet)
+    install_p50_ms: float  # copying a cached prefix into a live slot (between two ticks)
+    install_max_ms: float
+    tick_with_swap_ms: float  # the tick that follows a swap, all other sessions included
+    peak_memory_gb: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _demo_persona(model: LoadedModel, seconds: float = 5.0, role_words: int = 60):
+    """A character of typical size: a 5 s voice and a role of about 60 words."""
+    import numpy as np
+
+    from .engine import Persona
+
+    rate = model.config.mimi.sample_rate
+    t = np.arange(int(seconds * rate)) / rate
+    voice = 0.3 * np.sin(2 * np.pi * 190 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
+    role = " ".join(["You are the innkeeper of the Prancing Pony, friendly and a little nosy."] * (role_words // 12))
+    return Persona(role=role, voice_samples=tuple(voice.astype(np.float32).tolist()))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def bench_swap(model: LoadedModel, sessions: int, swaps: int = 10) -> SwapResult:
+    """Opens `sessions` conversations, then switches one of them to another character `swaps`
+    times while all of them keep ticking; times the build, the install and the tick around it."""
+    from .engine import Engine
+
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    engine = Engine(model, slots=sessions)
+    persona = _demo_persona(model)
+    start = time.perf_counter()
+    prefix = engine.cache.get(persona)
+    sync()
+    build_ms = (time.perf_counter() - start) * 1000
+    live = [engine.open(persona, seed=i) for i in range(sessions)]
+    for _ in range(3):
+        engine.tick()
+    installs, ticks = [], []
+    for i in range(swaps):
+        engine.switch(live[i % sessions], persona)
+        sync()
+        start = time.perf_counter()
+        engine.tick()  # applies the swap, then steps everyone
+        sync()
+        ticks.append((time.perf_counter() - start) * 1000)
+        installs.append(engine.last_swap_ms)
+    return SwapResult(prefix.length, round(build_ms, 2), round(statistics.median(installs), 3),
+                      round(max(installs), 3), round(statistics.median(ticks), 2), round(peak_memory_gb(device), 2))

@@ -31,15 +31,18 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_tick
+    from .bench import bench_swap, bench_tick
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
     rows = [bench_tick(model, batch, frames=args.frames, warmup=args.warmup) for batch in args.batch]
+    swap = None if args.no_swap else bench_swap(model, max(args.batch))
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict()))
+        if swap is not None:
+            print(json.dumps({"swap": swap.as_dict(), "sessions": max(args.batch)}))
         return 0
     print(f"model {model.config.name} ({'random' if model.random_weights else model.source} weights), "
           f"device {rows[0].device}, dtype {rows[0].dtype}, {rows[0].threads} CPU thread(s), {args.frames} ticks")
@@ -47,6 +50,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.batch:>8} {r.tick_p50_ms:>7.2f}ms {r.tick_p99_ms:>7.2f}ms {r.encode_p50_ms:>5.2f}ms "
               f"{r.lm_p50_ms:>5.2f}ms {r.decode_p50_ms:>5.2f}ms {r.realtime_factor:>11.1f}")
+    if swap is not None:
+        print(f"hot swap with {max(args.batch)} live sessions: prompt of {swap.prompt_frames} frames built in "
+              f"{swap.build_ms:.1f} ms (once per character), installed in {swap.install_p50_ms:.2f} ms p50 "
+              f"({swap.install_max_ms:.2f} ms max); tick including the swap {swap.tick_with_swap_ms:.2f} ms; "
+              f"peak memory {swap.peak_memory_gb:.2f} GB")
+    return 0
+
+
+def cmd_talk(args: argparse.Namespace) -> int:
+    from .engine import Persona, Sampling
+    from .talk import talk_files
+
+    if args.voice is None or args.prompt is None:
+        print("npc-voice talk: give --voice and --prompt", file=sys.stderr)
+        return 2
+    model = _load(args)
+    sampling = Sampling.greedy() if args.greedy else Sampling()
+    persona = Persona(role=args.prompt, voice_path=args.voice, sampling=sampling)
+    transcript = talk_files(model, persona, args.input, args.output, args.transcript, seed=args.seed)
+    print(f"wrote {args.output}" + (f" and {args.transcript}" if args.transcript else "") + f": {transcript.text!r}")
     return 0
 
 
@@ -60,7 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--threads", type=int, help="CPU threads for torch")
     bench.add_argument("--json", action="store_true", help="one JSON object per row")
+    bench.add_argument("--no-swap", action="store_true", help="skip the hot-swap measurement")
     bench.set_defaults(func=cmd_bench)
+
+    talk = sub.add_parser("talk", help="offline conversation: a user recording in, the NPC's reply out (same timeline)")
+    _add_model_args(talk)
+    talk.add_argument("--voice", help="voice sample (WAV/FLAC/OGG, 3-10 s) or PersonaPlex preset .pt")
+    talk.add_argument("--prompt", help="the role: who the NPC is and what it wants")
+    talk.add_argument("--input", required=True, help="the user's side (any rate, any channel count)")
+    talk.add_argument("--output", required=True, help="the NPC's side, 24 kHz mono 16-bit WAV, as long as --input")
+    talk.add_argument("--transcript", help="JSON file: the NPC's words with start and end times")
+    talk.add_argument("--seed", type=int, default=0)
+    talk.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    talk.set_defaults(func=cmd_talk)
     return parser
 
 

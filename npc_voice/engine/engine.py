@@ -181,9 +181,7 @@ class Engine:
     def _install(self, session: Session, prefix: Prefix) -> None:
         slot = session.slot
         install_prefix(self.gen, self.state, slot, prefix, session.seed, session.persona.sampling)
-        mask = torch.zeros(self.slots, dtype=torch.bool, device=self.state.offset.device)
-        mask[slot] = True
-        self.mimi_state.reset(mask)  # fresh codec streams
+        self.mimi_state.reset_slot(slot)  # fresh codec streams
         session.prefix_length = prefix.length
         session.frames_out = 0
         self._sessions[slot] = session

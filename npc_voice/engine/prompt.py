@@ -208,9 +208,8 @@ def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Pre
                    sampling: Sampling = Sampling()) -> None:
     """Gives `slot` the character of `prefix`: copies its caches and ring, then samples the text
     and agent codebook 0 of the first conversation position (the rest of it is forced silence)."""
-    mask = torch.zeros(state.offset.shape[0], dtype=torch.bool, device=state.offset.device)
-    mask[slot] = True
-    state.reset(mask)
+    # Every field of the slot is set below, so nothing needs clearing first: KV rows past the
+    # prefix hold stale values that the slot's position makes invisible.
     sampling.apply(state.sampling, slot, seed)
     N = prefix.length
     for layer, cache in enumerate(state.temporal.layers):
@@ -221,7 +220,7 @@ def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Pre
     state.tokens[slot] = prefix.ring
 
     # Position N's text and codebook 0 come from position N-1's prediction, sampled for this slot.
-    sp, counter = state.sampling, torch.full((1,), N - 1, device=mask.device)
+    sp, counter = state.sampling, torch.full((1,), N - 1, device=state.offset.device)
     s = slice(slot, slot + 1)
     text = sample(prefix.text_logits[None], sp.text_temperature[s], sp.text_top_k[s],
                   uniform_noise(sp.seed[s], counter, 0, prefix.text_logits.shape[-1]))

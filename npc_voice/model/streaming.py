@@ -59,6 +59,15 @@ class StreamState:
                 elif isinstance(item, torch.Tensor):
                     item.masked_fill_(slot_mask(mask, item), fill)
 
+    def reset_slot(self, slot: int) -> None:
+        """`reset` of one slot known on the host: touches that slot's rows only."""
+        for _, value, fill in self._items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, StreamState):
+                    item.reset_slot(slot)
+                elif isinstance(item, torch.Tensor):
+                    item[slot].fill_(fill)
+
     def copy_slot(self, src: StreamState, src_slot: int, dst_slot: int) -> None:
         """Copies slot `src_slot` of `src` (a state of the same structure) into our slot `dst_slot`."""
         for mine, theirs in zip(self.tensors(), src.tensors(), strict=True):

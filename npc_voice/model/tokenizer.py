@@ -29,8 +29,11 @@ class TextTokenizer:
 
     def piece(self, token: int) -> str:
         """The text a streamed token adds ('' for padding and ids outside the vocabulary)."""
-        if token in NEVER_SHOWN or not 0 <= token < self.vocab_size:
+        if token in NEVER_SHOWN or not 0 <= token < self.vocab_size or self.sp.is_control(token):
             return ""
+        if self.sp.is_byte(token):  # byte fallback "<0xHH>": printable ASCII only, alone it is no text
+            value = int(self.sp.id_to_piece(token)[3:5], 16)
+            return chr(value) if 0x20 <= value < 0x7F else ""
         return self.sp.id_to_piece(token).replace("\u2581", " ")
 
     def decode(self, tokens: list[int]) -> str:
