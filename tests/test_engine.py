@@ -165,3 +165,58 @@ def test_greedy_sessions_are_reproducible(model: LoadedModel) -> None:
     first, _ = run(Engine(model, slots=2), {0: lambda e, s: s.update(a=e.open(p, seed=1))}, 8, audio)
     second, _ = run(Engine(model, slots=2), {0: lambda e, s: s.update(a=e.open(p, seed=99))}, 8, audio)
     assert [e.text_token for e in next(iter(first.values()))] == [e.text_token for e in next(iter(second.values()))]
+
+
+def test_realtime_loop_paces_frames_at_12_5_hz(model: LoadedModel) -> None:
+    import time
+
+    from npc_voice.engine import EngineLoop
+
+    engine = Engine(model, slots=2)
+    got: list = []
+    engine.open(persona(), seed=1, listener=got.append)
+    loop = EngineLoop(engine).start()
+    start = time.perf_counter()
+    time.sleep(1.2)
+    loop.stop()
+    elapsed = time.perf_counter() - start
+    assert loop.error is None
+    assert elapsed / 0.08 - 3 <= len(got) <= elapsed / 0.08 + 2  # one frame per 80 ms, no burst
+    assert [e.frame for e in got] == list(range(len(got)))
+
+
+def test_prefix_cache_on_disk_is_reused(model: LoadedModel, tmp_path) -> None:
+    from npc_voice.engine import PrefixCache
+
+    gen = Generator(model.lm)
+    first = PrefixCache(model, gen, directory=tmp_path)
+    a = first.get(persona(250))
+    files = list(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 1 and first.misses == 1
+    second = PrefixCache(model, gen, directory=tmp_path)  # a new process: read from disk, not built
+    b = second.get(persona(250))
+    assert second.misses == 0 and torch.equal(a.keys, b.keys) and torch.equal(a.ring, b.ring)
+    files[0].write_bytes(b"damaged")  # a damaged file is rebuilt, not fatal
+    c = PrefixCache(model, gen, directory=tmp_path).get(persona(250))
+    assert torch.equal(a.keys, c.keys)
+
+
+def test_memory_cache_is_bounded(model: LoadedModel) -> None:
+    from npc_voice.engine import PrefixCache
+
+    cache = PrefixCache(model, Generator(model.lm))
+    one = cache.get(persona(200))
+    cache.max_bytes = int(one.nbytes * 1.5)
+    cache.get(persona(300))
+    assert len(cache) == 1  # the least recently used went
+
+
+def test_input_buffer_reframes_and_drops_oldest() -> None:
+    from npc_voice.engine.engine import InputBuffer
+
+    buf = InputBuffer(frame_size=4, max_frames=2)
+    buf.push(np.arange(3, dtype=np.float32))
+    assert buf.pop() is None
+    buf.push(np.arange(3, 14, dtype=np.float32))  # 14 samples in all: 3 frames and 2 left over
+    assert buf.dropped_frames == 1 and len(buf) == 2
+    assert buf.pop().tolist() == [4, 5, 6, 7]
