@@ -17,13 +17,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(with --weights: what its config.json overrides; without: random weights of that size)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="LM dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only LM (half the memory; for 24 GB cards)")
+    p.add_argument("--context", type=int, help="frames each conversation remembers (default: the model's, "
+                   "3000 = 4 min); less memory per session, so more sessions per GPU")
 
 
 def _load(args: argparse.Namespace):
     from .model.loading import load_model
 
     model = load_model(args.weights, preset=args.preset, device=args.device,
-                       dtype=DTYPES[args.dtype] if args.dtype else None)
+                       dtype=DTYPES[args.dtype] if args.dtype else None,
+                       int8=getattr(args, "int8", False), context=getattr(args, "context", None))
     if model.random_weights:
         print(f"npc-voice: no weights given: using the {model.config.name} model with RANDOM weights "
               "(it babbles; pass --weights DIR for the real PersonaPlex)", file=sys.stderr)
@@ -36,20 +40,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args)
-    rows = [bench_tick(model, batch, frames=args.frames, warmup=args.warmup) for batch in args.batch]
+    rows = [bench_tick(model, batch, frames=args.frames, warmup=args.warmup, context_fill=args.context_fill)
+            for batch in args.batch]
     swap = None if args.no_swap else bench_swap(model, max(args.batch))
     if args.json:
         for row in rows:
-            print(json.dumps(row.as_dict()))
+            print(json.dumps(row.as_dict()), flush=True)
         if swap is not None:
-            print(json.dumps({"swap": swap.as_dict(), "sessions": max(args.batch)}))
+            print(json.dumps({"swap": swap.as_dict(), "sessions": max(args.batch)}), flush=True)
         return 0
+    first = rows[0]
     print(f"model {model.config.name} ({'random' if model.random_weights else model.source} weights), "
-          f"device {rows[0].device}, dtype {rows[0].dtype}, {rows[0].threads} CPU thread(s), {args.frames} ticks")
-    print(f"{'sessions':>8} {'tick p50':>9} {'tick p99':>9} {'encode':>7} {'LM':>7} {'decode':>7} {'x real time':>11}")
+          f"device {first.device}, {first.dtype}, context {model.config.lm.context} frames, "
+          f"{'CUDA graphs' if first.graphs else f'{first.threads} CPU thread(s)'}, {args.frames} ticks")
+    print(f"{'sessions':>8} {'KV rows':>8} {'tick p50':>9} {'tick p99':>9} {'x real time':>11} {'peak mem':>9}")
     for r in rows:
-        print(f"{r.batch:>8} {r.tick_p50_ms:>7.2f}ms {r.tick_p99_ms:>7.2f}ms {r.encode_p50_ms:>5.2f}ms "
-              f"{r.lm_p50_ms:>5.2f}ms {r.decode_p50_ms:>5.2f}ms {r.realtime_factor:>11.1f}")
+        print(f"{r.batch:>8} {r.window:>8} {r.tick_p50_ms:>7.2f}ms {r.tick_p99_ms:>7.2f}ms "
+              f"{r.realtime_factor:>11.1f} {r.peak_memory_gb:>7.2f}GB")
     if swap is not None:
         print(f"hot swap with {max(args.batch)} live sessions: prompt of {swap.prompt_frames} frames built in "
               f"{swap.build_ms:.1f} ms (once per character), installed in {swap.install_p50_ms:.2f} ms p50 "
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="CPU threads for torch")
     bench.add_argument("--json", action="store_true", help="one JSON object per row")
     bench.add_argument("--no-swap", action="store_true", help="skip the hot-swap measurement")
+    bench.add_argument("--context-fill", type=int, help="KV rows attended per session (default: the full context)")
     bench.set_defaults(func=cmd_bench)
 
     talk = sub.add_parser("talk", help="offline conversation: a user recording in, the NPC's reply out (same timeline)")

@@ -23,6 +23,7 @@ from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .persona import Persona, PrefixCache
 from .prompt import Prefix, install_prefix
+from .step import BatchedStep
 
 FRAME_SECONDS = 0.08
 
@@ -99,13 +100,14 @@ class Engine:
     real-time `EngineLoop`, or an offline loop); the other methods are safe from any thread."""
 
     def __init__(self, model: LoadedModel, slots: int = 8, cache: PrefixCache | None = None,
-                 max_input_seconds: float = 2.0):
+                 max_input_seconds: float = 2.0, use_graphs: bool | None = None):
         self.model, self.slots = model, slots
         self.gen = Generator(model.lm)
         self.cache = cache or PrefixCache(model, self.gen)
         device = model.device
         self.state = self.gen.init_state(slots, device)
         self.mimi_state = model.mimi.init_state(slots, device)
+        self.step = BatchedStep(model, self.gen, self.state, self.mimi_state, use_graphs)
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots
@@ -186,7 +188,6 @@ class Engine:
         session.frames_out = 0
         self._sessions[slot] = session
 
-    @torch.inference_mode()
     def tick(self) -> list[FrameEvent]:
         """One 80 ms frame for every live session; returns their NPC frames."""
         self._apply_pending()
@@ -194,7 +195,6 @@ class Engine:
         live = self.sessions
         if not live:
             return []
-        device = self.model.device
         pcm = np.zeros((self.slots, 1, self.frame_size), dtype=np.float32)
         forced = np.full(self.slots, NOT_FORCED, dtype=np.int64)
         active = np.zeros(self.slots, dtype=bool)
@@ -206,13 +206,9 @@ class Engine:
                 if s.forced_text:
                     forced[s.slot] = s.forced_text.popleft()
                 active[s.slot] = True
-        active_t = torch.from_numpy(active).to(device)
-        codes = self.model.mimi.encode_step(torch.from_numpy(pcm).to(device), self.mimi_state.encoder, active_t)
-        out = self.gen.step(self.state, codes, active_t, forced_text=torch.from_numpy(forced).to(device))
-        audio = out.audio.clamp(0, self.model.mimi.cardinality - 1)
-        pcm_out = self.model.mimi.decode_step(audio, self.mimi_state.decoder, active_t)
-        pcm_host = pcm_out[:, 0].float().cpu().numpy()
-        text_host = out.text.cpu().numpy()
+        frames_seen = max(s.prefix_length + s.frames_out + 1 for s in live)
+        out = self.step(pcm[:, 0], active, forced, frames_seen)
+        pcm_host, text_host = out.pcm, out.text
         events = []
         for s in live:
             token = int(text_host[s.slot])

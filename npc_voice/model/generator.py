@@ -84,6 +84,11 @@ class Generator:
         self.num_user = cfg.n_q - self.num_agent
         self.depth_steps = min(cfg.dep_q, self.num_agent)
         self.ring = cfg.max_delay + 2
+        device = lm.text_linear.weight.device
+        # Made once: creating tensors from Python data inside a step would copy from the host,
+        # which a CUDA graph cannot capture.
+        self.delays = torch.tensor(cfg.delays, device=device)
+        self.initial = self._initial(device)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> GeneratorState:
@@ -110,18 +115,20 @@ class Generator:
 
     @torch.inference_mode()
     def step(self, state: GeneratorState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
-             forced_text: torch.Tensor | None = None, forced_audio: torch.Tensor | None = None) -> FrameOutput:
+             forced_text: torch.Tensor | None = None, forced_audio: torch.Tensor | None = None,
+             window: int | None = None) -> FrameOutput:
         """One frame for every slot.
 
         user_codes [B, U]: the user's Mimi codes of this frame. active [B] bool: slots to step
         (others keep their state bit-identical). forced_text [B] / forced_audio [B, A]: tokens to
-        use instead of sampling for what this step predicts (NOT_FORCED = sample).
+        use instead of sampling for what this step predicts (NOT_FORCED = sample). window: see
+        `Transformer.step` (an upper bound of the frames any active slot has seen, this one included).
         """
         cfg, B = self.cfg, user_codes.shape[0]
         device = user_codes.device
         if active is None:
             active = torch.ones(B, dtype=torch.bool, device=device)
-        delays = torch.tensor(cfg.delays, device=device)
+        delays = self.delays
         t = state.offset.clone()  # [B] this frame's index (the state advances below)
         user = slice(1 + self.num_agent, cfg.num_codebooks)
 
@@ -132,9 +139,9 @@ class Generator:
         read = torch.remainder(t, self.ring)[:, None, None].expand(B, cfg.num_codebooks, 1)
         current = state.tokens.gather(2, read)[..., 0]  # [B, K]
         is_initial = t[:, None] <= delays[None, :]
-        current = torch.where(is_initial, self._initial(device)[None, :], current)
+        current = torch.where(is_initial, self.initial[None, :], current)
 
-        hidden, text_logits = self.lm.step_text(current[:, :, None], state.temporal, active)
+        hidden, text_logits = self.lm.step_text(current[:, :, None], state.temporal, active, window)
         hidden, text_logits = hidden[:, 0], text_logits[:, 0]  # [B, dim], [B, text_card]
         sp = state.sampling
         text = sample(text_logits, sp.text_temperature, sp.text_top_k,

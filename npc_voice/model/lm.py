@@ -108,15 +108,15 @@ class PersonaPlexLM(nn.Module):
                    dtype: torch.dtype | None = None) -> TransformerState:
         return self.transformer.init_state(batch_size, device, dtype)
 
-    def step_text(self, tokens: torch.Tensor, state: TransformerState,
-                  active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_text(self, tokens: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None,
+                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Streams T frames: tokens [B, 17, T] -> (hidden [B, T, dim], text logits [B, T, text_card])."""
-        return self.step_embeddings(self.embed(tokens), state, active)
+        return self.step_embeddings(self.embed(tokens), state, active, window)
 
-    def step_embeddings(self, x: torch.Tensor, state: TransformerState,
-                        active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_embeddings(self, x: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None,
+                        window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `step_text` from summed input embeddings [B, T, dim] (how voice presets are stored)."""
-        return self.text_head(self.transformer.step(x, state, active))
+        return self.text_head(self.transformer.step(x, state, active, window))
 
     # --- depth transformer ----------------------------------------------------------------
     def depth_input(self, k: int, hidden: torch.Tensor, prev_token: torch.Tensor) -> torch.Tensor:

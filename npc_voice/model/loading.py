@@ -25,7 +25,9 @@ from torch import nn
 
 from .config import LMConfig, MimiConfig, ModelConfig, get_preset
 from .lm import PersonaPlexLM
+from .transformer import Transformer
 from .mimi import Mimi
+from .quant import quantize_int8_
 from .tokenizer import TextTokenizer
 
 LM_FILE = "model.safetensors"
@@ -67,7 +69,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(source: str | Path | None = None, *, preset: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, int8: bool = False, context: int | None = None) -> LoadedModel:
     """Loads a model.
 
     source: a weights directory, a Hugging Face repo id (needs `huggingface_hub` and the network),
@@ -78,7 +80,10 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if source is None:
-        return random_model(preset or "tiny", device=device, dtype=dtype, seed=seed)
+        config = get_preset(preset or "tiny")
+        if context is not None:
+            config = replace(config, lm=replace(config.lm, context=context))
+        return random_model(config, device=device, dtype=dtype, seed=seed, int8=int8)
     path = Path(source)
     if not path.exists():
         if not _REPO_ID.match(str(source)):
@@ -86,7 +91,8 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
         path = download(str(source))
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory of weights")
-    return load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype)
+    return load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype, int8=int8,
+                          context=context)
 
 
 def download(repo_id: str) -> Path:
@@ -128,8 +134,10 @@ def read_configs(directory: Path, base: ModelConfig) -> tuple[ModelConfig, dict[
 
 
 def load_directory(directory: Path, *, preset: str = "personaplex-7b", device: torch.device,
-                   dtype: torch.dtype) -> LoadedModel:
+                   dtype: torch.dtype, int8: bool = False, context: int | None = None) -> LoadedModel:
     config, raw = read_configs(directory, get_preset(preset))
+    if context is not None:
+        config = replace(config, lm=replace(config.lm, context=context))
     lm_file = _inside(directory, raw.get("moshi_name", LM_FILE))
     mimi_file = _inside(directory, raw.get("mimi_name", MIMI_FILE))
     tokenizer_file = _inside(directory, raw.get("tokenizer_name", TOKENIZER_FILE))
@@ -140,7 +148,10 @@ def load_directory(directory: Path, *, preset: str = "personaplex-7b", device: t
     with torch.device("meta"):
         lm = PersonaPlexLM(config.lm)
         mimi = Mimi(config.mimi)
-    load_weights(lm, lm_file, device=device, dtype=dtype)
+    # int8: load and quantize on the host, so the device never holds the full-width weights.
+    load_weights(lm, lm_file, device=torch.device("cpu") if int8 else device, dtype=dtype)
+    if int8:
+        lm = quantize_int8_(lm).to(device)
     load_weights(mimi, mimi_file, device=device, dtype=torch.float32)
     tokenizer = TextTokenizer(tokenizer_file)
     if tokenizer.vocab_size > config.lm.text_card:
@@ -191,20 +202,37 @@ def _inside(directory: Path, name: str) -> Path:
 
 # --- random weights ---------------------------------------------------------------------------
 def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, int8: bool = False) -> LoadedModel:
     """A model with random weights: the built-in `tiny` model, or any preset for benchmarks (the
-    cost of a step does not depend on the weights' values)."""
+    cost of a step does not depend on the weights' values). The LM is built part by part on the
+    device (and quantized part by part with `int8`), so no more than one layer is ever held in a
+    wider format than the final one."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     tokenizer = TextTokenizer.builtin()
     if tokenizer.vocab_size > config.lm.text_card:
         config = replace(config, lm=replace(config.lm, text_card=tokenizer.vocab_size))
     device = torch.device(device)
-    with torch.device(device):
+    with torch.device("meta"):
         lm = PersonaPlexLM(config.lm)
+    for index, part in enumerate(_parts(lm)):
+        part.to_empty(device=device).to(dtype)
+        randomize(part, seed + index)
+        if int8:
+            quantize_int8_(part)
+    if int8:
+        quantize_int8_(lm)  # the LM's own top-level linears
+    with torch.device(device):
         mimi = Mimi(config.mimi)
-    randomize(lm, seed)
-    randomize(mimi, seed + 1)
-    return LoadedModel(config, lm.to(dtype).eval(), mimi.eval(), tokenizer, "random")
+    randomize(mimi, seed + 10_000)
+    return LoadedModel(config, lm.eval(), mimi.eval(), tokenizer, "random")
+
+
+def _parts(lm: PersonaPlexLM) -> list[nn.Module]:
+    """The LM cut into pieces of at most one transformer layer each."""
+    parts: list[nn.Module] = []
+    for child in lm.children():
+        parts.extend(child.layers if isinstance(child, Transformer) else [child])
+    return parts
 
 
 @torch.no_grad()

@@ -121,9 +121,15 @@ class Attention(nn.Module):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))  # nn.Linear's default (no-op on meta)
         self.out_proj = nn.Linear(dim, mult * dim, bias=False)
 
+    def _step_rows(self, weight: torch.Tensor | nn.Module, rows: int, step: int) -> torch.Tensor:
+        """Rows [step * rows, (step + 1) * rows) of a stacked weight (dequantized if quantized)."""
+        if isinstance(weight, torch.Tensor):
+            return weight[step * rows : (step + 1) * rows]
+        return weight.rows(step * rows, (step + 1) * rows)  # an npc_voice.model.quant.Int8Weight
+
     def project_in(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> q, k, v, each [B, H, T, D]."""
-        w = self.in_proj_weight.view(max(self.steps, 1), 3 * self.dim, self.dim)[step]
+        w = self._step_rows(self.in_proj_weight, 3 * self.dim, step)
         B, T, _ = x.shape
         qkv = F.linear(x, w).view(B, T, 3, self.num_heads, self.dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -132,7 +138,8 @@ class Attention(nn.Module):
     def project_out(self, y: torch.Tensor, step: int = 0) -> torch.Tensor:
         """y [B, H, T, D] -> [B, T, C]."""
         B, H, T, D = y.shape
-        w = self.out_proj.weight.view(max(self.steps, 1), self.dim, self.dim)[step]
+        out = self.out_proj
+        w = self._step_rows(out.weight if isinstance(out, nn.Linear) else out.w, self.dim, step)
         return F.linear(y.transpose(1, 2).reshape(B, T, H * D), w)
 
 
@@ -225,7 +232,7 @@ class Transformer(nn.Module):
         capacity = capacity or self.context
         if capacity is None:
             raise ValueError("a streaming transformer needs a context or an explicit capacity")
-        ref = self.layers[0].self_attn.in_proj_weight
+        ref = next(p for p in self.parameters() if p.is_floating_point())  # a norm's weight: the compute dtype
         device = device or ref.device
         dtype = dtype or ref.dtype
         H = self.spec.num_heads
@@ -234,9 +241,15 @@ class Transformer(nn.Module):
                   for _ in self.layers]
         return TransformerState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
 
-    def step(self, x: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None,
+             window: int | None = None) -> torch.Tensor:
         """Streams T new steps: x [B, T, C] -> [B, T, C]. Slots where `active` ([B] bool) is false
-        keep their state untouched (their output is computed but meaningless)."""
+        keep their state untouched (their output is computed but meaningless).
+
+        window: attend to the first `window` cache rows only. Valid when no active slot has seen
+        more than `window` steps after this one (the caller knows positions on the host), so the
+        attention never reads rows no slot has filled yet.
+        """
         B, T, _ = x.shape
         if active is None:
             active = torch.ones(B, dtype=torch.bool, device=x.device)
@@ -246,17 +259,18 @@ class Transformer(nn.Module):
         start = state.position
         q_pos = start[:, None] + torch.arange(T, device=x.device)  # [B, T]
         end = start + T * active.long()
-        k_pos = ring_positions(end, capacity)  # [B, S]
+        window = capacity if window is None else min(window, capacity)
+        k_pos = ring_positions(end, capacity)[:, :window]  # [B, W]
         rows = torch.remainder(q_pos, capacity)  # [B, T]
         # Skipped slots see one arbitrary row, so that no attention row is empty (no NaN).
-        always = (~active)[:, None] & (torch.arange(capacity, device=x.device) == 0)
+        always = (~active)[:, None] & (torch.arange(window, device=x.device) == 0)
         rope = rope_tables(q_pos, self.spec.dim // self.spec.num_heads, self.max_period)
         for layer, cache in zip(self.layers, state.layers):
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
             q, k = apply_rope(q, rope), apply_rope(k, rope)
             _write_rows(cache.keys, rows, k, active)
             _write_rows(cache.values, rows, v, active)
-            y = attend(q, cache.keys, cache.values, q_pos, k_pos, self.context, always)
+            y = attend(q, cache.keys[:, :, :window], cache.values[:, :, :window], q_pos, k_pos, self.context, always)
             x = x + layer._scale(1, layer.self_attn.project_out(y))
             x = layer.feed_forward(x)
         state.position.copy_(end)

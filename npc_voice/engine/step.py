@@ -1,0 +1,101 @@
+"""The batched 80 ms step of every slot: Mimi encode -> LM step -> Mimi decode, on static buffers.
+
+On CUDA the whole step is captured in CUDA graphs, one per attention window (a power of two of KV
+rows, or the full context): a replay launches everything at once, so the step costs what its
+kernels cost and not the thousands of launches Python would issue. Inputs are copied into the
+static buffers before a replay and the outputs read back after it: one host sync per tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.generator import NOT_FORCED, Generator, GeneratorState
+from ..model.loading import LoadedModel
+from ..model.mimi import MimiState
+
+
+@dataclass
+class StepOutput:
+    pcm: np.ndarray  # float32 [B, frame_size]
+    text: np.ndarray  # int64 [B]
+
+
+def window_for(frames_seen: int, capacity: int, smallest: int = 64) -> int:
+    """The attention window (KV rows) that covers `frames_seen`: the next power of two, at most
+    the cache capacity. Few windows means few graphs; powers of two waste under half the reads."""
+    window = smallest
+    while window < frames_seen:
+        window *= 2
+    return min(window, capacity)
+
+
+class BatchedStep:
+    def __init__(self, model: LoadedModel, gen: Generator, gen_state: GeneratorState, mimi_state: MimiState,
+                 use_graphs: bool | None = None):
+        self.model, self.gen, self.gen_state, self.mimi_state = model, gen, gen_state, mimi_state
+        device = model.device
+        B = gen_state.offset.shape[0]
+        self.batch = B
+        self.capacity = gen_state.temporal.layers[0].keys.shape[2]
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.pcm_in = torch.zeros(B, 1, model.mimi.frame_size, device=device)
+        self.active = torch.zeros(B, dtype=torch.bool, device=device)
+        self.forced_text = torch.full((B,), NOT_FORCED, dtype=torch.long, device=device)
+        self.pcm_out = torch.zeros(B, model.mimi.frame_size, device=device)
+        self.text_out = torch.zeros(B, dtype=torch.long, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pinned = dict(pin_memory=True) if device.type == "cuda" else {}
+        self._host_pcm = torch.zeros(B, model.mimi.frame_size, **pinned)
+        self._host_text = torch.zeros(B, dtype=torch.long, **pinned)
+
+    @torch.inference_mode()
+    def _run(self, window: int) -> None:
+        mimi = self.model.mimi
+        codes = mimi.encode_step(self.pcm_in, self.mimi_state.encoder, self.active)
+        out = self.gen.step(self.gen_state, codes, self.active, forced_text=self.forced_text, window=window)
+        audio = out.audio.clamp(0, mimi.cardinality - 1)  # the first frame's codebook 0 is the initial token
+        self.pcm_out.copy_(mimi.decode_step(audio, self.mimi_state.decoder, self.active)[:, 0])
+        self.text_out.copy_(out.text)
+
+    def _graph(self, window: int) -> torch.cuda.CUDAGraph:
+        graph = self._graphs.get(window)
+        if graph is None:
+            # Warm up with every slot inactive: a masked step leaves every state bit-identical.
+            saved = self.active.clone()
+            self.active.zero_()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._run(window)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(window)
+            self.active.copy_(saved)
+            self._graphs[window] = graph
+        return graph
+
+    def __call__(self, pcm: np.ndarray, active: np.ndarray, forced_text: np.ndarray, frames_seen: int) -> StepOutput:
+        """pcm [B, frame] float32, active [B] bool, forced_text [B] long; frames_seen: the most
+        frames any active slot will have seen after this step (chooses the attention window)."""
+        window = window_for(frames_seen, self.capacity)
+        self.pcm_in[:, 0].copy_(torch.from_numpy(pcm), non_blocking=True)
+        self.active.copy_(torch.from_numpy(active), non_blocking=True)
+        self.forced_text.copy_(torch.from_numpy(forced_text), non_blocking=True)
+        if self.use_graphs:
+            if window not in self._graphs:
+                self._graph(window)
+                self.active.copy_(torch.from_numpy(active))
+            self._graphs[window].replay()
+        else:
+            self._run(window)
+        self._host_pcm.copy_(self.pcm_out, non_blocking=True)
+        self._host_text.copy_(self.text_out, non_blocking=True)
+        if self.pcm_out.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return StepOutput(self._host_pcm.numpy().copy(), self._host_text.numpy().copy())

@@ -1,0 +1,150 @@
+"""GPU measurements for docs/performance.md (issue #4), one JSON line per result.
+
+Run on a CUDA machine from the repository root, then the reference in the same call:
+    python3 tools/bench/gpu_suite.py all | tee $OUT/ours.jsonl
+    python3 tools/bench/anchor_moshi.py 1 32 | tee $OUT/reference.jsonl   # moshi 0.2.13 (wheels in .whl)
+Stages: check (CUDA-graph step == eager step, tiny), ticks (7B bf16, 1..32 sessions, full context),
+many (7B bf16, 64 sessions at a 1500-frame context), swap (hot swap with 32 live sessions),
+int8 (int8 weights, 4 sessions: memory), accuracy (int8 and short context vs bf16 logits).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from npc_voice.bench import bench_swap, bench_tick
+from npc_voice.engine.step import BatchedStep
+from npc_voice.model.config import get_preset
+from npc_voice.model.generator import Generator
+from npc_voice.model.loading import random_model
+from npc_voice.model.quant import quantize_int8_, weight_bytes
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def stage_check() -> None:
+    """The graphed step computes what the eager step computes (same tokens, same audio)."""
+    model = random_model("tiny", device=DEVICE, dtype=torch.float32, seed=1)
+    rng = np.random.default_rng(0)
+    frames = [(0.1 * rng.standard_normal((4, model.mimi.frame_size))).astype(np.float32) for _ in range(12)]
+    runs = []
+    for graphs in (False, True):
+        gen = Generator(model.lm)
+        step = BatchedStep(model, gen, gen.init_state(4), model.mimi.init_state(4, DEVICE), use_graphs=graphs)
+        runs.append([step(pcm, np.array([True, t % 3 != 1, True, t > 4]), np.full(4, -1), frames_seen=t + 1)
+                     for t, pcm in enumerate(frames)])
+    tokens_equal = all(np.array_equal(a.text, b.text) for a, b in zip(*runs))
+    pcm_err = max(float(np.abs(a.pcm - b.pcm).max()) for a, b in zip(*runs))
+    emit(what="graph_check", tokens_equal=tokens_equal, pcm_max_abs_diff=pcm_err)
+
+
+def stage_ticks(batches=(1, 8, 16, 32)) -> None:
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
+    emit(what="model", weights_gb=round(weight_bytes(model.lm) / 1e9, 2))
+    for b in batches:
+        emit(what="tick", **bench_tick(model, b, frames=100, warmup=10).as_dict())
+        free()
+    for b in (1, 32):  # a conversation's first minute: the attention reads the rows filled so far
+        emit(what="tick_early", **bench_tick(model, b, frames=100, warmup=10, context_fill=600).as_dict())
+        free()
+    del model
+    free()
+
+
+def stage_many(sessions: int = 64, context: int = 1500) -> None:
+    cfg = get_preset("personaplex-7b")
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, context=context))
+    model = random_model(cfg, device=DEVICE, dtype=torch.bfloat16, seed=0)
+    emit(what="tick_many", context=context, **bench_tick(model, sessions, frames=100, warmup=10).as_dict())
+    del model
+    free()
+
+
+def stage_swap(sessions: int = 32) -> None:
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
+    emit(what="swap", sessions=sessions, **bench_swap(model, sessions, swaps=10).as_dict())
+    del model
+    free()
+
+
+def stage_int8(sessions: int = 4) -> None:
+    free()
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, int8=True)
+    emit(what="int8_model", weights_gb=round(weight_bytes(model.lm) / 1e9, 2),
+         peak_after_load_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+    row = bench_tick(model, sessions, frames=50, warmup=5).as_dict()
+    emit(what="int8_tick", **row)
+    del model
+    free()
+
+
+@torch.inference_mode()
+def teacher_forced_logits(lm, tokens: torch.Tensor) -> torch.Tensor:
+    state = lm.init_state(tokens.shape[0])
+    return torch.cat([lm.step_text(tokens[:, :, t : t + 1], state)[1].float() for t in range(tokens.shape[2])], 1)
+
+
+def stage_accuracy(steps: int = 120, long_steps: int = 1600) -> None:
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
+    cfg = model.config.lm
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, cfg.card, (2, cfg.num_codebooks, long_steps), generator=g)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, long_steps), generator=g)
+    tokens = tokens.to(DEVICE)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    ref = teacher_forced_logits(model.lm, tokens[:, :, :steps])
+    q = quantize_int8_(copy.deepcopy(model.lm))
+    emit(what="accuracy_int8", steps=steps, text_logits_rel_err=rel(teacher_forced_logits(q, tokens[:, :, :steps]), ref),
+         argmax_agreement=float((teacher_forced_logits(q, tokens[:, :, :steps]).argmax(-1) == ref.argmax(-1)).float().mean()))
+    del q
+    free()
+    full = teacher_forced_logits(model.lm, tokens)
+    short_lm = model.lm
+    short_lm.transformer.context = 1500
+    state = short_lm.transformer.init_state(2, capacity=1500)
+    with torch.inference_mode():
+        short = torch.cat([short_lm.text_head(short_lm.transformer.step(short_lm.embed(tokens[:, :, t : t + 1]), state))[1].float()
+                           for t in range(long_steps)], 1)
+    tail = slice(1500, long_steps)
+    emit(what="accuracy_context_1500", steps=long_steps, first_1500_rel_err=rel(short[:, :1500], full[:, :1500]),
+         after_1500_rel_err=rel(short[:, tail], full[:, tail]))
+
+
+STAGES = {"check": stage_check, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
+          "int8": stage_int8, "accuracy": stage_accuracy}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or ["all"]
+    if names == ["all"]:
+        names = list(STAGES)
+    emit(what="device", name=torch.cuda.get_device_name(), torch=torch.__version__,
+         date=time.strftime("%Y-%m-%d"))
+    for name in names:
+        start = time.time()
+        try:
+            STAGES[name]()
+        except Exception as exc:  # keep going: one failed stage must not hide the others
+            emit(what="error", stage=name, error=repr(exc)[:500])
+            free()
+        emit(what="stage_done", stage=name, seconds=round(time.time() - start, 1))
