@@ -148,3 +148,65 @@ if __name__ == "__main__":
             emit(what="error", stage=name, error=repr(exc)[:500])
             free()
         emit(what="stage_done", stage=name, seconds=round(time.time() - start, 1))
+
+
+def graphed_ms(fn, iters: int = 50) -> float:
+    """Median time of `fn` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(sorted(times)[len(times) // 2], 3)
+
+
+@torch.inference_mode()
+def stage_parts() -> None:
+    """Where a tick's time goes: each part captured on its own."""
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
+    lm, mimi = model.lm, model.mimi
+    for B in (1, 32):
+        gen = Generator(lm)
+        state = gen.init_state(B)
+        mstate = mimi.init_state(B, DEVICE)
+        pcm = 0.1 * torch.randn(B, 1, mimi.frame_size, device=DEVICE)
+        codes = torch.randint(0, 2048, (B, 8), device=DEVICE)
+        tokens = torch.randint(0, 2048, (B, 17, 1), device=DEVICE)
+        hidden = torch.randn(B, lm.cfg.dim, device=DEVICE, dtype=torch.bfloat16)
+        prev = torch.randint(0, 1000, (B,), device=DEVICE)
+        inactive = torch.zeros(B, dtype=torch.bool, device=DEVICE)
+
+        def depth() -> None:
+            scratch = lm.depformer.init_scratch(B, DEVICE, torch.bfloat16)
+            p = prev
+            for k in range(8):
+                p = lm.depth_step(k, hidden, p, scratch).argmax(-1)
+
+        emit(what="parts", B=B,
+             mimi_encode_ms=graphed_ms(lambda: mimi.encode_step(pcm, mstate.encoder, inactive)),
+             mimi_decode_ms=graphed_ms(lambda: mimi.decode_step(codes, mstate.decoder, inactive)),
+             temporal_ms=graphed_ms(lambda: lm.step_text(tokens, state.temporal, inactive)),
+             depth8_ms=graphed_ms(depth),
+             generator_step_ms=graphed_ms(lambda: gen.step(state, codes, inactive)))
+        mimi16 = copy.deepcopy(mimi).to(torch.bfloat16)
+        m16 = mimi16.init_state(B, DEVICE, torch.bfloat16)
+        emit(what="parts_mimi_bf16", B=B,
+             mimi_encode_ms=graphed_ms(lambda: mimi16.encode_step(pcm, m16.encoder, inactive)),
+             mimi_decode_ms=graphed_ms(lambda: mimi16.decode_step(codes, m16.decoder, inactive)))
+        del mimi16, m16, gen, state, mstate
+        free()
+
+
+STAGES["parts"] = stage_parts
