@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from .characters.cli import add_parser as add_characters_parser, add_talk_args
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -69,12 +71,17 @@ def cmd_talk(args: argparse.Namespace) -> int:
     from .engine import Persona, Sampling
     from .talk import talk_files
 
-    if args.voice is None or args.prompt is None:
-        print("npc-voice talk: give --voice and --prompt", file=sys.stderr)
+    if args.character is None and (args.voice is None or args.prompt is None):
+        print("npc-voice talk: give --character ID, or --voice and --prompt", file=sys.stderr)
         return 2
     model = _load(args)
     sampling = Sampling.greedy() if args.greedy else Sampling()
-    persona = Persona(role=args.prompt, voice_path=args.voice, sampling=sampling)
+    if args.character is not None:  # a character from the store: its voice, role and sampling
+        from .characters.cli import persona_for_talk
+
+        persona = persona_for_talk(args, model, sampling if args.greedy else None)
+    else:
+        persona = Persona(role=args.prompt, voice_path=args.voice, sampling=sampling)
     transcript = talk_files(model, persona, args.input, args.output, args.transcript, seed=args.seed)
     print(f"wrote {args.output}" + (f" and {args.transcript}" if args.transcript else "") + f": {transcript.text!r}")
     return 0
@@ -103,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--transcript", help="JSON file: the NPC's words with start and end times")
     talk.add_argument("--seed", type=int, default=0)
     talk.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    add_talk_args(talk)  # --character ID, --characters DIR, --voices DIR
     talk.set_defaults(func=cmd_talk)
+    add_characters_parser(sub)  # npc-voice characters list|show|create|validate|delete
     return parser
 
 

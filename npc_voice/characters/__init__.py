@@ -1,0 +1,18 @@
+"""NPC characters: a definition people can edit (`character.toml` + `voice.wav` per folder), a store
+that never loses data, and the shipped cast (the repository's `characters/` folder).
+
+See docs/characters.md for the format.
+"""
+
+from .model import (
+    CONTEXT_FRAMES, ID_PATTERN, KNOWN_PRESETS, ROLE_TOKENS_MAX, ROLE_TOKENS_WARN, Character, CharacterError,
+    Problem, Report, SamplingSettings, check_character, role_tokens,
+)
+from .store import CharacterStore, default_presets_dir, import_voice
+from .paths import default_characters_dir, shipped_characters_dir
+
+__all__ = [
+    "CONTEXT_FRAMES", "ID_PATTERN", "KNOWN_PRESETS", "ROLE_TOKENS_MAX", "ROLE_TOKENS_WARN", "Character",
+    "CharacterError", "CharacterStore", "Problem", "Report", "SamplingSettings", "check_character",
+    "default_characters_dir", "default_presets_dir", "import_voice", "role_tokens", "shipped_characters_dir",
+]
