@@ -46,15 +46,15 @@ VOICES = {
     # a brisk woman on a phone line
     "bank-agent": VoiceRecipe("en-us+Alicia", 58, 170, ("sinc", "300-3400", "compand", "0.02,0.2", "-60,-40,-10", "-5")),
     # a bright, friendly receptionist (higher, quicker, slightly pitched up)
-    "receptionist": VoiceRecipe("en-gb+female4", 68, 175, ("pitch", "120", "treble", "+3")),
+    "receptionist": VoiceRecipe("en-gb+f4", 68, 175, ("pitch", "120", "treble", "+3")),
     # a tense man on a crackly radio, fast
-    "astronaut": VoiceRecipe("en-us+male3", 38, 195, ("sinc", "450-2800", "overdrive", "8", "tremolo", "30", "15")),
+    "astronaut": VoiceRecipe("en-us+m3", 38, 195, ("sinc", "450-2800", "overdrive", "8", "tremolo", "30", "15")),
     # a warm woman in a wooden tavern room
-    "innkeeper": VoiceRecipe("en-gb-x-gbclan+female2", 60, 150, ("bass", "+4", "reverb", "25", "50", "60")),
+    "innkeeper": VoiceRecipe("en-gb-x-gbclan+f2", 60, 150, ("bass", "+4", "reverb", "25", "50", "60")),
     # a deep, rough man by the forge
-    "blacksmith": VoiceRecipe("en-gb-scotland+male7", 20, 135, ("pitch", "-250", "bass", "+6", "overdrive", "4")),
+    "blacksmith": VoiceRecipe("en-gb-scotland+m7", 20, 135, ("pitch", "-250", "bass", "+6", "overdrive", "4")),
     # a firm man under a stone gateway
-    "city-guard": VoiceRecipe("en-gb-x-gbcwmd+male5", 32, 145, ("pitch", "-100", "reverb", "50", "50", "90")),
+    "city-guard": VoiceRecipe("en-gb-x-gbcwmd+m5", 32, 145, ("pitch", "-100", "reverb", "50", "50", "90")),
     # an old, worried woman, slow
     "quest-giver": VoiceRecipe("en-gb-x-rp+grandma", 50, 135, ("tremolo", "5", "12", "reverb", "10")),
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model import fused
 from ..model.generator import NOT_FORCED, Generator, GeneratorState
 from ..model.loading import LoadedModel
 from ..model.mimi import MimiState
@@ -42,6 +43,8 @@ class BatchedStep:
         self.batch = B
         self.capacity = gen_state.temporal.layers[0].keys.shape[2]
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        if self.use_graphs:
+            fused.enable()  # fuse the element-wise pieces: graphs make kernel count the cost
         self.pcm_in = torch.zeros(B, 1, model.mimi.frame_size, device=device)
         self.active = torch.zeros(B, dtype=torch.bool, device=device)
         self.forced_text = torch.full((B,), NOT_FORCED, dtype=torch.long, device=device)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused import fusable
+
 _MASK31 = (1 << 31) - 1
 _MULT = 0x45D9F3B  # < 2**27, so (x < 2**31) * _MULT stays well inside int64
 
@@ -21,6 +23,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@fusable
 def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: int,
                   streams: int = 1) -> torch.Tensor:
     """Uniform noise in (0, 1), float32, a pure function of (seed [B], counter [B], stream, index):
@@ -38,6 +41,7 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: 
 MAX_TOP_K = 512  # the largest top-k a slot may ask for (the reference uses 25 for text, 250 for audio)
 
 
+@fusable
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            noise: torch.Tensor) -> torch.Tensor:
     """Samples one token per slot: logits [B, V], temperature [B] (<= 0: greedy), top_k [B]

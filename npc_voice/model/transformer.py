@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .streaming import StreamState, state_field, where_active
 
 NormKind = Literal["rms_f32", "layer"]
@@ -34,9 +35,7 @@ class RMSNorm(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C]
-        xf = x.float()
-        var = self.eps + xf.pow(2).mean(dim=-1, keepdim=True)
-        return (xf * (self.alpha.float() * torch.rsqrt(var))).to(x.dtype)
+        return fused.rms_norm(x, self.alpha, self.eps)
 
 
 class LayerScale(nn.Module):
@@ -61,16 +60,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tu
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotary embedding with interleaved (real, imaginary) pairs, computed in float32: x [B, H, T, D]."""
-    cos, sin = tables
-    B, H, T, D = x.shape
-    pairs = x.view(B, H, T, D // 2, 2).float()
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.to(x.dtype).view(B, H, T, D)
-
-
 def ring_positions(end: torch.Tensor, capacity: int) -> torch.Tensor:
     """Absolute position held by each ring-buffer row once `end` ([B]) positions were written.
 
@@ -82,20 +71,25 @@ def ring_positions(end: torch.Tensor, capacity: int) -> torch.Tensor:
     return last - torch.remainder(last - rows, capacity)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-           context: int | None, always_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of queries at `q_pos` ([B, T]) over keys at `k_pos` ([B, S]; < 0 = empty).
-
-    A key is visible when 0 <= q_pos - k_pos < context. `always_valid` ([B, S] bool), if given, adds
-    keys that are visible anyway (used to keep skipped slots free of empty rows, hence of NaNs).
-    """
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, context: int | None,
+               always_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Which keys each query sees: [B, 1, T, S] bool for queries at `q_pos` ([B, T]) and keys at
+    `k_pos` ([B, S]; < 0 = empty). A key is visible when 0 <= q_pos - k_pos < context;
+    `always_valid` ([B, S]) adds keys visible anyway (keeps skipped slots free of empty rows, hence
+    of NaNs). Computed once per step and shared by every layer."""
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
     visible = (k_pos[:, None, :] >= 0) & (delta >= 0)
     if context is not None:
         visible &= delta < context
     if always_valid is not None:
         visible |= always_valid[:, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+    return visible[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+           context: int | None, always_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of queries at `q_pos` over keys at `k_pos` (see `visibility`)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visibility(q_pos, k_pos, context, always_valid))
 
 
 @dataclass
@@ -152,8 +146,7 @@ class GatedFFN(nn.Module):
         self.linear_out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.linear_in(x).chunk(2, dim=-1)
-        return self.linear_out(F.silu(gate) * value)
+        return self.linear_out(fused.silu_gate(self.linear_in(x)))
 
 
 @dataclass(frozen=True)
@@ -217,10 +210,10 @@ class Transformer(nn.Module):
         """Whole sequence, no cache: x [B, T, C] -> [B, T, C]."""
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device).expand(B, T)
-        rope = rope_tables(pos, self.spec.dim // self.spec.num_heads, self.max_period)
+        cos, sin = rope_tables(pos, self.spec.dim // self.spec.num_heads, self.max_period)
         for layer in self.layers:
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = fused.rope_pair(q, k, cos, sin)
             y = attend(q, k, v, pos, pos, self.context)
             x = x + layer._scale(1, layer.self_attn.project_out(y))
             x = layer.feed_forward(x)
@@ -264,13 +257,14 @@ class Transformer(nn.Module):
         rows = torch.remainder(q_pos, capacity)  # [B, T]
         # Skipped slots see one arbitrary row, so that no attention row is empty (no NaN).
         always = (~active)[:, None] & (torch.arange(window, device=x.device) == 0)
-        rope = rope_tables(q_pos, self.spec.dim // self.spec.num_heads, self.max_period)
+        cos, sin = rope_tables(q_pos, self.spec.dim // self.spec.num_heads, self.max_period)
+        mask = visibility(q_pos, k_pos, self.context, always)
         for layer, cache in zip(self.layers, state.layers):
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = fused.rope_pair(q, k, cos, sin)
             _write_rows(cache.keys, rows, k, active)
             _write_rows(cache.values, rows, v, active)
-            y = attend(q, cache.keys[:, :, :window], cache.values[:, :, :window], q_pos, k_pos, self.context, always)
+            y = F.scaled_dot_product_attention(q, cache.keys[:, :, :window], cache.values[:, :, :window], attn_mask=mask)
             x = x + layer._scale(1, layer.self_attn.project_out(y))
             x = layer.feed_forward(x)
         state.position.copy_(end)

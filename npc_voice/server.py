@@ -1,0 +1,849 @@
+"""`npc-voice serve`: the engine behind a websocket endpoint, for game engines (docs/protocol.md).
+
+Layout (as in the `websockets` library, the protocol itself is I/O-free in `npc_voice.protocol`):
+- `NPCVoiceServer`: the asyncio websocket server, the /health endpoint, the engine's real-time loop;
+- `SessionManager`: connections and conversation slots (a reservation per live session);
+- `Connection`: one client; reads and validates its messages, owns at most one session at a time;
+- `Outbox`: the bounded queue between the engine thread and a connection's sender task. The engine
+  thread never touches a socket: its listener appends to the outbox (oldest audio dropped and counted
+  when a client reads too slowly) and wakes the event loop with `call_soon_threadsafe`, at most one
+  pending wake-up per connection, so nothing grows without bound and no client can delay a tick;
+- `InputConverter` / `OutputFramer`: the client's rate (16, 24 or 48 kHz) <-> the model's 24 kHz
+  (libsoxr streams), and exact 80 ms frames towards the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from .audio import AudioError, float_to_pcm16, load_mono, pcm16_to_float
+from .engine import Engine, EngineFull, EngineLoop, FrameEvent, Persona, Session
+from .protocol import (
+    FRAME_SECONDS, HEALTH_PATH, MODEL_RATE, PROTOCOL_VERSION, WS_PATH, ClientMessage, Dropped, End, Ended,
+    ErrorCode, ErrorMsg, Hello, InlineCharacter, Limits, ProtocolError, Say, SpeechState, Start, Started, State,
+    Switch, Switched, Text, encode_audio_frame, frame_samples, parse_client_audio, parse_client_text,
+    decode_inline_voice,
+)
+
+log = logging.getLogger("npc_voice.server")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("npc-voice")
+    except PackageNotFoundError:  # pragma: no cover - run from a plain checkout
+        return "dev"
+
+
+_pkg_version = _version()
+
+DEFAULT_PORT = 8765
+TOKEN_ENV = "NPC_VOICE_TOKEN"
+MIN_REMOTE_TOKEN_CHARS = 16
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port (see NPCVoiceServer.port)
+    token: str | None = None  # required whenever host is not a loopback address
+    idle_timeout: float = 30.0  # seconds without any message from the client
+    max_connections: int | None = None  # default: 4 per slot + 4
+    out_audio_frames: int = 25  # per-connection queue of NPC audio (2 s): the oldest is dropped beyond
+    out_events: int = 512  # per-connection queue of JSON messages
+    dropped_report_s: float = 1.0  # at most one `dropped` message per interval
+    open_retry_s: float = 0.5  # a slot freed this instant is reused after the engine's next tick
+    build_workers: int = 1  # threads that build character prompts (CPU/GPU work off the event loop)
+    ping_interval: float | None = 20.0  # websocket keepalive: a vanished peer is found within ping_interval + ping_timeout
+    ping_timeout: float | None = 20.0
+    close_grace_s: float = 2.0  # a closing client that does not read is cut off after this
+    limits: Limits = field(default_factory=Limits)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuses a public bind without a token (ValueError says what to do)."""
+    if is_loopback(host):
+        return
+    if not token:
+        raise ValueError(f"refusing to listen on {host} without a token: anyone who reaches this port could use "
+                         f"the GPU; pass --token (or set {TOKEN_ENV}), or bind 127.0.0.1")
+    if len(token) < MIN_REMOTE_TOKEN_CHARS:
+        raise ValueError(f"the token has {len(token)} characters; use at least {MIN_REMOTE_TOKEN_CHARS} for a "
+                         "non-loopback bind (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)")
+
+
+# --- characters: the one place that knows the character store ------------------------------------
+
+
+def resolve_character(store: Any, spec: str | InlineCharacter, limits: Limits) -> tuple[Persona, str]:
+    """A start/switch `character` -> (the engine's Persona, a label for `started`/`switched`).
+
+    A string is a stored character's id: it goes through the store's id validation (`store.load`, a
+    slug that stays inside its folder) and never reaches the file system otherwise. An inline
+    character is validated with the same schema (`Character`); its voice is a base64 WAV decoded in
+    memory, or a preset name the store resolves in its presets folder.
+    """
+    from .characters import ID_PATTERN, Character, CharacterError
+    from .characters.model import VOICE_MAX_S, check_voice_audio
+
+    if isinstance(spec, str):
+        if store is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"no character {spec[:64]!r}: this server has no "
+                                "characters folder (start it with --characters DIR) - send an inline character")
+        if not ID_PATTERN.match(spec) or spec not in store:
+            raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"no character {spec[:64]!r} on this server")
+        try:
+            character = store.load(spec)
+            return character.to_persona(store), character.id
+        except CharacterError as exc:
+            raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"character {spec!r} cannot be used: {exc}") from None
+    data = {"id": "inline", "name": spec.name, "role": spec.role}
+    if spec.voice.preset is not None:
+        data["voice"] = spec.voice.preset
+    try:
+        character = Character.parse(data, tokenizer=getattr(store, "tokenizer", None))
+    except CharacterError as exc:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline character: {exc}") from None
+    if spec.voice.preset is not None:
+        if store is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_VOICE, "this server has no preset voices (no characters folder)")
+        try:
+            return character.to_persona(store), character.name
+        except CharacterError:
+            raise ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no preset voice {spec.voice.preset!r} on this server") \
+                from None
+    raw = decode_inline_voice(spec.voice, limits)
+    try:
+        samples = load_mono(raw, MODEL_RATE, mode="first")
+    except AudioError as exc:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline voice: {exc}") from None
+    seconds = samples.shape[0] / MODEL_RATE
+    if seconds > min(limits.max_voice_seconds, VOICE_MAX_S):
+        raise ProtocolError(ErrorCode.VOICE_TOO_LARGE, f"the inline voice is {seconds:.1f} s long; the limit is "
+                            f"{min(limits.max_voice_seconds, VOICE_MAX_S):.0f} s (3-10 s is best)")
+    errors = [p for p in check_voice_audio(samples, MODEL_RATE) if p.level == "error"]
+    if errors:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline voice: {errors[0].message}")
+    persona = Persona(role=character.role, voice_samples=tuple(samples.tolist()), name=character.name,
+                      sampling=character.to_sampling())
+    return persona, character.name
+
+
+def open_store(characters: str | Path | None, voices: str | Path | None = None) -> Any:
+    """The character store of `serve` (None when there is no folder)."""
+    from .characters import CharacterStore, default_characters_dir
+
+    root = Path(characters) if characters is not None else default_characters_dir()
+    if not root.is_dir():
+        if characters is not None:
+            raise ValueError(f"no characters folder at {root}")
+        return None
+    return CharacterStore(root, presets_dir=voices)
+
+
+# --- audio conversion -----------------------------------------------------------------------------
+
+
+class InputConverter:
+    """Client PCM16 at `rate` -> float32 at 24 kHz, as a stream (no clicks between chunks)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self._stream = None
+        if rate != MODEL_RATE:
+            import soxr
+
+            self._stream = soxr.ResampleStream(rate, MODEL_RATE, 1, dtype="float32", quality="HQ")
+
+    def __call__(self, pcm16: np.ndarray) -> np.ndarray:
+        x = pcm16_to_float(pcm16)
+        return x if self._stream is None else self._stream.resample_chunk(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _resampler_lag(from_rate: int, to_rate: int, chunk: int) -> int:
+    """The most a soxr stream's output falls behind chunk-by-chunk (it works in blocks): the zeros
+    an `OutputFramer` starts with so that every frame it emits is whole."""
+    import soxr
+
+    stream = soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality="HQ")
+    target = chunk * to_rate // from_rate
+    got = worst = 0
+    for k in range(1, 101):
+        got += stream.resample_chunk(np.zeros(chunk, dtype=np.float32)).shape[0]
+        worst = max(worst, k * target - got)
+    return worst
+
+
+class OutputFramer:
+    """NPC frames (1920 float32 at 24 kHz) -> exactly one frame of PCM16 at the client's rate each.
+
+    At 24 kHz this is only the 16-bit conversion. At 16/48 kHz, libsoxr's stream emits samples in
+    blocks, so the framer starts with as many zeros as the stream can fall behind (about 35 ms) and
+    from then on every call returns one whole frame; should the stream ever fall further behind,
+    the frame is padded with zeros (counted in `underruns`)."""
+
+    def __init__(self, rate: int):
+        self.rate, self.size = rate, frame_samples(rate)
+        self.underruns = 0
+        self._stream = None
+        if rate != MODEL_RATE:
+            import soxr
+
+            self._stream = soxr.ResampleStream(MODEL_RATE, rate, 1, dtype="float32", quality="HQ")
+            self._fifo = np.zeros(_resampler_lag(MODEL_RATE, rate, frame_samples(MODEL_RATE)), dtype=np.float32)
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        if self._stream is None:
+            return float_to_pcm16(pcm)
+        fifo = np.concatenate([self._fifo, self._stream.resample_chunk(np.asarray(pcm, dtype=np.float32))])
+        if fifo.shape[0] < self.size:
+            self.underruns += 1
+            fifo = np.concatenate([np.zeros(self.size - fifo.shape[0], dtype=np.float32), fifo])
+        out, self._fifo = fifo[: self.size], fifo[self.size:]
+        return float_to_pcm16(out)
+
+
+# --- the engine thread -> event loop hand-off -----------------------------------------------------
+
+
+class Outbox:
+    """What a connection will send, in order: JSON messages and NPC audio frames.
+
+    Filled from any thread (the engine thread's listener, the event loop), emptied by the
+    connection's sender task. Bounded: beyond `max_audio` audio frames the oldest frame is dropped
+    (counted on its session link), beyond `max_json` JSON messages the oldest message is. Wakes the
+    event loop with `call_soon_threadsafe`, with at most one wake-up pending."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_audio: int, max_json: int):
+        self.loop, self.max_audio, self.max_json = loop, max_audio, max_json
+        self._items: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._n_audio = self._n_json = 0
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+        self.dropped_audio = 0
+        self.dropped_json = 0
+
+    def put_json(self, text: str) -> None:
+        with self._lock:
+            self._items.append(("json", text))
+            self._n_json += 1
+            while self._n_json > self.max_json:
+                self._drop_oldest("json")
+                self.dropped_json += 1
+            wake = self._arm()
+        if wake:
+            self._wake()
+
+    def put_audio(self, link: SessionLink, frame: int, pcm: np.ndarray) -> None:
+        with self._lock:
+            self._items.append(("audio", link, frame, pcm))
+            self._n_audio += 1
+            while self._n_audio > self.max_audio:
+                dropped = self._drop_oldest("audio")
+                dropped[1].dropped_output += 1
+                self.dropped_audio += 1
+            wake = self._arm()
+        if wake:
+            self._wake()
+
+    def _drop_oldest(self, kind: str) -> tuple[Any, ...]:
+        for i, item in enumerate(self._items):
+            if item[0] == kind:
+                del self._items[i]
+                if kind == "audio":
+                    self._n_audio -= 1
+                else:
+                    self._n_json -= 1
+                return item
+        raise AssertionError("count and queue disagree")
+
+    def _arm(self) -> bool:
+        if self._wake_pending:
+            return False
+        self._wake_pending = True
+        return True
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._on_wake)
+        except RuntimeError:  # the loop is closed: nobody is left to send to
+            pass
+
+    def _on_wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    def pop(self) -> tuple[Any, ...] | None:
+        """The next item, or None (and the ready flag cleared) when empty. Event loop only."""
+        with self._lock:
+            if not self._items:
+                self._ready.clear()
+                return None
+            item = self._items.popleft()
+            if item[0] == "audio":
+                self._n_audio -= 1
+            else:
+                self._n_json -= 1
+            return item
+
+    async def wait(self) -> None:
+        await self._ready.wait()
+
+    def kick(self) -> None:
+        """Wakes the sender from the event loop (e.g. to close)."""
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def audio_frames(self) -> int:
+        return self._n_audio
+
+
+class SessionLink:
+    """One session as its connection sees it; `on_frame` is the engine listener (engine thread:
+    it only computes the speaking state and appends to the outbox, never blocks)."""
+
+    def __init__(self, outbox: Outbox, started: Started, rate: int):
+        self.outbox, self.started, self.rate = outbox, started, rate
+        self.session: Session | None = None
+        self.label = started.character
+        self.lock = threading.Lock()
+        self.active = True
+        self.frames = 0  # NPC frames produced: the frame index of the next one
+        self.dropped_output = 0  # frames the client read too slowly for (counted by the outbox)
+        self.reported_output = self.reported_input = 0
+        self.speech = SpeechState()
+        self.framer = OutputFramer(rate)
+        self.input = InputConverter(rate)
+        self.pending_switches: list[Switched] = []
+        self.first_frame = asyncio.get_running_loop().create_future()
+
+    def on_frame(self, event: FrameEvent) -> None:
+        try:
+            with self.lock:
+                if not self.active:
+                    return
+                index = self.frames
+                self.frames += 1
+                out = self.outbox
+                if index == 0:
+                    out.put_json(self.started.model_copy(update={"session": event.session_id}).encode())
+                    self.outbox.loop.call_soon_threadsafe(self._first_frame_done)
+                elif event.frame == 0 and self.pending_switches:  # the engine installed a new character
+                    for msg in self.pending_switches:
+                        out.put_json(msg.model_copy(update={"frame": index}).encode())
+                    self.label = self.pending_switches[-1].character
+                    self.pending_switches.clear()
+                time_s = round(index * FRAME_SECONDS, 2)
+                if event.text:
+                    out.put_json(Text(frame=index, time=time_s, text=event.text).encode())
+                change = self.speech.update(index, event.text, event.pcm)
+                if change is not None:
+                    state, at = change
+                    out.put_json(State(state=state, frame=at, time=round(at * FRAME_SECONDS, 2)).encode())
+                out.put_audio(self, index, event.pcm)
+        except Exception:  # never let a client's bookkeeping stop the engine
+            log.exception("frame listener failed")
+
+    def _first_frame_done(self) -> None:
+        if not self.first_frame.done():
+            self.first_frame.set_result(None)
+
+    def deactivate(self) -> None:
+        """No frame is queued after this returns (the engine may still step the slot once)."""
+        with self.lock:
+            self.active = False
+        if not self.first_frame.done():
+            self.first_frame.cancel()
+
+    @property
+    def dropped_input(self) -> int:
+        return self.session.input.dropped_frames if self.session is not None else 0
+
+
+# --- sessions and connections ---------------------------------------------------------------------
+
+
+class SessionManager:
+    """Maps connections onto the engine's slots: one reservation per session being opened or live,
+    at most `slots` of them, so a full server answers `server_busy` before building anything."""
+
+    def __init__(self, slots: int, max_connections: int):
+        self.slots, self.max_connections = slots, max_connections
+        self.connections: set[Connection] = set()
+        self.reserved = 0
+        self.started = self.refused_busy = 0
+        self.dropped_output = self.dropped_input = 0
+
+    def reserve(self) -> bool:
+        if self.reserved >= self.slots:
+            self.refused_busy += 1
+            return False
+        self.reserved += 1
+        return True
+
+    def release(self) -> None:
+        self.reserved = max(0, self.reserved - 1)
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.reserved
+
+
+class Connection:
+    """One websocket client: reads and validates its messages, owns at most one session at a time;
+    a sender task is the only writer to the socket."""
+
+    def __init__(self, server: NPCVoiceServer, ws: Any):
+        self.server, self.ws = server, ws
+        self.config = server.config
+        self.limits = server.config.limits
+        self.outbox = Outbox(asyncio.get_running_loop(), self.config.out_audio_frames, self.config.out_events)
+        self.link: SessionLink | None = None
+        self.last_rx = time.monotonic()
+        self.closed = False
+        self._close_with: tuple[int, str] | None = None
+        self._last_report = 0.0
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        sender = asyncio.create_task(self._send_loop())
+        watchdog = asyncio.create_task(self._watchdog())
+        self.outbox.put_json(Hello(server=f"npc-voice {_pkg_version}", max_audio_bytes=self.limits.max_audio_bytes,
+                                   max_text_bytes=self.limits.max_text_bytes,
+                                   idle_timeout_s=self.config.idle_timeout).encode())
+        try:
+            async for message in self.ws:
+                self.last_rx = time.monotonic()
+                try:
+                    if isinstance(message, str):
+                        await self._on_text(message)
+                    else:
+                        self._on_audio(message)
+                except ProtocolError as exc:
+                    self.send(exc.to_message())
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            self.end_session(None)  # a vanished client frees its slot at the engine's next tick
+            watchdog.cancel()
+            sender.cancel()
+            await asyncio.gather(watchdog, sender, return_exceptions=True)
+
+    def send(self, msg: Any) -> None:
+        self.outbox.put_json(msg.encode())
+
+    def close_after_flush(self, code: int, reason: str) -> None:
+        """Sends what is queued, then closes; a client that does not read is cut off after the grace time."""
+        if self._close_with is None:
+            self._close_with = (code, reason)
+            self.outbox.kick()
+            asyncio.get_running_loop().call_later(self.config.close_grace_s, self._abort)
+
+    def _abort(self) -> None:
+        if not self.closed:
+            transport = getattr(self.ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+    async def _send_loop(self) -> None:
+        ws = self.ws
+        while True:
+            item = self.outbox.pop()
+            if item is None:
+                if self._close_with is not None:
+                    await ws.close(*self._close_with)
+                    return
+                await self.outbox.wait()
+                continue
+            if item[0] == "json":
+                await ws.send(item[1])
+            else:
+                _, link, frame, pcm = item
+                await ws.send(encode_audio_frame(frame, link.framer(pcm)))
+                self._report_drops(link)
+
+    def _report_drops(self, link: SessionLink) -> None:
+        now = time.monotonic()
+        if now - self._last_report < self.config.dropped_report_s:
+            return
+        out, inp = link.dropped_output, link.dropped_input
+        if out != link.reported_output or inp != link.reported_input:
+            self._last_report = now
+            self.send(Dropped(output_frames=out - link.reported_output, input_frames=inp - link.reported_input,
+                              total_output_frames=out, total_input_frames=inp))
+            self.server.manager.dropped_output += out - link.reported_output
+            self.server.manager.dropped_input += inp - link.reported_input
+            link.reported_output, link.reported_input = out, inp
+
+    async def _watchdog(self) -> None:
+        timeout = self.config.idle_timeout
+        while True:
+            idle = time.monotonic() - self.last_rx
+            if idle >= timeout:
+                self.send(ErrorMsg(code=ErrorCode.IDLE_TIMEOUT.value, fatal=True,
+                                   message=f"nothing received for {timeout:g} s: closing (send audio, silence "
+                                   "included, while a session is live)"))
+                self.end_session("idle_timeout")
+                self.close_after_flush(1008, ErrorCode.IDLE_TIMEOUT.value)
+                return
+            await asyncio.sleep(min(1.0, max(0.05, timeout - idle)))
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def _on_audio(self, data: bytes) -> None:
+        if len(data) <= self.limits.max_audio_bytes and self.link is None:
+            raise ProtocolError(ErrorCode.NO_SESSION, "audio before start: send a start message first")
+        pcm16 = parse_client_audio(data, self.limits)  # message_too_large, bad_audio
+        link = self.link
+        samples = link.input(pcm16)
+        if samples.shape[0]:
+            link.session.push_audio(samples)
+
+    async def _on_text(self, data: str) -> None:
+        msg: ClientMessage = parse_client_text(data, self.limits)
+        if isinstance(msg, Start):
+            await self._start(msg)
+            return
+        if self.link is None:
+            raise ProtocolError(ErrorCode.NO_SESSION, f"{msg.type} without a session: send start first", ref=msg.ref)
+        if isinstance(msg, Switch):
+            await self._switch(msg)
+        elif isinstance(msg, Say):
+            self.server.engine.say(self.link.session, msg.text)
+        elif isinstance(msg, End):
+            self.end_session("client", ref=msg.ref)
+
+    async def _start(self, msg: Start) -> None:
+        server = self.server
+        if self.link is not None:
+            raise ProtocolError(ErrorCode.SESSION_ACTIVE, "this connection already has a session: end it first "
+                                "(one session per connection; open another connection for another NPC)", ref=msg.ref)
+        if server.closing:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", ref=msg.ref)
+        if server.loop_error is not None:
+            raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"the engine stopped: {server.loop_error}", ref=msg.ref)
+        if not server.manager.reserve():
+            raise ProtocolError(ErrorCode.SERVER_BUSY, f"all {server.manager.slots} conversation slots are in use: "
+                                "retry later", ref=msg.ref)
+        try:
+            persona, label = await server.run_blocking(resolve_character, server.store, msg.character, self.limits)
+            started = Started(session="", character=label, sample_rate=msg.sample_rate,
+                              frame_samples=frame_samples(msg.sample_rate), ref=msg.ref)
+            link = SessionLink(self.outbox, started, msg.sample_rate)
+            session = await server.open_session(persona, msg.seed, link.on_frame, msg.ref)
+        except BaseException:
+            server.manager.release()
+            raise
+        link.session = session
+        server.manager.started += 1
+        self.link = link
+        if self.closed:  # the client left while its character was being prepared
+            self.end_session(None)
+
+    async def _switch(self, msg: Switch) -> None:
+        link = self.link
+        try:  # `started` goes out first: afterwards a frame 0 means the switch was installed
+            await asyncio.shield(link.first_frame)
+        except asyncio.CancelledError:
+            if link.first_frame.cancelled():  # the session ended meanwhile
+                raise ProtocolError(ErrorCode.NO_SESSION, "switch: the session has ended", ref=msg.ref) from None
+            raise
+        persona, label = await self.server.run_blocking(resolve_character, self.server.store, msg.character,
+                                                        self.limits)
+        if self.link is not link:
+            return  # ended meanwhile
+        ack = Switched(character=label, frame=-1, ref=msg.ref)
+        with link.lock:
+            link.pending_switches.append(ack)
+        try:
+            await self.server.run_blocking(self.server.engine.switch, link.session, persona)
+        except BaseException:
+            with link.lock:
+                if ack in link.pending_switches:
+                    link.pending_switches.remove(ack)
+            raise
+
+    def end_session(self, reason: str | None, ref: Any = None) -> None:
+        """Ends the live session (if any); `reason` None: the client is gone, nothing is sent."""
+        link, self.link = self.link, None
+        if link is None:
+            if reason == "client":
+                raise ProtocolError(ErrorCode.NO_SESSION, "end without a session", ref=ref)
+            return
+        link.deactivate()
+        self.server.engine.close(link.session)
+        self.server.manager.release()
+        self.server.manager.dropped_output += link.dropped_output - link.reported_output
+        self.server.manager.dropped_input += link.dropped_input - link.reported_input
+        if reason is not None:
+            self.send(Ended(session=link.session.id, reason=reason, frames=link.frames,
+                            dropped_output_frames=link.dropped_output, dropped_input_frames=link.dropped_input,
+                            ref=ref))
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+def _json_response(connection: Any, status: int, body: dict[str, Any]) -> Any:
+    response = connection.respond(status, json.dumps(body) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class NPCVoiceServer:
+    """The websocket server around an `Engine`. Use `async with NPCVoiceServer(engine, config, store)`
+    (or `await start()` / `await stop()`); `port` is the bound port."""
+
+    def __init__(self, engine: Engine, config: ServerConfig | None = None, store: Any = None):
+        self.engine = engine
+        self.config = config or ServerConfig()
+        check_bind(self.config.host, self.config.token)
+        self.store = store
+        max_conn = self.config.max_connections or 4 * engine.slots + 4
+        self.manager = SessionManager(engine.slots, max_conn)
+        self.loop_runner: EngineLoop | None = None
+        self.closing = False
+        self.started_at = time.monotonic()
+        self._server: Any = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.build_workers, thread_name_prefix="npc-voice-build")
+        self.port: int | None = None
+
+    @property
+    def loop_error(self) -> BaseException | None:
+        return self.loop_runner.error if self.loop_runner is not None else None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> NPCVoiceServer:
+        from websockets.asyncio.server import serve
+
+        self.loop_runner = EngineLoop(self.engine).start()
+        cfg = self.config
+        self._server = await serve(
+            self._handle, cfg.host, cfg.port, process_request=self._process_request,
+            max_size=cfg.limits.max_message_bytes, max_queue=32, compression=None,
+            ping_interval=cfg.ping_interval, ping_timeout=cfg.ping_timeout, close_timeout=cfg.close_grace_s,
+            server_header=f"npc-voice/{_pkg_version}",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.started_at = time.monotonic()
+        return self
+
+    async def stop(self) -> None:
+        self.closing = True
+        for conn in list(self.manager.connections):
+            conn.send(ErrorMsg(code=ErrorCode.SHUTTING_DOWN.value, message="the server is shutting down", fatal=True))
+            conn.end_session("shutting_down")
+            conn.close_after_flush(1001, ErrorCode.SHUTTING_DOWN.value)
+        if self._server is not None:
+            self._server.close(close_connections=False)
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), self.config.close_grace_s + 1)
+            except asyncio.TimeoutError:
+                pass
+        if self.loop_runner is not None:
+            await asyncio.to_thread(self.loop_runner.stop)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> NPCVoiceServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    # --- helpers for connections ----------------------------------------------------------------
+
+    async def run_blocking(self, fn: Any, *args: Any) -> Any:
+        """Runs prompt building and file reading off the event loop (one build thread by default)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    async def open_session(self, persona: Persona, seed: int | None, listener: Any, ref: Any) -> Session:
+        deadline = time.monotonic() + self.config.open_retry_s
+        while True:
+            try:
+                return await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener))
+            except EngineFull:  # a slot closed this instant is free again after the engine's next tick
+                if time.monotonic() > deadline:
+                    raise ProtocolError(ErrorCode.SERVER_BUSY, "all conversation slots are in use: retry later",
+                                        ref=ref) from None
+                await asyncio.sleep(FRAME_SECONDS / 2)
+
+    # --- websockets hooks -----------------------------------------------------------------------
+
+    def _authorized(self, request: Any, query: dict[str, list[str]]) -> bool:
+        token = self.config.token
+        if not token:
+            return True
+        given = None
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        elif query.get("token"):
+            given = query["token"][0]
+        return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+    def _process_request(self, connection: Any, request: Any) -> Any:
+        url = urlsplit(request.path)
+        if url.path == HEALTH_PATH:
+            health = self.health()
+            return _json_response(connection, 200 if health["status"] == "ok" else 503, health)
+        if url.path != WS_PATH:
+            return _json_response(connection, http.HTTPStatus.NOT_FOUND, {
+                "type": "error", "code": ErrorCode.NOT_FOUND.value,
+                "message": f"no such path: the websocket endpoint is {WS_PATH}, the health check {HEALTH_PATH}"})
+        if not self._authorized(request, parse_qs(url.query)):
+            return _json_response(connection, http.HTTPStatus.UNAUTHORIZED, {
+                "type": "error", "code": ErrorCode.UNAUTHORIZED.value,
+                "message": "missing or wrong token: send the header 'Authorization: Bearer TOKEN' (or ?token=TOKEN)"})
+        if self.closing or len(self.manager.connections) >= self.manager.max_connections:
+            code = ErrorCode.SHUTTING_DOWN if self.closing else ErrorCode.SERVER_BUSY
+            return _json_response(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, {
+                "type": "error", "code": code.value, "message": "too many connections: retry later"
+                if code is ErrorCode.SERVER_BUSY else "the server is shutting down"})
+        return None
+
+    async def _handle(self, ws: Any) -> None:
+        conn = Connection(self, ws)
+        self.manager.connections.add(conn)
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            self.manager.connections.discard(conn)
+
+    def health(self) -> dict[str, Any]:
+        runner, model = self.loop_runner, self.engine.model
+        error = self.loop_error
+        return {
+            "status": "error" if error is not None else ("stopping" if self.closing else "ok"),
+            "error": None if error is None else repr(error),
+            "protocol": PROTOCOL_VERSION,
+            "server": f"npc-voice {_pkg_version}",
+            "model": model.config.name,
+            "weights": "random" if model.random_weights else model.source,
+            "device": str(model.device),
+            "dtype": str(model.lm.text_linear.weight.dtype).removeprefix("torch."),
+            "slots": {"total": self.manager.slots, "used": self.manager.reserved, "free": self.manager.free},
+            "engine_sessions": len(self.engine.sessions),
+            "connections": len(self.manager.connections),
+            "tick_ms": {"p50": round(runner.percentile(0.5), 2) if runner else 0.0,
+                        "p99": round(runner.percentile(0.99), 2) if runner else 0.0},
+            "ticks": self.engine.ticks,
+            "overruns": runner.overruns if runner else 0,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "totals": {"sessions": self.manager.started, "refused_busy": self.manager.refused_busy,
+                       "dropped_output_frames": self.manager.dropped_output,
+                       "dropped_input_frames": self.manager.dropped_input},
+        }
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_serve_command(sub: Any) -> None:
+    """Registers `npc-voice serve` (called from npc_voice.cli)."""
+    from .cli import _add_model_args
+
+    p = sub.add_parser("serve", help="websocket server for game engines (docs/protocol.md)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
+    p.add_argument("--slots", type=int, default=8, help="concurrent conversations (default 8)")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                   help=f"shared secret clients must send (default: ${TOKEN_ENV}); required off loopback")
+    p.add_argument("--characters", help="characters folder (default: $NPC_VOICE_CHARACTERS, ./characters, the shipped cast)")
+    p.add_argument("--voices", help="preset voices folder (NAME.pt; default: $NPC_VOICE_VOICES or voices/ beside "
+                   "the characters folder)")
+    p.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without client messages before closing")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--prefix-cache", help="folder caching built character prompts across restarts")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .cli import _load
+    from .engine import PrefixCache
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        check_bind(args.host, args.token)
+        store = open_store(args.characters, args.voices)
+    except ValueError as exc:
+        print(f"npc-voice serve: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.weights:
+        print("npc-voice serve: no --weights: serving the tiny built-in model with RANDOM weights (its NPCs babble)",
+              file=sys.stderr)
+    model = _load(args)
+    cache = None
+    if args.prefix_cache:
+        from .model.generator import Generator
+
+        cache = PrefixCache(model, Generator(model.lm), directory=args.prefix_cache)
+    engine = Engine(model, slots=args.slots, cache=cache)
+    config = ServerConfig(host=args.host, port=args.port, token=args.token, idle_timeout=args.idle_timeout)
+
+    async def main() -> None:
+        async with NPCVoiceServer(engine, config, store) as server:
+            where = f"ws://{args.host}:{server.port}{WS_PATH}"
+            print(f"npc-voice serve: {where} ({engine.slots} slots, model {model.config.name} on {model.device}, "
+                  f"characters: {getattr(store, 'root', 'none')}, token: {'yes' if args.token else 'no'}); "
+                  f"health: http://{args.host}:{server.port}{HEALTH_PATH}", file=sys.stderr, flush=True)
+            await server.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
