@@ -42,11 +42,11 @@ class VoiceRecipe:
 
 VOICES = {
     # a calm older man in a small study
-    "teacher": VoiceRecipe("en-gb-x-rp+Andy", 42, 150, ("bass", "+3", "reverb", "15", "50", "30")),
+    "teacher": VoiceRecipe("en-gb-x-rp+Andy", 55, 150, ("bass", "+3", "reverb", "15", "50", "30")),
     # a brisk woman on a phone line
     "bank-agent": VoiceRecipe("en-us+Alicia", 58, 170, ("sinc", "300-3400", "compand", "0.02,0.2", "-60,-40,-10", "-5")),
     # a bright, friendly receptionist (higher, quicker, slightly pitched up)
-    "receptionist": VoiceRecipe("en-gb+f4", 68, 175, ("pitch", "120", "treble", "+3")),
+    "receptionist": VoiceRecipe("en+f5", 62, 175, ("highpass", "120", "treble", "+4")),
     # a tense man on a crackly radio, fast
     "astronaut": VoiceRecipe("en-us+m3", 38, 195, ("sinc", "450-2800", "overdrive", "8", "tremolo", "30", "15")),
     # a warm woman in a wooden tavern room
