@@ -9,6 +9,7 @@ import sys
 import torch
 
 from .characters.cli import add_parser as add_characters_parser, add_talk_args
+from .server import add_serve_command
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_talk_args(talk)  # --character ID, --characters DIR, --voices DIR
     talk.set_defaults(func=cmd_talk)
     add_characters_parser(sub)  # npc-voice characters list|show|create|validate|delete
+    add_serve_command(sub)  # npc-voice serve (websocket server for game engines)
     return parser
 
 
