@@ -20,6 +20,9 @@ _enabled = False
 def enable(on: bool = True) -> None:
     global _enabled
     _enabled = on
+    if on:  # one specialisation per shape: batch sizes, the LM's and Mimi's transformers, ...
+        torch._dynamo.config.recompile_limit = 512
+        torch._dynamo.config.accumulated_recompile_limit = 4096
 
 
 def fusable(fn: F_) -> F_:

@@ -69,13 +69,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(source: str | Path | None = None, *, preset: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               seed: int = 0, int8: bool = False, context: int | None = None) -> LoadedModel:
+               seed: int = 0, int8: bool = False, context: int | None = None,
+               mimi_dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Loads a model.
 
     source: a weights directory, a Hugging Face repo id (needs `huggingface_hub` and the network),
     or None for random weights at `preset` (default "tiny"). preset: the configuration a weights
     directory's `config.json` overrides (default "personaplex-7b"). The LM is cast to `dtype`
-    (default bf16 on GPU, fp32 on CPU); Mimi stays in fp32.
+    (default bf16 on GPU, fp32 on CPU); Mimi runs in `mimi_dtype` (fp32 like the reference; bf16
+    is faster on a GPU). `int8`: int8 weight-only LM. `context`: frames a conversation remembers.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -83,7 +85,7 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
         config = get_preset(preset or "tiny")
         if context is not None:
             config = replace(config, lm=replace(config.lm, context=context))
-        return random_model(config, device=device, dtype=dtype, seed=seed, int8=int8)
+        return random_model(config, device=device, dtype=dtype, seed=seed, int8=int8, mimi_dtype=mimi_dtype)
     path = Path(source)
     if not path.exists():
         if not _REPO_ID.match(str(source)):
@@ -92,7 +94,7 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory of weights")
     return load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype, int8=int8,
-                          context=context)
+                          context=context, mimi_dtype=mimi_dtype)
 
 
 def download(repo_id: str) -> Path:
@@ -134,7 +136,8 @@ def read_configs(directory: Path, base: ModelConfig) -> tuple[ModelConfig, dict[
 
 
 def load_directory(directory: Path, *, preset: str = "personaplex-7b", device: torch.device,
-                   dtype: torch.dtype, int8: bool = False, context: int | None = None) -> LoadedModel:
+                   dtype: torch.dtype, int8: bool = False, context: int | None = None,
+                   mimi_dtype: torch.dtype = torch.float32) -> LoadedModel:
     config, raw = read_configs(directory, get_preset(preset))
     if context is not None:
         config = replace(config, lm=replace(config.lm, context=context))
@@ -152,7 +155,7 @@ def load_directory(directory: Path, *, preset: str = "personaplex-7b", device: t
     load_weights(lm, lm_file, device=torch.device("cpu") if int8 else device, dtype=dtype)
     if int8:
         lm = quantize_int8_(lm).to(device)
-    load_weights(mimi, mimi_file, device=device, dtype=torch.float32)
+    load_weights(mimi, mimi_file, device=device, dtype=mimi_dtype)
     tokenizer = TextTokenizer(tokenizer_file)
     if tokenizer.vocab_size > config.lm.text_card:
         raise CheckpointError(f"{tokenizer_file}: {tokenizer.vocab_size} pieces but the LM's text_card is {config.lm.text_card}")
@@ -202,7 +205,8 @@ def _inside(directory: Path, name: str) -> Path:
 
 # --- random weights ---------------------------------------------------------------------------
 def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0, int8: bool = False) -> LoadedModel:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, int8: bool = False,
+                 mimi_dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A model with random weights: the built-in `tiny` model, or any preset for benchmarks (the
     cost of a step does not depend on the weights' values). The LM is built part by part on the
     device (and quantized part by part with `int8`), so no more than one layer is ever held in a
@@ -224,7 +228,7 @@ def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | s
     with torch.device(device):
         mimi = Mimi(config.mimi)
     randomize(mimi, seed + 10_000)
-    return LoadedModel(config, lm.eval(), mimi.eval(), tokenizer, "random")
+    return LoadedModel(config, lm.eval(), mimi.to(mimi_dtype).eval(), tokenizer, "random")
 
 
 def _parts(lm: PersonaPlexLM) -> list[nn.Module]:

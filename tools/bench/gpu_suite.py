@@ -65,6 +65,10 @@ def stage_ticks(batches=(1, 8, 16, 32)) -> None:
     for b in (1, 32):  # a conversation's first minute: the attention reads the rows filled so far
         emit(what="tick_early", **bench_tick(model, b, frames=100, warmup=10, context_fill=600).as_dict())
         free()
+    model.mimi.to(torch.bfloat16)  # Mimi in bf16 (the reference runs it in fp32)
+    for b in (1, 32):
+        emit(what="tick_mimi_bf16", **bench_tick(model, b, frames=100, warmup=10).as_dict())
+        free()
     del model
     free()
 
