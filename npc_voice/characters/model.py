@@ -32,10 +32,10 @@ if TYPE_CHECKING:
 
 # --- limits -----------------------------------------------------------------------------------
 
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
-TAG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-LINE_KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-PRESET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # NATF0-3, NATM0-3, VARF0-4, VARM0-4, ...
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}\Z")
+TAG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+LINE_KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+PRESET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # NATF0-3, NATM0-3, VARF0-4, VARM0-4, ...
 VOICE_FILE = "voice.wav"  # the one file name a character's sample may have
 CHARACTER_FILE = "character.toml"
 KNOWN_PRESETS = tuple(f"{kind}{sex}{i}" for kind, n in (("NAT", 4), ("VAR", 5)) for sex in "FM" for i in range(n))
@@ -315,8 +315,7 @@ class Character(BaseModel):
         out["voice"] = self.voice
         if self.tags:
             out["tags"] = list(self.tags)
-        role = self.role.strip("\n")
-        out["role"] = role + "\n" if "\n" in role else role
+        out["role"] = self.role  # exactly: multi-line text is written as a """...""" string
         sampling = self.sampling.model_dump(exclude_none=True)
         if sampling:
             out["sampling"] = sampling
