@@ -110,7 +110,7 @@ def test_unsafe_ids_are_refused(bad: str, store: CharacterStore) -> None:
     with pytest.raises(CharacterError) as exc:
         make(id=bad)
     assert "is not a safe id" in errors_of(exc) and "lowercase letters" in errors_of(exc)
-    with pytest.raises(CharacterError, match="is not a character id"):
+    with pytest.raises(CharacterError, match="is not a safe id: ids are 1-48 lowercase.*paths are not accepted"):
         store.folder(bad)
     with pytest.raises(CharacterError):
         store.load(bad)

@@ -122,6 +122,10 @@ def _read_text_arg(value: str | None, file: str | None) -> str | None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     store = open_store(args, create=True, tokenizer=_tokenizer(args))
+    store.folder(args.id)  # refuses an unsafe id before anything else
+    if not args.force and args.id in store:
+        raise CharacterError(f"character {args.id!r} already exists in {store.root}: choose another id, or add "
+                             "--force to update it (what you leave out is kept)")
     data: dict[str, Any] = {}
     if args.from_toml:
         data = Character.from_toml(Path(args.from_toml).read_text(encoding="utf-8"), id=args.id).model_dump()

@@ -131,7 +131,7 @@ class CharacterStore:
     def folder(self, id: str) -> Path:
         """The folder of character `id`; refuses anything that is not a slug or leaves the root."""
         if not isinstance(id, str) or not ID_PATTERN.match(id):
-            raise CharacterError(f"{id!r} is not a character id: ids are {ID_RULE} (for example "
+            raise CharacterError(f"{id!r} is not a safe id: ids are {ID_RULE} (for example "
                                  f"{slugify(str(id))!r}); paths are not accepted")
         path = self.root / id
         self._inside(path)
