@@ -70,7 +70,9 @@ class ServerConfig:
     token: str | None = None  # required whenever host is not a loopback address
     idle_timeout: float = 30.0  # seconds without any message from the client
     max_connections: int | None = None  # default: 4 per slot + 4
-    out_audio_frames: int = 25  # per-connection queue of NPC audio (2 s): the oldest is dropped beyond
+    out_audio_frames: int = 12  # per-connection queue of NPC audio (about 1 s): the oldest is dropped beyond
+    send_buffer_bytes: int | None = 32 << 10  # SO_SNDBUF of each connection: bounds what the kernel holds for a
+    write_limit: int = 16 << 10  # slow reader (else it autotunes to MBs: seconds of lag before any drop)
     out_events: int = 512  # per-connection queue of JSON messages
     dropped_report_s: float = 1.0  # at most one `dropped` message per interval
     open_retry_s: float = 0.5  # a slot freed this instant is reused after the engine's next tick
@@ -541,17 +543,22 @@ class Connection:
 
     async def _on_text(self, data: str) -> None:
         msg: ClientMessage = parse_client_text(data, self.limits)
-        if isinstance(msg, Start):
-            await self._start(msg)
-            return
-        if self.link is None:
-            raise ProtocolError(ErrorCode.NO_SESSION, f"{msg.type} without a session: send start first", ref=msg.ref)
-        if isinstance(msg, Switch):
-            await self._switch(msg)
-        elif isinstance(msg, Say):
-            self.server.engine.say(self.link.session, msg.text)
-        elif isinstance(msg, End):
-            self.end_session("client", ref=msg.ref)
+        try:
+            if isinstance(msg, Start):
+                await self._start(msg)
+                return
+            if self.link is None:
+                raise ProtocolError(ErrorCode.NO_SESSION, f"{msg.type} without a session: send start first")
+            if isinstance(msg, Switch):
+                await self._switch(msg)
+            elif isinstance(msg, Say):
+                self.server.engine.say(self.link.session, msg.text)
+            elif isinstance(msg, End):
+                self.end_session("client", ref=msg.ref)
+        except ProtocolError as exc:
+            if exc.ref is None:
+                exc.ref = msg.ref  # every reply to a request carries its ref
+            raise
 
     async def _start(self, msg: Start) -> None:
         server = self.server
@@ -663,7 +670,7 @@ class NPCVoiceServer:
         cfg = self.config
         self._server = await serve(
             self._handle, cfg.host, cfg.port, process_request=self._process_request,
-            max_size=cfg.limits.max_message_bytes, max_queue=32, compression=None,
+            max_size=cfg.limits.max_message_bytes, max_queue=32, compression=None, write_limit=cfg.write_limit,
             ping_interval=cfg.ping_interval, ping_timeout=cfg.ping_timeout, close_timeout=cfg.close_grace_s,
             server_header=f"npc-voice/{_pkg_version}",
         )
@@ -748,6 +755,11 @@ class NPCVoiceServer:
         return None
 
     async def _handle(self, ws: Any) -> None:
+        sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+        if sock is not None and self.config.send_buffer_bytes:
+            import socket
+
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
         conn = Connection(self, ws)
         self.manager.connections.add(conn)
         try:

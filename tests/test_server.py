@@ -1,0 +1,705 @@
+"""The websocket server: the protocol without sockets, then the real server on 127.0.0.1 with real
+websocket clients on the `tiny` model (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from npc_voice.client import AudioFrame, NPCVoiceClient, NPCVoiceError, inline_character
+from npc_voice.engine import Engine, PrefixCache
+from npc_voice.model.generator import Generator
+from npc_voice.model.loading import LoadedModel, random_model
+from npc_voice.protocol import (
+    AUDIO_HEADER, DEFAULT_LIMITS, Dropped, Ended, ErrorCode, ErrorMsg, InlineCharacter, Limits, ProtocolError, Say,
+    SpeechState, Start, State, Started, Switched, Text, decode_audio_frame, encode_audio_frame, frame_samples,
+    parse_client_audio, parse_client_text, parse_server_text,
+)
+from npc_voice.server import (
+    BackgroundServer, InputConverter, Outbox, OutputFramer, ServerConfig, check_bind, resolve_character,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CAST = REPO / "characters"
+RATE = 24_000
+
+
+def tone(seconds: float, freq: float, rate: int = RATE, amp: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+def run(coro, timeout: float = 90.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# --- the protocol, without sockets ---------------------------------------------------------------
+
+
+def code_of(data, limits: Limits = DEFAULT_LIMITS) -> str:
+    with pytest.raises(ProtocolError) as info:
+        if isinstance(data, bytes):
+            parse_client_audio(data, limits)
+        else:
+            parse_client_text(data, limits)
+    return info.value.code.value
+
+
+def test_parse_client_messages() -> None:
+    msg = parse_client_text('{"type": "start", "character": "innkeeper", "sample_rate": 16000, "ref": 7}')
+    assert isinstance(msg, Start) and msg.character == "innkeeper" and msg.sample_rate == 16000 and msg.ref == 7
+    inline = parse_client_text(json.dumps({"type": "start", "character": {"role": "A guard.", "voice": {"preset": "NATF2"}}}))
+    assert isinstance(inline.character, InlineCharacter) and inline.character.voice.preset == "NATF2"
+    assert isinstance(parse_client_text('{"type": "say", "text": "Halt!"}'), Say)
+
+    assert code_of("{not json") == "bad_json"
+    assert code_of("[1, 2]") == "bad_json"
+    assert code_of('{"type": "dance"}') == "unknown_type"
+    assert code_of('{"character": "x"}') == "invalid_message"
+    assert code_of('{"type": "start"}') == "invalid_message"
+    assert code_of('{"type": "start", "character": "x", "colour": "red"}') == "invalid_message"
+    assert code_of('{"type": "start", "character": "x", "sample_rate": 44100}') == "invalid_message"
+    assert code_of('{"type": "start", "character": "x", "protocol": 2}') == "unsupported_version"
+    assert code_of('{"type": "start", "character": {"role": "r", "voice": {}}}') == "invalid_message"
+    assert code_of('{"type": "say", "text": ""}') == "invalid_message"
+    assert code_of(json.dumps({"type": "say", "text": "a" * 1001})) == "invalid_message"
+    assert code_of(json.dumps({"type": "start", "character": "x" * 65})) == "unknown_character"
+    small = Limits(max_message_bytes=4096, max_text_bytes=1000, max_audio_bytes=2000, max_voice_bytes=100)
+    assert code_of(json.dumps({"type": "say", "text": "a" * 990}), small) == "message_too_large"
+    big_voice = {"type": "start", "character": {"role": "r", "voice": {"wav_base64": "A" * 400}}}
+    assert code_of(json.dumps(big_voice), small) == "voice_too_large"
+    # errors keep the request's ref, so a client can match them
+    with pytest.raises(ProtocolError) as info:
+        parse_client_text('{"type": "start", "character": "x", "protocol": 9, "ref": "r1"}')
+    assert info.value.ref == "r1"
+
+
+def test_audio_messages() -> None:
+    pcm = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
+    assert np.array_equal(parse_client_audio(pcm.tobytes()), pcm)
+    assert code_of(b"\x00\x01\x02") == "bad_audio"
+    assert code_of(b"\x00" * (DEFAULT_LIMITS.max_audio_bytes + 2)) == "message_too_large"
+    data = encode_audio_frame(123456, pcm)
+    assert len(data) == AUDIO_HEADER.size + 2 * pcm.size and data[:4] == (123456).to_bytes(4, "little")
+    frame, back = decode_audio_frame(data)
+    assert frame == 123456 and np.array_equal(back, pcm)
+    assert [frame_samples(r) for r in (16_000, 24_000, 48_000)] == [1280, 1920, 3840]
+
+
+def test_server_messages_round_trip() -> None:
+    for msg in (Started(session="s1", character="innkeeper", sample_rate=16000, frame_samples=1280, ref=3),
+                Text(frame=12, time=0.96, text=" hello"), State(state="speaking", frame=4, time=0.32),
+                Switched(character="blacksmith", frame=40), ErrorMsg(code="bad_json", message="x"),
+                Dropped(output_frames=3, input_frames=0, total_output_frames=5, total_input_frames=0),
+                Ended(session="s1", reason="client", frames=10, dropped_output_frames=0, dropped_input_frames=0)):
+        text = msg.encode()
+        assert json.loads(text)["type"] == msg.TYPE
+        assert parse_server_text(text) == msg
+
+
+def test_speech_state_rule() -> None:
+    state = SpeechState(threshold_dbfs=-40.0, hangover=3)
+    quiet, loud = np.zeros(1920, np.float32), np.full(1920, 0.05, np.float32)
+    changes = [state.update(i, text, pcm) for i, (text, pcm) in enumerate([
+        ("", quiet), ("", quiet), (" hi", quiet), ("", loud), ("", quiet), ("", quiet), ("", quiet), ("", quiet),
+        ("", loud)])]
+    assert changes == [None, None, ("speaking", 2), None, None, None, ("listening", 4), None, ("speaking", 8)]
+
+
+def test_outbox_is_bounded_and_drops_oldest_audio() -> None:
+    async def main() -> None:
+        class Link:
+            dropped_output = 0
+
+        box, link = Outbox(asyncio.get_running_loop(), max_audio=5, max_json=4), Link()
+        box.put_json("started")
+        for i in range(12):
+            box.put_audio(link, i, np.zeros(4, np.float32))
+        for i in range(6):
+            box.put_json(f"text {i}")
+        assert link.dropped_output == 7 and box.dropped_audio == 7 and box.dropped_json == 3
+        assert box.audio_frames == 5 and len(box) == 9
+        items = [box.pop() for _ in range(len(box))]
+        assert [it[2] for it in items if it[0] == "audio"] == [7, 8, 9, 10, 11]  # the newest audio is kept
+        assert [it[1] for it in items if it[0] == "json"] == ["text 2", "text 3", "text 4", "text 5"]
+        assert box.pop() is None
+
+    run(main())
+
+
+@pytest.mark.parametrize("rate", [16_000, 48_000])
+def test_rate_conversion_keeps_exact_frames(rate: int) -> None:
+    framer = OutputFramer(rate)
+    frames = [framer(tone(0.08, 440, RATE)[:1920]) for _ in range(50)]
+    assert all(f.shape == (frame_samples(rate),) and f.dtype == np.int16 for f in frames)
+    assert framer.underruns == 0
+    out = np.concatenate(frames[5:]).astype(np.float32) / 32768
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * rate / out.size - 440) < 10  # still a 440 Hz tone
+    conv = InputConverter(rate)
+    total = sum(conv((tone(0.037, 300, rate) * 32767).astype(np.int16)).shape[0] for _ in range(100))
+    assert abs(total - 100 * int(0.037 * rate) * RATE / rate) < 2000  # what went in, minus the filter delay
+
+
+def test_public_bind_needs_a_token() -> None:
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+    for host in ("0.0.0.0", "192.0.2.7", "::", "game-server.local"):
+        with pytest.raises(ValueError, match="token"):
+            check_bind(host, None)
+        with pytest.raises(ValueError, match="at least 16"):
+            check_bind(host, "short")
+        check_bind(host, "a-long-enough-shared-secret")
+    # the command refuses before it loads anything
+    proc = subprocess.run([sys.executable, "-m", "npc_voice.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=os.environ | {"NPC_VOICE_TOKEN": ""})
+    assert proc.returncode == 2 and "without a token" in proc.stderr
+
+
+def test_character_ids_never_reach_the_file_system(tmp_path: Path) -> None:
+    from npc_voice.characters import CharacterStore
+
+    store = CharacterStore(CAST)
+    (tmp_path / "secret").mkdir()
+    for bad in ("../secret", "/etc/passwd", "innkeeper/../../x", "..", "INNKEEPER", "a" * 64, "inn keeper", "nobody"):
+        with pytest.raises(ProtocolError) as info:
+            resolve_character(store, bad, DEFAULT_LIMITS)
+        assert info.value.code is ErrorCode.UNKNOWN_CHARACTER, bad
+    with pytest.raises(ProtocolError) as info:
+        resolve_character(None, "innkeeper", DEFAULT_LIMITS)
+    assert info.value.code is ErrorCode.UNKNOWN_CHARACTER
+    persona, label = resolve_character(store, "innkeeper", DEFAULT_LIMITS)
+    assert label == "innkeeper" and persona.voice_path.endswith("innkeeper/voice.wav")
+
+    def inline(**voice) -> InlineCharacter:
+        return InlineCharacter(role="You guard the gate.", voice=voice, name="Guard")
+
+    from npc_voice.audio import wav_bytes
+
+    persona, label = resolve_character(None, inline(wav_base64=base64.b64encode(wav_bytes(tone(2.5, 200))).decode()),
+                                       DEFAULT_LIMITS)
+    assert label == "Guard" and len(persona.voice_samples) == int(2.5 * RATE)
+    cases = [(inline(wav_base64=base64.b64encode(b"RIFF nonsense").decode()), "invalid_character"),
+             (inline(wav_base64="%%%"), "invalid_character"),
+             (inline(wav_base64=base64.b64encode(wav_bytes(tone(0.5, 200))).decode()), "invalid_character"),
+             (inline(wav_base64=base64.b64encode(wav_bytes(tone(25.0, 200))).decode()), "voice_too_large"),
+             (inline(preset="../../etc/passwd"), "invalid_character"),  # the schema refuses the name
+             (inline(preset="NATF2"), "unknown_voice")]  # no preset folder here
+    for spec, code in cases:
+        with pytest.raises(ProtocolError) as info:
+            resolve_character(CharacterStore(CAST, presets_dir=tmp_path), spec, DEFAULT_LIMITS)
+        assert info.value.code.value == code, (spec, info.value.message)
+
+
+# --- the real server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    torch.set_num_threads(1)  # 2-core machine: the engine thread on one core, the clients on the other
+    return random_model("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(model: LoadedModel) -> PrefixCache:
+    return PrefixCache(model, Generator(model.lm))  # shared by every engine here: each character built once
+
+
+@pytest.fixture(scope="module")
+def store():
+    from npc_voice.characters import CharacterStore
+
+    return CharacterStore(CAST)
+
+
+def make_server(model, cache, store, slots: int = 2, **config) -> BackgroundServer:
+    return BackgroundServer(Engine(model, slots=slots, cache=cache), ServerConfig(port=0, **config), store).start()
+
+
+@pytest.fixture(scope="module")
+def server(model, cache, store):
+    bg = make_server(model, cache, store, slots=2, idle_timeout=20.0)
+    yield bg
+    bg.stop()
+
+
+def health(bg: BackgroundServer) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{bg.server.port}/health", timeout=5) as r:
+        assert r.headers["Content-Type"] == "application/json"
+        return json.load(r)
+
+
+def wait_idle(bg: BackgroundServer, timeout: float = 5.0) -> None:
+    """Until no session is left from a previous test (closes apply at the engine's next tick)."""
+    deadline = time.monotonic() + timeout
+    while bg.server.manager.reserved or bg.server.engine.sessions:
+        assert time.monotonic() < deadline, "sessions left over"
+        time.sleep(0.02)
+
+
+class Witness:
+    """A well-behaved client streaming real-time audio on its own connection: what bad clients do
+    elsewhere must not touch it (no error, no gap, real-time frames)."""
+
+    def __init__(self, url: str, character="innkeeper"):
+        self.url, self.character = url, character
+        self.frames: list[tuple[float, int]] = []
+        self.other: list = []
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with NPCVoiceClient(self.url) as client:
+            session = await client.start(self.character)
+            self.ready.set()
+
+            async def feed() -> None:
+                t0, i = time.monotonic(), 0
+                while not stop.is_set():
+                    await session.send_audio(np.zeros(1920, np.int16))
+                    i += 1
+                    await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
+
+            feeder = asyncio.create_task(feed())
+            async for event in session.events():
+                if isinstance(event, AudioFrame):
+                    self.frames.append((time.monotonic(), event.frame))
+                elif not isinstance(event, (Text, State)):
+                    self.other.append(event)
+                if stop.is_set():
+                    break
+            feeder.cancel()
+            await session.end()
+
+    def check(self, since: float) -> None:
+        indexes = [f for _, f in self.frames]
+        assert indexes == list(range(len(indexes))), "the witness lost frames"
+        assert not [e for e in self.other if isinstance(e, (ErrorMsg, Dropped))], self.other
+        recent = [t for t, _ in self.frames if t >= since]
+        span = self.frames[-1][0] - since
+        assert len(recent) >= 0.85 * span / 0.08 - 2, (len(recent), span)
+
+
+def collect_until(predicate, events: list):
+    async def inner(session):
+        async for event in session.events():
+            events.append(event)
+            if predicate(event):
+                return event
+    return inner
+
+
+def test_conversation_say_and_switch(server: BackgroundServer) -> None:
+    wait_idle(server)
+
+    async def main() -> None:
+        async with NPCVoiceClient(server.url) as client:
+            assert client.hello.protocol == 1 and 24_000 in client.hello.sample_rates
+            session = await client.start("innkeeper", seed=5)
+            assert session.id and session.character == "innkeeper"
+            assert session.sample_rate == 24_000 and session.frame_samples == 1920
+            events: list = []
+            await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= 5, events)(session)
+            await session.say("Welcome to the Gilded Stag!")
+            await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= 5 + 3 * 14, events)(session)
+            switched = await session.switch("blacksmith")
+            assert switched.character == "blacksmith" and switched.frame > 5
+            await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= switched.frame + 5, events)(session)
+            ended = await session.end()
+            assert ended.reason == "client" and ended.frames >= switched.frame + 6 and ended.dropped_output_frames == 0
+
+            audio = [e for e in events if isinstance(e, AudioFrame)]
+            assert [a.frame for a in audio] == list(range(len(audio)))  # one counter across the switch
+            assert all(a.pcm.shape == (1920,) and a.pcm.dtype == np.int16 for a in audio)
+            texts = [e for e in events if isinstance(e, Text)]
+            assert all(abs(t.time - 0.08 * t.frame) < 1e-6 for t in texts)
+            spoken = "".join(t.text for t in texts)
+            assert "Welcome to the Gilded Stag!" in spoken, spoken
+            assert any(isinstance(e, Switched) and e.frame == switched.frame for e in events)
+            assert any(isinstance(e, State) and e.state == "speaking" for e in events)
+
+    run(main())
+    assert health(server)["totals"]["sessions"] >= 1
+
+
+@pytest.mark.parametrize("rate", [16_000, 48_000])
+def test_client_rates(server: BackgroundServer, rate: int) -> None:
+    wait_idle(server)
+    character = inline_character("You sell apples at the market.", tone(2.2, 230), name="Apple seller")
+
+    async def main() -> None:
+        async with NPCVoiceClient(server.url) as client:
+            session = await client.start(character, sample_rate=rate)
+            assert session.frame_samples == frame_samples(rate)
+            chunk = (tone(0.031, 300, rate) * 32767).astype(np.int16)  # odd-sized chunks: the server re-frames
+            frames = []
+            while len(frames) < 15:
+                await session.send_audio(chunk)
+                event = await session.next_event(timeout=5)
+                if isinstance(event, AudioFrame):
+                    frames.append(event)
+                assert not isinstance(event, (ErrorMsg, Dropped)), event
+            assert all(f.pcm.shape == (frame_samples(rate),) for f in frames)
+            ended = await session.end()
+            assert ended.dropped_input_frames == 0
+
+    run(main())
+
+
+async def recv_json(ws, timeout: float = 10.0) -> dict:
+    """The next JSON message (audio frames skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+        if isinstance(data, str):
+            return json.loads(data)
+
+
+async def expect(ws, kind: str, code: str | None = None, **fields) -> dict:
+    while True:
+        msg = await recv_json(ws)
+        if msg["type"] in ("text", "state", "dropped"):
+            continue
+        assert msg["type"] == kind, msg
+        if code is not None:
+            assert msg["code"] == code, msg
+        for key, value in fields.items():
+            assert msg[key] == value, msg
+        return msg
+
+
+def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundServer) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    wait_idle(server)
+    limits = server.server.config.limits
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        witness = Witness(server.url)
+        task = asyncio.create_task(witness.run(stop))
+        await asyncio.wait_for(witness.ready.wait(), 30)
+        await asyncio.sleep(0.3)
+        since = time.monotonic()
+        async with connect(server.url, compression=None) as ws:
+            await expect(ws, "hello", protocol=1)
+            await ws.send("{this is not json")
+            await expect(ws, "error", "bad_json", fatal=False)
+            await ws.send('{"type": "fly", "ref": 1}')
+            await expect(ws, "error", "unknown_type", ref=1)
+            await ws.send('{"type": "start", "character": 42}')
+            await expect(ws, "error", "invalid_message")
+            await ws.send(np.zeros(1920, np.int16).tobytes())
+            await expect(ws, "error", "no_session")
+            await ws.send('{"type": "say", "text": "hello"}')
+            await expect(ws, "error", "no_session")
+            await ws.send('{"type": "start", "character": "nobody-here", "ref": "a"}')
+            await expect(ws, "error", "unknown_character", ref="a")
+            await ws.send('{"type": "start", "character": "../../etc/passwd"}')
+            await expect(ws, "error", "unknown_character")
+            await ws.send('{"type": "start", "character": "innkeeper", "protocol": 3}')
+            await expect(ws, "error", "unsupported_version")
+            # still usable: a real session on the same connection
+            await ws.send('{"type": "start", "character": "innkeeper", "ref": "go"}')
+            started = await expect(ws, "started", ref="go")
+            await ws.send('{"type": "start", "character": "innkeeper"}')
+            await expect(ws, "error", "session_active")
+            await ws.send(b"\x01\x02\x03")
+            await expect(ws, "error", "bad_audio")
+            await ws.send(b"\x00" * (limits.max_audio_bytes + 2))
+            await expect(ws, "error", "message_too_large")
+            await ws.send(json.dumps({"type": "say", "text": "x" * (limits.max_say_chars + 1)}))
+            await expect(ws, "error", "invalid_message")
+            for _ in range(3):  # the session goes on after every refusal
+                frame, pcm = decode_audio_frame(await asyncio.wait_for(
+                    _next_binary(ws), 5))
+                assert pcm.size == 1920
+            await ws.send('{"type": "end"}')
+            ended = await expect(ws, "ended", session=started["session"], reason="client")
+            assert ended["frames"] >= 3
+        # over the transport limit: the websocket layer closes with 1009 (message too big)
+        async with connect(server.url, compression=None, max_size=None) as ws:
+            await expect(ws, "hello")
+            with pytest.raises(ConnectionClosedError) as info:
+                await ws.send(b"\x00" * (limits.max_message_bytes + 2))
+                await recv_json(ws)
+            assert info.value.rcvd.code == 1009
+        await asyncio.sleep(0.5)
+        stop.set()
+        await task
+        witness.check(since)
+
+    run(main())
+
+
+async def _next_binary(ws) -> bytes:
+    while True:
+        data = await ws.recv()
+        if isinstance(data, bytes):
+            return data
+
+
+def test_full_server_says_busy(server: BackgroundServer) -> None:
+    wait_idle(server)
+
+    async def main() -> None:
+        async with NPCVoiceClient(server.url) as a, NPCVoiceClient(server.url) as b, \
+                NPCVoiceClient(server.url) as c:
+            sa = await a.start("innkeeper")
+            await b.start("innkeeper")
+            assert health(server)["slots"] == {"total": 2, "used": 2, "free": 0}
+            with pytest.raises(NPCVoiceError) as info:
+                await c.start("innkeeper")
+            assert info.value.code == "server_busy"
+            await sa.end()  # a slot frees: the same connection may try again
+            sc = await c.start("innkeeper")
+            assert sc.id
+            assert health(server)["totals"]["refused_busy"] >= 1
+
+    run(main())
+
+
+def test_vanished_client_frees_its_slot_within_a_frame(server: BackgroundServer) -> None:
+    from websockets.asyncio.client import connect
+
+    wait_idle(server)
+    engine = server.server.engine
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        witness = Witness(server.url)
+        task = asyncio.create_task(witness.run(stop))
+        await asyncio.wait_for(witness.ready.wait(), 30)
+        since = time.monotonic()
+        ws = await connect(server.url, compression=None)
+        await expect(ws, "hello")
+        await ws.send('{"type": "start", "character": "innkeeper"}')
+        started = await expect(ws, "started")
+        for _ in range(5):  # mid-stream: audio both ways
+            await ws.send(np.zeros(700, np.int16).tobytes())
+            await _next_binary(ws)
+        assert started["session"] in {s.id for s in engine.sessions}
+        ws.transport.abort()  # no close frame: the client just vanishes
+        gone = time.monotonic()
+        ticks = engine.ticks
+        while started["session"] in {s.id for s in engine.sessions}:
+            await asyncio.sleep(0.002)
+        freed_after, ticks_after = time.monotonic() - gone, engine.ticks - ticks
+        assert server.server.manager.reserved == 1  # only the witness
+        await asyncio.sleep(0.5)
+        stop.set()
+        await task
+        witness.check(since)
+        return freed_after, ticks_after
+
+    freed_after, ticks = run(main())
+    print(f"slot freed {freed_after * 1000:.0f} ms after the client vanished ({ticks} engine ticks)")
+    assert ticks <= 2 and freed_after < 0.25  # the next tick (one in flight at most)
+
+
+def test_slow_reader_loses_oldest_audio_and_is_told(model, cache, store) -> None:
+    """A client that stops reading: the server keeps at most `out_audio_frames` queued, drops the
+    oldest, and reports the count (a `dropped` message and gaps in the frame index)."""
+    from websockets.asyncio.client import connect
+
+    bg = make_server(model, cache, store, slots=1, out_audio_frames=5, dropped_report_s=0.2, send_buffer_bytes=4096,
+                     write_limit=4096)
+    try:
+        async def main() -> None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", bg.server.port))
+            ws = await connect(bg.url, sock=sock, compression=None, max_queue=1)
+            await expect(ws, "hello")
+            await ws.send(json.dumps({"type": "start", "character": inline_character(
+                "You are a ferryman.", tone(2.2, 160))}))
+            await expect(ws, "started")
+            conn = next(iter(bg.server.manager.connections))
+            worst = 0
+            for _ in range(60):  # 3 s without reading (the socket buffers fill, then the outbox)
+                await ws.send(np.zeros(1920, np.int16).tobytes())
+                worst = max(worst, conn.outbox.audio_frames)
+                await asyncio.sleep(0.05)
+            assert worst <= 5
+            indexes, dropped = [], None
+            while dropped is None or len(indexes) < 40:
+                data = await asyncio.wait_for(ws.recv(), 5)
+                if isinstance(data, bytes):
+                    indexes.append(decode_audio_frame(data)[0])
+                elif json.loads(data)["type"] == "dropped":
+                    dropped = json.loads(data)
+            assert dropped["output_frames"] > 0 and dropped["total_output_frames"] >= dropped["output_frames"]
+            gaps = sum(b - a - 1 for a, b in zip(indexes, indexes[1:]))
+            assert gaps > 0 and indexes == sorted(indexes)
+            await ws.send('{"type": "end"}')
+            ended = await expect(ws, "ended")
+            assert ended["dropped_output_frames"] >= dropped["total_output_frames"]
+            await ws.close()
+
+        run(main())
+    finally:
+        bg.stop()
+
+
+def test_idle_timeout_closes_and_frees_the_slot(model, cache, store) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    bg = make_server(model, cache, store, slots=1, idle_timeout=0.6)
+    try:
+        async def main() -> None:
+            async with connect(bg.url, compression=None) as ws:
+                await expect(ws, "hello", idle_timeout_s=0.6)
+                await ws.send(json.dumps({"type": "start", "character": inline_character(
+                    "You are a ferryman.", tone(2.2, 160))}))
+                await expect(ws, "started")
+                await expect(ws, "error", "idle_timeout", fatal=True)
+                await expect(ws, "ended", reason="idle_timeout")
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await ws.recv()
+                assert ws.close_code == 1008
+            assert bg.server.manager.reserved == 0
+
+        run(main())
+    finally:
+        bg.stop()
+
+
+def test_token_and_health(model, cache, store) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    token = "test-token-0123456789abcdef"
+    bg = make_server(model, cache, store, slots=1, token=token)
+    try:
+        async def main() -> None:
+            for headers in (None, {"Authorization": "Bearer wrong-token-0123456789"}):
+                with pytest.raises(InvalidStatus) as info:
+                    await connect(bg.url, additional_headers=headers)
+                assert info.value.response.status_code == 401
+                assert json.loads(info.value.response.body)["code"] == "unauthorized"
+            with pytest.raises(InvalidStatus):
+                await connect(bg.url + "?token=nope")
+            async with connect(bg.url + f"?token={token}") as ws:
+                await expect(ws, "hello")
+            async with NPCVoiceClient(bg.url, token=token) as client:
+                assert client.hello.protocol == 1
+            with pytest.raises(InvalidStatus) as info:
+                await connect(bg.url.replace("/ws", "/elsewhere"), additional_headers={"Authorization": f"Bearer {token}"})
+            assert info.value.response.status_code == 404
+
+        run(main())
+        h = health(bg)  # open without the token (load balancers); it tells nothing secret
+        assert h["status"] == "ok" and h["model"] == "tiny" and h["device"] == "cpu"
+        assert h["slots"] == {"total": 1, "used": 0, "free": 1}
+        assert h["tick_ms"]["p50"] > 0 and h["tick_ms"]["p99"] >= h["tick_ms"]["p50"]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{bg.server.port}/nothing", timeout=5)
+        assert err.value.code == 404
+    finally:
+        bg.stop()
+
+
+# --- eight conversations in real time (the server as its own process) -----------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_eight_sessions_real_time() -> None:
+    """8 conversations with 8 different characters on `npc-voice serve` (tiny model, one torch thread):
+    each client receives its NPC's audio at real-time rate, within 5 %, over 10 s."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "8",
+                             "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"ws://127.0.0.1:{port}/ws"
+
+    def get_health() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return json.load(r)
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get_health()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.2)
+        ids = sorted(p.name for p in CAST.iterdir() if (p / "character.toml").is_file())[:8]
+        assert len(ids) == 8
+        window = 10.0
+
+        async def one(cid: str, go: asyncio.Event, out: dict) -> None:
+            async with NPCVoiceClient(url) as client:
+                session = await client.start(cid)
+
+                async def feed() -> None:
+                    t0, i = time.monotonic(), 0
+                    while True:
+                        await session.send_audio(np.zeros(1920, np.int16))
+                        i += 1
+                        await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
+
+                feeder = asyncio.create_task(feed())
+                arrivals, problems = [], []
+                async for event in session.events():
+                    now = time.monotonic()
+                    if isinstance(event, AudioFrame):
+                        arrivals.append((now, event.frame))
+                    elif isinstance(event, (ErrorMsg, Dropped)):
+                        problems.append(event)
+                    if go.is_set() and now > go.t0 + window + 0.3:
+                        break
+                feeder.cancel()
+                await session.end()
+                in_window = [f for t, f in arrivals if go.t0 <= t < go.t0 + window]
+                out[cid] = (len(in_window), problems, [f for _, f in arrivals])
+
+        async def main() -> tuple[dict, dict, dict]:
+            go, out = asyncio.Event(), {}
+            tasks = [asyncio.create_task(one(cid, go, out)) for cid in ids]
+            while get_health()["engine_sessions"] < 8:  # the 8 prompts are built first (one at a time)
+                assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)
+            before = get_health()
+            go.t0 = time.monotonic()
+            go.set()
+            await asyncio.gather(*tasks)
+            return out, before, get_health()
+
+        out, before, after = run(main(), timeout=150)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    expected = window / 0.08
+    rates = {cid: n / expected for cid, (n, _, _) in out.items()}
+    ticks = after["ticks"] - before["ticks"]
+    print(f"frames per session in {window:.0f} s (expected {expected:.0f}): "
+          f"{ {cid: n for cid, (n, _, _) in out.items()} }; tick p50 {after['tick_ms']['p50']} ms, "
+          f"p99 {after['tick_ms']['p99']} ms, overruns {after['overruns'] - before['overruns']} in {ticks} ticks")
+    for cid, (n, problems, indexes) in out.items():
+        assert not problems, (cid, problems)
+        assert indexes == list(range(len(indexes))), cid  # no frame lost
+        assert 0.95 <= rates[cid] <= 1.05, (cid, n, expected)
