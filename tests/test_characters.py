@@ -449,3 +449,10 @@ def test_to_persona_with_preset(store: CharacterStore, tmp_path: Path) -> None:
     prefix = PrefixCache(model, Generator(model.lm)).get(persona)
     assert prefix.length == 41 + 12 + role_tokens(ROLE)
     assert store.validate("teacher").problems == []
+
+
+def test_the_documented_example_is_valid() -> None:
+    doc = (ROOT / "docs" / "characters.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    character = Character.from_toml(example, id="innkeeper")
+    assert character.sampling.text_top_k == 20 and "farewell" in character.lines and "\n" in character.role.strip()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from npc_voice.characters import Character, CharacterStore, shipped_characters_dir
 from npc_voice.cli import main
@@ -20,6 +21,15 @@ CAST = Path(__file__).resolve().parents[1] / "characters"
 @pytest.fixture(scope="module")
 def cast() -> CharacterStore:
     return CharacterStore(CAST)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's ops are too small to gain from threads, and a busy machine makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
