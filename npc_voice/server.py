@@ -654,6 +654,7 @@ class NPCVoiceServer:
         self.closing = False
         self.started_at = time.monotonic()
         self._server: Any = None
+        self._monitor: asyncio.Task[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.build_workers, thread_name_prefix="npc-voice-build")
         self.port: int | None = None
 
@@ -676,10 +677,13 @@ class NPCVoiceServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.started_at = time.monotonic()
+        self._monitor = asyncio.create_task(self._watch_engine())
         return self
 
     async def stop(self) -> None:
         self.closing = True
+        if self._monitor is not None:
+            self._monitor.cancel()
         for conn in list(self.manager.connections):
             conn.send(ErrorMsg(code=ErrorCode.SHUTTING_DOWN.value, message="the server is shutting down", fatal=True))
             conn.end_session("shutting_down")
@@ -763,11 +767,21 @@ class NPCVoiceServer:
         conn = Connection(self, ws)
         self.manager.connections.add(conn)
         try:
-            await conn.run()
-        except Exception:
-            log.exception("connection failed")
+            await conn.run()  # a fault here is logged by websockets and closes with 1011
         finally:
             self.manager.connections.discard(conn)
+
+    async def _watch_engine(self) -> None:
+        """Should the engine's thread die, every live session is told (`internal_error`, then
+        `ended` with reason `error`) and new ones are refused; /health says `error`."""
+        while self.loop_error is None:
+            await asyncio.sleep(0.25)
+        log.error("the engine loop stopped: %r", self.loop_error)
+        for conn in list(self.manager.connections):
+            if conn.link is not None:
+                conn.send(ErrorMsg(code=ErrorCode.INTERNAL_ERROR.value, message=f"the engine stopped: "
+                                   f"{self.loop_error!r}"))
+                conn.end_session("error")
 
     def health(self) -> dict[str, Any]:
         runner, model = self.loop_runner, self.engine.model

@@ -615,6 +615,34 @@ def test_token_and_health(model, cache, store) -> None:
         bg.stop()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_engine_failure_is_reported(model, cache, store) -> None:
+    bg = make_server(model, cache, store, slots=1)
+    try:
+        async def main() -> None:
+            async with NPCVoiceClient(bg.url) as client:
+                session = await client.start(inline_character("You are a ferryman.", tone(2.2, 160)))
+                await session.next_event(timeout=5)
+
+                def broken() -> None:
+                    raise RuntimeError("simulated device fault")
+
+                bg.server.engine.tick = broken  # the engine thread dies at its next tick
+                events = [e async for e in session.events() if not isinstance(e, (AudioFrame, Text, State))]
+                assert events[0].code == "internal_error" and "simulated device fault" in events[0].message
+                assert isinstance(events[-1], Ended) and events[-1].reason == "error"
+                with pytest.raises(NPCVoiceError) as info:
+                    await client.start(inline_character("You are a ferryman.", tone(2.2, 160)))
+                assert info.value.code == "internal_error"
+
+        run(main())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            health(bg)
+        assert err.value.code == 503 and json.load(err.value)["status"] == "error"
+    finally:
+        bg.stop()
+
+
 # --- eight conversations in real time (the server as its own process) -----------------------------
 
 
@@ -655,6 +683,7 @@ def test_eight_sessions_real_time() -> None:
                 session = await client.start(cid)
 
                 async def feed() -> None:
+                    await go.wait()  # silence until then: the engine hears nothing while prompts are built
                     t0, i = time.monotonic(), 0
                     while True:
                         await session.send_audio(np.zeros(1920, np.int16))
@@ -667,7 +696,7 @@ def test_eight_sessions_real_time() -> None:
                     now = time.monotonic()
                     if isinstance(event, AudioFrame):
                         arrivals.append((now, event.frame))
-                    elif isinstance(event, (ErrorMsg, Dropped)):
+                    elif isinstance(event, (ErrorMsg, Dropped)) and go.is_set():
                         problems.append(event)
                     if go.is_set() and now > go.t0 + window + 0.3:
                         break
