@@ -203,9 +203,9 @@ def test_skipped_slot_is_frozen_and_others_unchanged() -> None:
     with torch.no_grad():
         for f in range(6):
             if f == 2:
-                frozen = [t[1].clone() for t in state.tensors()]
+                frozen = [t.clone() for t in state.slot_view(1)]
             if f == 4:
-                assert all(torch.equal(a, t[1]) for a, t in zip(frozen, state.tensors(), strict=True))
+                assert all(torch.equal(a, t) for a, t in zip(frozen, state.slot_view(1), strict=True))
             c = mimi.encode_step(noisy[..., f * FRAME:(f + 1) * FRAME], state.encoder, active[f])
             codes.append(c)
             out.append(mimi.decode_step(c, state.decoder, active[f]))

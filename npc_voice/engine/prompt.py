@@ -198,8 +198,8 @@ def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames) -> Pr
         col = torch.where(known, frames.tokens[torch.arange(len(delays)), frame.clamp(0, F - 1)], -2)
         col = torch.where(torch.tensor(p) <= delays, initial, col)
         ring[:, p % gen.ring] = col
-    keys = torch.stack([c.keys[0] for c in state.layers])
-    values = torch.stack([c.values[0] for c in state.layers])
+    keys = torch.stack([c.keys[0, :, :F] for c in state.layers])
+    values = torch.stack([c.values[0, :, :F] for c in state.layers])
     return Prefix(keys, values, ring.to(device), hidden[0, -1], text_logits[0, -1])
 
 

@@ -41,7 +41,7 @@ class BatchedStep:
         device = model.device
         B = gen_state.offset.shape[0]
         self.batch = B
-        self.capacity = gen_state.temporal.layers[0].keys.shape[2]
+        self.capacity = gen_state.temporal.layers[0].keys.shape[2] - 1  # the last row is scratch
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs:
             fused.enable()  # fuse the element-wise pieces: graphs make kernel count the cost

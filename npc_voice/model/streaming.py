@@ -50,6 +50,17 @@ class StreamState:
                 elif isinstance(item, torch.Tensor):
                     yield item
 
+    def slot_view(self, slot: int) -> list[torch.Tensor]:
+        """What one slot's state holds (views), scratch space left out: for comparing states."""
+        views: list[torch.Tensor] = []
+        for _, value, _ in self._items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, StreamState):
+                    views.extend(item.slot_view(slot))
+                elif isinstance(item, torch.Tensor):
+                    views.append(item[slot])
+        return views
+
     def reset(self, mask: torch.Tensor) -> None:
         """Puts the slots where `mask` ([B] bool) is true back to their initial state."""
         for _, value, fill in self._items():

@@ -94,8 +94,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
 
 @dataclass
 class KVCache(StreamState):
-    keys: torch.Tensor  # [B, H, S, D]
-    values: torch.Tensor  # [B, H, S, D]
+    keys: torch.Tensor  # [B, H, S + 1, D]: S ring rows, then the skipped slots' scratch row
+    values: torch.Tensor  # [B, H, S + 1, D]
+
+    def slot_view(self, slot: int) -> list[torch.Tensor]:
+        return [self.keys[slot, :, :-1], self.values[slot, :, :-1]]
 
 
 @dataclass
@@ -229,7 +232,9 @@ class Transformer(nn.Module):
         device = device or ref.device
         dtype = dtype or ref.dtype
         H = self.spec.num_heads
-        shape = (batch_size, H, capacity, self.spec.dim // H)
+        # One extra row at the end: skipped slots write there, so a step writes every slot with one
+        # scatter instead of a gather, a select and a scatter. Attention never reads it.
+        shape = (batch_size, H, capacity + 1, self.spec.dim // H)
         layers = [KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                   for _ in self.layers]
         return TransformerState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
@@ -246,7 +251,7 @@ class Transformer(nn.Module):
         B, T, _ = x.shape
         if active is None:
             active = torch.ones(B, dtype=torch.bool, device=x.device)
-        capacity = state.layers[0].keys.shape[2]
+        capacity = state.layers[0].keys.shape[2] - 1  # the last row is the skipped slots' scratch
         if T > capacity:
             raise ValueError(f"cannot stream {T} steps at once into a cache of {capacity}")
         start = state.position
@@ -254,26 +259,25 @@ class Transformer(nn.Module):
         end = start + T * active.long()
         window = capacity if window is None else min(window, capacity)
         k_pos = ring_positions(end, capacity)[:, :window]  # [B, W]
-        rows = torch.remainder(q_pos, capacity)  # [B, T]
+        rows = torch.where(active[:, None], torch.remainder(q_pos, capacity), capacity)  # [B, T]
         # Skipped slots see one arbitrary row, so that no attention row is empty (no NaN).
         always = (~active)[:, None] & (torch.arange(window, device=x.device) == 0)
         cos, sin = rope_tables(q_pos, self.spec.dim // self.spec.num_heads, self.max_period)
-        mask = visibility(q_pos, k_pos, self.context, always)
+        visible = visibility(q_pos, k_pos, self.context, always)
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         for layer, cache in zip(self.layers, state.layers):
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
             q, k = fused.rope_pair(q, k, cos, sin)
-            _write_rows(cache.keys, rows, k, active)
-            _write_rows(cache.values, rows, v, active)
-            y = F.scaled_dot_product_attention(q, cache.keys[:, :, :window], cache.values[:, :, :window], attn_mask=mask)
+            _write_rows(cache.keys, rows, k)
+            _write_rows(cache.values, rows, v)
+            y = F.scaled_dot_product_attention(q, cache.keys[:, :, :window], cache.values[:, :, :window], attn_mask=bias)
             x = x + layer._scale(1, layer.self_attn.project_out(y))
             x = layer.feed_forward(x)
         state.position.copy_(end)
         return x
 
 
-def _write_rows(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, active: torch.Tensor) -> None:
-    """cache [B, H, S, D] gets `new` [B, H, T, D] at rows [B, T], for active slots only."""
+def _write_rows(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+    """cache [B, H, S + 1, D] gets `new` [B, H, T, D] at rows [B, T] (skipped slots: row S)."""
     B, H, T, D = new.shape
-    index = rows[:, None, :, None].expand(B, H, T, D)
-    old = cache.gather(2, index)
-    cache.scatter_(2, index, where_active(active, new.to(cache.dtype), old))
+    cache.scatter_(2, rows[:, None, :, None].expand(B, H, T, D), new.to(cache.dtype))
