@@ -456,3 +456,11 @@ def test_the_documented_example_is_valid() -> None:
     example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
     character = Character.from_toml(example, id="innkeeper")
     assert character.sampling.text_top_k == 20 and "farewell" in character.lines and "\n" in character.role.strip()
+
+
+def test_lock_is_reentrant_across_store_objects_of_one_root(store: CharacterStore, voice: Path) -> None:
+    store.create(make(), voice)
+    other = CharacterStore(store.root)
+    with store.lock():
+        other.update(make(name="Nested"))  # would wait forever on its own flock if not re-entrant
+    assert store.load("teacher").name == "Nested"

@@ -40,6 +40,8 @@ except ImportError:  # pragma: no cover - not POSIX: one writer process at a tim
 LOCK_FILE = ".lock"
 TMP_PREFIX, OLD_PREFIX, DEL_PREFIX = ".tmp-", ".old-", ".del-"  # never valid ids: ids start with [a-z0-9]
 
+_HELD = threading.local()  # the store locks this thread holds
+
 VoiceSource = str | Path | bytes | BinaryIO | np.ndarray  # a file, its bytes, or 24 kHz mono samples
 
 
@@ -121,7 +123,6 @@ class CharacterStore:
         self.root = root.resolve()
         self.presets_dir = Path(presets_dir) if presets_dir is not None else default_presets_dir(self.root)
         self.tokenizer = tokenizer
-        self._held = threading.local()
 
     def __repr__(self) -> str:
         return f"CharacterStore({str(self.root)!r})"
@@ -238,23 +239,25 @@ class CharacterStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive across processes and threads (each outermost call opens and locks its own file
-        description); re-entrant within a thread."""
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
+        description); re-entrant within a thread, whichever store object of the same root asks."""
+        held = _HELD.__dict__.setdefault("roots", {})  # root -> depth, for this thread (any store object)
+        key = str(self.root)
+        if held.get(key):
+            held[key] += 1
             try:
                 yield
             finally:
-                self._held.depth -= 1
+                held[key] -= 1
             return
         with open(self.root / LOCK_FILE, "a+") as f:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            self._held.depth = 1
+            held[key] = 1
             try:
                 self._recover()
                 yield
             finally:
-                self._held.depth = 0
+                held[key] = 0
                 if fcntl is not None:
                     fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
