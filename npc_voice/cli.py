@@ -20,8 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(with --weights: what its config.json overrides; without: random weights of that size)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="LM dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--mimi-dtype", choices=sorted(DTYPES), help="Mimi codec dtype (default fp32, as the "
-                   "reference; bf16 is faster on a GPU)")
+    p.add_argument("--mimi-dtype", choices=sorted(DTYPES), help="Mimi codec dtype (default: bf16 on GPU, "
+                   "fp32 on CPU; the reference runs Mimi in fp32)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only LM (half the memory; for 24 GB cards)")
     p.add_argument("--context", type=int, help="frames each conversation remembers (default: the model's, "
                    "3000 = 4 min); less memory per session, so more sessions per GPU")
@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):
     model = load_model(args.weights, preset=args.preset, device=args.device,
                        dtype=DTYPES[args.dtype] if args.dtype else None,
                        int8=getattr(args, "int8", False), context=getattr(args, "context", None),
-                       mimi_dtype=DTYPES[args.mimi_dtype] if getattr(args, "mimi_dtype", None) else torch.float32)
+                       mimi_dtype=DTYPES[args.mimi_dtype] if getattr(args, "mimi_dtype", None) else None)
     if model.random_weights:
         print(f"npc-voice: no weights given: using the {model.config.name} model with RANDOM weights "
               "(it babbles; pass --weights DIR for the real PersonaPlex)", file=sys.stderr)
