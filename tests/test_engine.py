@@ -137,16 +137,17 @@ def test_open_swap_close_leave_other_sessions_unchanged(model: LoadedModel) -> N
         0: busy_open,
         4: lambda e, s: e.switch(s["b"], persona(600, "You are a quest giver.")),
         6: lambda e, s: s.update(c=e.open(persona(700, "You guard the gate."), seed=9)),
-        9: lambda e, s: e.close(s.pop("c")),
-        11: lambda e, s: e.close(s.pop("b")),
+        9: lambda e, s: e.close(s["c"]),
+        11: lambda e, s: e.close(s["b"]),
     }
     crowded, s2 = run(Engine(model, slots=3), schedule, 16, user)
     a1, a2 = alone[s1["a"].id], crowded[s2["a"].id]
     assert [e.frame for e in a2] == list(range(16))  # no frame skipped
     for x, y in zip(a1, a2):
         assert x.text_token == y.text_token and np.array_equal(x.pcm, y.pcm)
-    b_frames = [e.frame for e in crowded[s2["b"].id]] if "b" in s2 else [e.frame for e in crowded["s1"]]
-    assert b_frames[:4] == [0, 1, 2, 3] and b_frames[4] == 0  # the switch restarted b's conversation
+    b_frames = [e.frame for e in crowded[s2["b"].id]]
+    assert b_frames == [0, 1, 2, 3] + list(range(7))  # the switch restarted b; the close ended it
+    assert len(crowded[s2["c"].id]) == 3
 
 
 def test_full_engine_refuses_and_frees_slots(model: LoadedModel) -> None:

@@ -159,12 +159,6 @@ class Engine:
     def sessions(self) -> list[Session]:
         return [s for s in self._sessions if s is not None]
 
-    @property
-    def free_slots(self) -> int:
-        with self._lock:
-            return self.slots - len(self.sessions) - sum(1 for s, p in self._pending if p is not None
-                                                         and self._sessions[s.slot] is not s)
-
     # --- the step (one thread) ----------------------------------------------------------------
     def _apply_pending(self) -> None:
         with self._lock:
