@@ -93,10 +93,10 @@ def test_preset_voice_gives_the_same_prefix_as_its_sample(model: LoadedModel) ->
     role = text_prompt_tokens(model, "You sell swords.")
     frames = prompt_frames(sample_voice, role, special, model)
     v = sample_voice.frames
-    positions = delayed_positions(frames.tokens[:, :v], model.config.lm.delays, gen._initial(torch.device("cpu")))
+    positions = delayed_positions(frames.tokens[:, :v], model.config.lm.delays, gen.initial.cpu())
     embeddings = model.lm.embed(positions[None, :, : v - 1])[0]
     ring = torch.full((17, 4), -2, dtype=torch.long)
-    full = delayed_positions(frames.tokens, model.config.lm.delays, gen._initial(torch.device("cpu")))
+    full = delayed_positions(frames.tokens, model.config.lm.delays, gen.initial.cpu())
     for p in range(v - 3, v + 1):  # the reference's ring after v calls: positions up to v
         delayed = torch.tensor(model.config.lm.delays) > 0
         col = full[:, p].clone()

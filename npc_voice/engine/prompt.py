@@ -180,7 +180,7 @@ def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames) -> Pr
     if F >= cfg.context:
         raise ValueError(f"the prompt takes {F} frames, more than the model's context of {cfg.context}")
     device = model.device
-    initial = gen._initial(torch.device("cpu"))
+    initial = gen.initial.cpu()
     positions = delayed_positions(frames.tokens, cfg.delays, initial).to(device)  # [K, F]
     x = lm.embed(positions[None])  # [1, F, dim]
     voice = frames.voice
