@@ -255,14 +255,14 @@ class Witness:
     """A well-behaved client streaming real-time audio on its own connection: what bad clients do
     elsewhere must not touch it (no error, no gap, real-time frames)."""
 
-    def __init__(self, url: str, character="innkeeper"):
-        self.url, self.character = url, character
+    def __init__(self, url: str, character="innkeeper", token: str | None = None):
+        self.url, self.character, self.token = url, character, token
         self.frames: list[tuple[float, int]] = []
         self.other: list = []
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with NPCVoiceClient(self.url) as client:
+        async with NPCVoiceClient(self.url, token=self.token) as client:
             session = await client.start(self.character)
             self.ready.set()
 
@@ -460,15 +460,26 @@ def test_full_server_says_busy(server: BackgroundServer) -> None:
         async with NPCVoiceClient(server.url) as a, NPCVoiceClient(server.url) as b, \
                 NPCVoiceClient(server.url) as c:
             sa = await a.start("innkeeper")
-            await b.start("innkeeper")
+            sb = await b.start("innkeeper")
             assert health(server)["slots"] == {"total": 2, "used": 2, "free": 0}
             with pytest.raises(NPCVoiceError) as info:
                 await c.start("innkeeper")
             assert info.value.code == "server_busy"
+            with pytest.raises(NPCVoiceError) as info:  # the refused connection stays usable
+                await c.start("innkeeper")
+            assert info.value.code == "server_busy"
+            for live in (sa, sb):  # the two conversations never noticed: every frame, in order
+                frames = []
+                while len(frames) < 10:
+                    event = await live.next_event(timeout=5)
+                    assert not isinstance(event, (ErrorMsg, Dropped, Ended)), event
+                    if isinstance(event, AudioFrame):
+                        frames.append(event.frame)
+                assert frames == list(range(frames[0], frames[0] + 10))
             await sa.end()  # a slot frees: the same connection may try again
             sc = await c.start("innkeeper")
             assert sc.id
-            assert health(server)["totals"]["refused_busy"] >= 1
+            assert health(server)["totals"]["refused_busy"] >= 2
 
     run(main())
 
@@ -588,6 +599,11 @@ def test_token_and_health(model, cache, store) -> None:
     bg = make_server(model, cache, store, slots=1, token=token)
     try:
         async def main() -> None:
+            stop = asyncio.Event()
+            witness = Witness(bg.url, token=token)
+            task = asyncio.create_task(witness.run(stop))
+            await asyncio.wait_for(witness.ready.wait(), 30)
+            since = time.monotonic()
             for headers in (None, {"Authorization": "Bearer wrong-token-0123456789"}):
                 with pytest.raises(InvalidStatus) as info:
                     await connect(bg.url, additional_headers=headers)
@@ -602,11 +618,16 @@ def test_token_and_health(model, cache, store) -> None:
             with pytest.raises(InvalidStatus) as info:
                 await connect(bg.url.replace("/ws", "/elsewhere"), additional_headers={"Authorization": f"Bearer {token}"})
             assert info.value.response.status_code == 404
+            h = health(bg)  # open without the token (load balancers); it tells nothing secret
+            assert h["status"] == "ok" and h["model"] == "tiny" and h["device"] == "cpu"
+            assert h["slots"] == {"total": 1, "used": 1, "free": 0} and h["engine_sessions"] == 1
+            await asyncio.sleep(0.3)
+            stop.set()
+            await task
+            witness.check(since)
 
         run(main())
-        h = health(bg)  # open without the token (load balancers); it tells nothing secret
-        assert h["status"] == "ok" and h["model"] == "tiny" and h["device"] == "cpu"
-        assert h["slots"] == {"total": 1, "used": 0, "free": 1}
+        h = health(bg)
         assert h["tick_ms"]["p50"] > 0 and h["tick_ms"]["p99"] >= h["tick_ms"]["p50"]
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{bg.server.port}/nothing", timeout=5)
