@@ -1,0 +1,826 @@
+"""What the MCP tools drive: the character store, the audio rules, and the conversations.
+
+Two ways to run conversations:
+- **embedded** (no `server_url`): one model loaded in this process (the tiny built-in model with
+  random weights unless weights are configured). Offline conversations (`talk`, `scene`) run on one
+  shared `Engine`, ticked as fast as the model allows; player sessions get an in-process
+  `npc-voice serve` (`BackgroundServer`) on a second engine over the same model, started on demand.
+- **remote** (`server_url` set): a running `npc-voice serve` does the work through its websocket
+  protocol (docs/protocol.md), in real time; player sessions are handed its URL and token.
+
+Every error a user can cause is raised as `UserError` with a message that says what to do; the MCP
+layer turns it into a tool error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import anyio
+import numpy as np
+
+from npc_voice.audio import AudioError, load_mono
+from npc_voice.characters import KNOWN_PRESETS, Character, CharacterError, CharacterStore, default_characters_dir
+from npc_voice.characters.model import VOICE_FILE
+
+log = logging.getLogger("mcp_server")
+
+RATE = 24_000
+FRAME = 1920  # 80 ms at 24 kHz
+FRAME_S = 0.08
+TICKS_PER_HOP = 5  # engine ticks per worker-thread hop: progress and cancellation are checked between hops
+MAX_AUDIO_BYTES = 16 << 20  # decoded base64 audio
+
+Progress = Callable[[float, float, str], Awaitable[None]]
+
+
+class UserError(Exception):
+    """A failure the caller can fix (unknown character, unreadable audio, server busy, ...)."""
+
+
+class ServerBusy(UserError):
+    pass
+
+
+@dataclass
+class Settings:
+    characters: Path | None = None  # the character store (default: npc-voice's default folder)
+    voices: Path | None = None  # preset voices folder (NAME.pt)
+    audio_dir: Path | None = None  # the one folder audio files may be read from (None: no file paths)
+    server_url: str | None = None  # a running `npc-voice serve` (ws://host:port); None: embedded engine
+    token: str | None = None
+    # the embedded engine
+    weights: str | None = None
+    preset: str | None = None
+    device: str | None = None
+    dtype: Any = None
+    mimi_dtype: Any = None
+    int8: bool = False
+    context: int | None = None
+    slots: int = 2  # offline engine slots (a scene takes two)
+    player_slots: int = 4  # the embedded websocket server's slots
+    player_host: str = "127.0.0.1"
+    player_port: int = 0  # 0: any free port
+    prefix_cache: str | None = None
+    # limits
+    busy_wait_s: float = 20.0  # how long a conversation waits for the engine before "server busy"
+    max_clip_s: float = 60.0
+    max_scene_s: float = 120.0
+
+    @property
+    def mode(self) -> str:
+        return "remote" if self.server_url else "embedded"
+
+
+# --- audio ------------------------------------------------------------------------------------------
+
+
+def decode_base64_audio(data: str, what: str = "audio_base64") -> bytes:
+    data = data.strip()
+    if data.startswith("data:") and "," in data:  # a data: URL
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(f"{what} is not valid base64 (send the bytes of a WAV, FLAC or OGG file, base64-encoded)") \
+            from None
+    if not raw:
+        raise UserError(f"{what} is empty")
+    if len(raw) > MAX_AUDIO_BYTES:
+        raise UserError(f"{what} is {len(raw)} bytes decoded; the limit is {MAX_AUDIO_BYTES} bytes")
+    return raw
+
+
+def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
+    """16-bit PCM WAV of float samples: [n] (mono) or [n, channels]."""
+    import soundfile
+
+    pcm = np.trunc(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype(np.int16)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """A conversation this MCP server ran or handed out."""
+
+    id: str
+    kind: str  # "player", "talk", "scene"
+    characters: list[str]
+    status: str = "running"  # running, finished, ended (stopped early by end_session), cancelled, failed, open
+    created: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    words: list[dict[str, Any]] = field(default_factory=list)  # {"speaker", "word", "start", "end"}
+    audio: str | None = None  # what the audio holds
+    error: str | None = None
+    player: dict[str, Any] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def transcript(self) -> dict[str, Any]:
+        by_speaker: dict[str, list[str]] = {}
+        for w in self.words:
+            by_speaker.setdefault(w["speaker"], []).append(w["word"])
+        out: dict[str, Any] = {
+            "session": self.id, "kind": self.kind, "characters": self.characters, "status": self.status,
+            "seconds": round(self.seconds, 2),
+            "text": {speaker: " ".join(ws) for speaker, ws in by_speaker.items()},
+            "words": self.words,
+        }
+        if self.kind == "talk":
+            out["note"] = "only the NPC's words are transcribed (the input clip is not run through speech recognition)"
+        if self.kind == "player":
+            out["note"] = ("a player session streams to the game client, which receives the NPC's words as `text` "
+                           "events; this server does not see them")
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"session": self.id, "kind": self.kind, "characters": self.characters, "status": self.status,
+                "seconds": round(self.seconds, 2), "words": len(self.words)}
+
+
+def words_of(frames: list[tuple[int, str]], speaker: str, total_frames: int) -> list[dict[str, Any]]:
+    """(frame, text piece) per frame -> words with start/end times: a piece with a leading space
+    starts a word; a word ends where the next starts or the text stream falls silent."""
+    from npc_voice.engine import FrameEvent
+    from npc_voice.talk import words_from_frames
+
+    texts = dict.fromkeys(range(total_frames), "")
+    for frame, text in frames:
+        if 0 <= frame < total_frames:
+            texts[frame] += text
+    if not texts:
+        return []
+    events = [FrameEvent(speaker, f, None, 0, texts[f]) for f in sorted(texts)]  # type: ignore[arg-type]
+    return [{"speaker": speaker, "word": w.word, "start": round(w.start, 2), "end": round(w.end, 2)}
+            for w in words_from_frames(events).words]
+
+
+def merge_words(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((w for ws in lists for w in ws), key=lambda w: (w["start"], w["speaker"]))
+
+
+# --- the backend ------------------------------------------------------------------------------------
+
+
+class Backend:
+    """The state behind the MCP server: settings, store, model, engines, session records."""
+
+    def __init__(self, settings: Settings, model: Any = None):
+        self.settings = settings
+        root = settings.characters if settings.characters is not None else default_characters_dir()
+        self.store = CharacterStore(root, presets_dir=settings.voices, create=True)
+        self.audio_dir = Path(settings.audio_dir).resolve() if settings.audio_dir is not None else None
+        self._model = model
+        self._model_lock = threading.Lock()
+        self._engine: Any = None
+        self._engine_lock: anyio.Lock | None = None
+        self._player: Any = None  # BackgroundServer
+        self._player_lock = threading.Lock()
+        self.records: OrderedDict[str, Record] = OrderedDict()
+        self._ids = itertools.count(1)
+        self.max_records = 200
+        if model is not None:
+            self.store.tokenizer = model.tokenizer
+
+    # --- model and engines ------------------------------------------------------------------------
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self) -> Any:
+        with self._model_lock:
+            if self._model is None:
+                from npc_voice.model.loading import load_model
+
+                s = self.settings
+                log.info("loading the model (%s)", s.weights or f"{s.preset or 'tiny'}, random weights")
+                self._model = load_model(s.weights, preset=s.preset, device=s.device, dtype=s.dtype, int8=s.int8,
+                                         context=s.context, mimi_dtype=s.mimi_dtype)
+                self.store.tokenizer = self._model.tokenizer
+            return self._model
+
+    def _cache(self) -> Any:
+        if getattr(self, "_prefix_cache", None) is None:
+            from npc_voice.engine import PrefixCache
+            from npc_voice.model.generator import Generator
+
+            model = self.model()
+            self._prefix_cache = PrefixCache(model, Generator(model.lm), directory=self.settings.prefix_cache)
+        return self._prefix_cache
+
+    def engine(self) -> Any:
+        """The offline engine (talk and scenes); call with the engine lock held."""
+        if self._engine is None:
+            from npc_voice.engine import Engine
+
+            self._engine = Engine(self.model(), slots=max(2, self.settings.slots), cache=self._cache())
+        return self._engine
+
+    def engine_lock(self) -> anyio.Lock:
+        if self._engine_lock is None:
+            self._engine_lock = anyio.Lock()
+        return self._engine_lock
+
+    async def _acquire_engine(self) -> anyio.Lock:
+        lock = self.engine_lock()
+        try:
+            with anyio.fail_after(self.settings.busy_wait_s):
+                await lock.acquire()
+        except TimeoutError:
+            raise ServerBusy(f"server busy: another conversation has held the engine for over "
+                             f"{self.settings.busy_wait_s:.0f} s; retry when it is done (end_session stops one)") from None
+        return lock
+
+    def close(self) -> None:
+        for record in self.records.values():
+            record.stop.set()
+        with self._player_lock:
+            if self._player is not None:
+                self._player.stop()
+                self._player = None
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def new_record(self, kind: str, characters: list[str]) -> Record:
+        record = Record(f"{kind}-{next(self._ids)}", kind, characters)
+        self.records[record.id] = record
+        while len(self.records) > self.max_records:
+            oldest = next(iter(self.records))
+            if self.records[oldest].status in ("running", "open"):
+                break
+            self.records.pop(oldest)
+        return record
+
+    def record(self, session: str) -> Record:
+        record = self.records.get(session)
+        if record is None:
+            known = ", ".join(list(self.records)[-10:]) or "none yet"
+            raise UserError(f"unknown session {session!r} (recent sessions: {known})")
+        return record
+
+    def end_session(self, session: str) -> dict[str, Any]:
+        record = self.record(session)
+        if record.status == "running":
+            record.stop.set()
+            return {"session": record.id, "status": "stopping",
+                    "message": "the conversation stops at its next frame; its tool call returns what it has"}
+        if record.status == "open":
+            record.status = "ended"
+            message = "the player session's details are withdrawn"
+            if record.player and record.player.get("embedded"):
+                still_open = [r for r in self.records.values() if r.kind == "player" and r.status == "open"]
+                if not still_open:
+                    with self._player_lock:
+                        if self._player is not None:
+                            self._player.stop()
+                            self._player = None
+                    message += "; no player session is left, so the embedded websocket server was stopped"
+            else:
+                message += " (the game client's connection to the remote server is not affected: it ends it itself)"
+            return {"session": record.id, "status": "ended", "message": message}
+        return {"session": record.id, "status": record.status, "message": "the session had already ended"}
+
+    # --- characters -------------------------------------------------------------------------------
+
+    def character(self, id: str) -> Character:
+        if id not in self.store:
+            known = ", ".join(self.store.ids()) or "none"
+            raise UserError(f"unknown character {id!r} (known: {known}); list_characters shows them")
+        try:
+            return self.store.load(id)
+        except CharacterError as exc:
+            raise UserError(f"character {id!r} is broken: {exc}") from None
+
+    def persona(self, id: str) -> Any:
+        character = self.character(id)
+        try:
+            return character.to_persona(self.store)
+        except CharacterError as exc:
+            raise UserError(str(exc)) from None
+
+    def audio_file(self, path: str) -> Path:
+        """A path inside the allowed audio folder (symlinks resolved), else UserError."""
+        if self.audio_dir is None:
+            raise UserError("reading audio files is off: this MCP server has no allowed audio folder (start it with "
+                            "--audio-dir DIR); send the audio as base64 instead")
+        given = Path(path).expanduser()
+        candidate = given if given.is_absolute() else self.audio_dir / given
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(self.audio_dir):
+            raise UserError(f"refused: {path!r} is outside the allowed audio folder {self.audio_dir} (after resolving "
+                            "symlinks); copy the file there or send it as base64")
+        if not resolved.is_file():
+            raise UserError(f"no audio file {path!r} in {self.audio_dir}")
+        return resolved
+
+    def voice_source(self, voice_preset: str | None, voice_file: str | None, voice_base64: str | None) -> tuple[str | None, Any]:
+        """-> (preset name or None, sample source or None); exactly one of the three must be given."""
+        given = [x for x in (voice_preset, voice_file, voice_base64) if x]
+        if len(given) != 1:
+            raise UserError("give exactly one voice: voice_preset (a PersonaPlex preset such as NATF2; see list_voices), "
+                            "voice_file (a WAV/FLAC/OGG in the allowed audio folder) or voice_base64 (WAV/FLAC/OGG bytes, "
+                            "base64; 3-10 s of clear speech is best)")
+        if voice_preset:
+            return voice_preset, None
+        if voice_file:
+            return None, self.audio_file(voice_file)
+        return None, decode_base64_audio(voice_base64 or "", "voice_base64")
+
+    def read_clip(self, audio_base64: str | None, audio_file: str | None, limit_s: float) -> np.ndarray:
+        if bool(audio_base64) == bool(audio_file):
+            raise UserError("give exactly one of audio_base64 (a WAV/FLAC/OGG file, base64) or audio_file (a path in "
+                            "the allowed audio folder)")
+        source: Any = decode_base64_audio(audio_base64) if audio_base64 else self.audio_file(audio_file or "")
+        try:
+            samples = load_mono(source, RATE)
+        except AudioError as exc:
+            raise UserError(f"unreadable audio: {exc}") from None
+        seconds = samples.shape[0] / RATE
+        if seconds > limit_s:
+            raise UserError(f"the clip is {seconds:.1f} s long; the limit is {limit_s:.0f} s")
+        if seconds < FRAME_S:
+            raise UserError(f"the clip is {seconds * 1000:.0f} ms long: give at least 80 ms of audio")
+        return samples
+
+    def voices(self) -> dict[str, Any]:
+        presets_dir = self.store.presets_dir
+        installed = sorted(p.stem for p in presets_dir.glob("*.pt")) if presets_dir.is_dir() else []
+        files: list[str] = []
+        if self.audio_dir is not None and self.audio_dir.is_dir():
+            for p in sorted(self.audio_dir.rglob("*")):
+                if p.suffix.lower() in (".wav", ".flac", ".ogg") and p.is_file():
+                    files.append(str(p.relative_to(self.audio_dir)))
+                    if len(files) >= 200:
+                        break
+        return {
+            "presets": {"installed": installed, "presets_dir": str(presets_dir),
+                        "known_names": list(KNOWN_PRESETS),
+                        "note": "a preset works once its NAME.pt is in the presets folder (voices.tgz of "
+                                "nvidia/personaplex-7b-v1)"},
+            "audio_folder": {"path": str(self.audio_dir) if self.audio_dir else None, "files": files,
+                             "note": "use as voice_file (relative to the folder)" if self.audio_dir else
+                             "no audio folder configured (--audio-dir): send voices as voice_base64"},
+            "character_voices": {c.id: c.voice for c in self.store.list()},
+        }
+
+    # --- status -----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        s = self.settings
+        out: dict[str, Any] = {"mode": s.mode, "characters_dir": str(self.store.root),
+                               "characters": len(self.store), "presets_dir": str(self.store.presets_dir),
+                               "audio_dir": str(self.audio_dir) if self.audio_dir else None}
+        if s.mode == "remote":
+            out["server_url"] = s.server_url
+            out["server"] = remote_health(s.server_url or "")
+        else:
+            model = self._model
+            if model is None:
+                weights = s.weights or f"none: the {s.preset or 'tiny'} model with RANDOM weights"
+                out["model"] = {"loaded": False, "weights": weights,
+                                "note": "the model loads at the first conversation"}
+            else:
+                out["model"] = {"loaded": True, "name": model.config.name,
+                                "weights": "random" if model.random_weights else model.source,
+                                "device": str(model.device),
+                                "dtype": str(model.lm.text_linear.weight.dtype).removeprefix("torch.")}
+            if s.weights is None:
+                out["warning"] = (f"no weights configured: the embedded engine runs the {s.preset or 'tiny'} model "
+                                  "with RANDOM weights, so NPCs babble instead of speaking; start the MCP server with "
+                                  "--weights DIR (the PersonaPlex release) or --server-url of a real npc-voice serve")
+            player = self._player
+            out["player_server"] = None if player is None else {"url": player.url, "health": player.server.health()}
+            if self._engine is not None:
+                out["engine"] = {"slots": self._engine.slots, "live_sessions": len(self._engine.sessions),
+                                 "busy": self.engine_lock().locked()}
+        out["sessions"] = [r.summary() for r in list(self.records.values())[-20:]]
+        return out
+
+    # --- (a) player sessions ----------------------------------------------------------------------
+
+    def start_player(self, character: str, sample_rate: int) -> dict[str, Any]:
+        s = self.settings
+        note = None
+        if s.mode == "embedded":
+            self.character(character)  # unknown -> UserError
+            server = self._ensure_player_server()
+            url, token, embedded = server.url, server.server.config.token, True
+        else:
+            url, token, embedded = normalize_ws_url(s.server_url or ""), s.token, False
+            if character not in self.store:
+                note = (f"{character!r} is not in this MCP server's characters folder: the remote server must know it, "
+                        "or the game must send an inline character")
+        record = self.new_record("player", [character])
+        record.status = "open"
+        start = {"type": "start", "character": character, "sample_rate": sample_rate, "protocol": 1}
+        info = {
+            "session": record.id, "websocket_url": url, "token": token,
+            "auth": ("send the header 'Authorization: Bearer <token>' or append ?token=<token> to the URL" if token
+                     else "no token needed"),
+            "url_with_token": f"{url}?token={token}" if token else url,
+            "start_message": start,
+            "audio": f"binary frames of PCM16 LE mono at {sample_rate} Hz both ways; server frames start with a "
+                     "uint32 LE frame index (docs/protocol.md)",
+            "protocol": "npc-voice websocket protocol v1 (docs/protocol.md)",
+            "embedded": embedded,
+        }
+        if embedded and self._model is not None and self._model.random_weights:
+            info["warning"] = "the embedded engine runs the tiny model with RANDOM weights: the NPC babbles"
+        if note:
+            info["note"] = note
+        record.player = info
+        return info
+
+    def _ensure_player_server(self) -> Any:
+        with self._player_lock:
+            if self._player is None:
+                from npc_voice.engine import Engine
+                from npc_voice.server import BackgroundServer, ServerConfig
+
+                engine = Engine(self.model(), slots=self.settings.player_slots, cache=self._cache())
+                config = ServerConfig(host=self.settings.player_host, port=self.settings.player_port,
+                                      token=secrets.token_urlsafe(24))
+                self._player = BackgroundServer(engine, config, self.store).start()
+            return self._player
+
+    # --- (b) talk: a clip in, the NPC's reply out ---------------------------------------------------
+
+    async def talk(self, character: str, clip: np.ndarray, seed: int, progress: Progress) -> tuple[Record, np.ndarray]:
+        persona = self.persona(character) if self.settings.mode == "embedded" else None
+        record = self.new_record("talk", [character])
+        try:
+            if self.settings.mode == "embedded":
+                out = await self._talk_embedded(record, persona, clip, seed, progress)
+            else:
+                out = await self._talk_remote(record, character, clip, seed, progress)
+        except BaseException as exc:
+            _fail(record, exc)
+            raise
+        _finish(record)
+        return record, out
+
+    async def _talk_embedded(self, record: Record, persona: Any, clip: np.ndarray, seed: int,
+                             progress: Progress) -> np.ndarray:
+        frames = math.ceil(clip.shape[0] / FRAME)
+        padded = np.zeros(frames * FRAME, dtype=np.float32)
+        padded[: clip.shape[0]] = clip
+        lock = await self._acquire_engine()
+        try:
+            engine = await anyio.to_thread.run_sync(self.engine)
+            session = await anyio.to_thread.run_sync(_open, engine, persona, seed)
+            pcm: list[np.ndarray] = []
+            texts: list[tuple[int, str]] = []
+            try:
+                done = 0
+                while done < frames and not record.stop.is_set():
+                    n = min(TICKS_PER_HOP, frames - done)
+                    chunk = [padded[(done + i) * FRAME:(done + i + 1) * FRAME] for i in range(n)]
+                    events = await anyio.to_thread.run_sync(_ticks, engine, [(session, chunk)])
+                    for ev in events[session.id]:
+                        pcm.append(ev.pcm)
+                        if ev.text:
+                            texts.append((ev.frame, ev.text))
+                    done += n
+                    record.seconds = done * FRAME_S
+                    record.words = words_of(texts, persona.name, done)
+                    await progress(done, frames, f"{record.seconds:.2f} of {frames * FRAME_S:.2f} s")
+            finally:
+                _close(engine, session)
+        finally:
+            lock.release()
+        out = np.concatenate(pcm)[: clip.shape[0]] if pcm else np.zeros(0, np.float32)
+        return out
+
+    async def _talk_remote(self, record: Record, character: str, clip: np.ndarray, seed: int,
+                           progress: Progress) -> np.ndarray:
+        from npc_voice.client import AudioFrame, Ended, NPCVoiceClient, Text
+
+        frames = math.ceil(clip.shape[0] / FRAME)
+        padded = np.zeros(frames * FRAME, dtype=np.float32)
+        padded[: clip.shape[0]] = clip
+        out = np.zeros(frames * FRAME, dtype=np.float32)
+        texts: list[tuple[int, str]] = []
+        async with _remote_client(self.settings) as client:
+            session = await self._remote_start(client, character, seed)
+            ahead = min(frames, 12)  # about 1 s queued ahead; the server buffers up to 2 s
+            await session.send_audio(padded[: ahead * FRAME])
+            sent, got = ahead, 0
+            try:
+                with anyio.fail_after(frames * FRAME_S * 4 + 30):
+                    async for ev in session.events():
+                        if isinstance(ev, AudioFrame):
+                            if ev.frame < frames:
+                                out[ev.frame * FRAME:(ev.frame + 1) * FRAME] = ev.float32()
+                            got += 1
+                            if sent < frames:
+                                await session.send_audio(padded[sent * FRAME:(sent + 1) * FRAME])
+                                sent += 1
+                            if got % TICKS_PER_HOP == 0:
+                                record.seconds = got * FRAME_S
+                                await progress(min(got, frames), frames, f"{record.seconds:.2f} s")
+                            if got >= frames or record.stop.is_set():
+                                break
+                        elif isinstance(ev, Text):
+                            texts.append((ev.frame, ev.text))
+                        elif isinstance(ev, Ended):
+                            break
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _end_remote(session, texts)
+        record.seconds = min(got, frames) * FRAME_S
+        record.words = words_of(texts, character, min(got, frames))
+        return out[: clip.shape[0]]
+
+    async def _remote_start(self, client: Any, character: str, seed: int, *, inline: bool = True) -> Any:
+        from npc_voice.client import NPCVoiceError
+
+        try:
+            return await client.start(character=character, seed=seed)
+        except NPCVoiceError as exc:
+            if exc.code == "server_busy":
+                raise ServerBusy(f"server busy: every conversation slot of {self.settings.server_url} is in use; "
+                                 "retry later") from None
+            if exc.code == "unknown_character" and inline and character in self.store:
+                try:
+                    return await client.start(character=self._inline(character), seed=seed)
+                except NPCVoiceError as again:
+                    raise UserError(f"the server refused {character!r} (sent inline): {again.message}") from None
+            if exc.code == "unknown_character":
+                raise UserError(f"unknown character {character!r}: neither the server nor this MCP server's "
+                                "characters folder has it") from None
+            raise UserError(f"the server refused the conversation: {exc.code}: {exc.message}") from None
+
+    def _inline(self, character: str) -> dict[str, Any]:
+        from npc_voice.client import inline_character
+
+        c = self.character(character)
+        if c.uses_preset:
+            return inline_character(c.role, preset=c.voice, name=c.name)
+        return inline_character(c.role, self.store.voice_file(c), name=c.name)
+
+    # --- (c) scene: two NPCs talk to each other -----------------------------------------------------
+
+    async def scene(self, a: str, b: str, seconds: float, seed: int, progress: Progress) -> tuple[Record, np.ndarray]:
+        if not 0 < seconds <= self.settings.max_scene_s:
+            raise UserError(f"seconds must be above 0 and at most {self.settings.max_scene_s:.0f}")
+        frames = max(1, math.ceil(seconds / FRAME_S))
+        if self.settings.mode == "embedded":
+            pa, pb = self.persona(a), self.persona(b)
+        record = self.new_record("scene", [a, b])
+        try:
+            if self.settings.mode == "embedded":
+                stereo = await self._scene_embedded(record, (a, b), (pa, pb), frames, seed, progress)
+            else:
+                stereo = await self._scene_remote(record, (a, b), frames, seed, progress)
+        except BaseException as exc:
+            _fail(record, exc)
+            raise
+        _finish(record)
+        return record, stereo
+
+    async def _scene_embedded(self, record: Record, ids: tuple[str, str], personas: tuple[Any, Any], frames: int,
+                              seed: int, progress: Progress) -> np.ndarray:
+        lock = await self._acquire_engine()
+        try:
+            engine = await anyio.to_thread.run_sync(self.engine)
+            sa = await anyio.to_thread.run_sync(_open, engine, personas[0], seed)
+            try:
+                sb = await anyio.to_thread.run_sync(_open, engine, personas[1], seed + 1)
+            except BaseException:
+                _close(engine, sa)
+                raise
+            out_a: list[np.ndarray] = []
+            out_b: list[np.ndarray] = []
+            text_a: list[tuple[int, str]] = []
+            text_b: list[tuple[int, str]] = []
+            try:
+                last = [np.zeros(FRAME, np.float32), np.zeros(FRAME, np.float32)]
+                done = 0
+                while done < frames and not record.stop.is_set():
+                    n = min(TICKS_PER_HOP, frames - done)
+                    got = await anyio.to_thread.run_sync(_cross_ticks, engine, sa, sb, last, n)
+                    for ev_a, ev_b in got:
+                        out_a.append(ev_a.pcm)
+                        out_b.append(ev_b.pcm)
+                        if ev_a.text:
+                            text_a.append((ev_a.frame, ev_a.text))
+                        if ev_b.text:
+                            text_b.append((ev_b.frame, ev_b.text))
+                    done += n
+                    record.seconds = done * FRAME_S
+                    record.words = merge_words(words_of(text_a, ids[0], done), words_of(text_b, ids[1], done))
+                    await progress(done, frames, f"{record.seconds:.2f} of {frames * FRAME_S:.2f} s")
+            finally:
+                _close(engine, sa, sb)
+        finally:
+            lock.release()
+        if not out_a:
+            return np.zeros((0, 2), np.float32)
+        return np.stack([np.concatenate(out_a), np.concatenate(out_b)], axis=1)
+
+    async def _scene_remote(self, record: Record, ids: tuple[str, str], frames: int, seed: int,
+                            progress: Progress) -> np.ndarray:
+        """Two websocket sessions on the remote server; each NPC frame received is sent as the
+        other's input (real time: the server paces both)."""
+        from npc_voice.client import AudioFrame, Ended, Text
+
+        out = np.zeros((frames * FRAME, 2), dtype=np.float32)
+        texts: list[list[tuple[int, str]]] = [[], []]
+        got = [0, 0]
+        async with _remote_client(self.settings) as ca, _remote_client(self.settings) as cb:
+            sa = await self._remote_start(ca, ids[0], seed)
+            try:
+                sb = await self._remote_start(cb, ids[1], seed + 1)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await _end_remote(sa, texts[0])
+                raise
+            sessions = (sa, sb)
+
+            async def pump(i: int) -> None:
+                me, other = sessions[i], sessions[1 - i]
+                async for ev in me.events():
+                    if isinstance(ev, AudioFrame):
+                        if ev.frame < frames:
+                            out[ev.frame * FRAME:(ev.frame + 1) * FRAME, i] = ev.float32()
+                        got[i] += 1
+                        await other.send_audio(ev.pcm)  # my voice is the other NPC's input
+                        if got[i] >= frames or record.stop.is_set():
+                            return
+                    elif isinstance(ev, Text):
+                        texts[i].append((ev.frame, ev.text))
+                    elif isinstance(ev, Ended):
+                        return
+
+            async def report() -> None:
+                while min(got) < frames and not record.stop.is_set():
+                    await anyio.sleep(0.4)
+                    record.seconds = min(got) * FRAME_S
+                    await progress(min(min(got), frames), frames, f"{record.seconds:.2f} s")
+
+            try:
+                with anyio.fail_after(frames * FRAME_S * 4 + 30):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(report)
+                        async with anyio.create_task_group() as pumps:
+                            pumps.start_soon(pump, 0)
+                            pumps.start_soon(pump, 1)
+                        tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _end_remote(sa, texts[0])
+                    await _end_remote(sb, texts[1])
+        n = min(min(got), frames)
+        record.seconds = n * FRAME_S
+        record.words = merge_words(words_of(texts[0], ids[0], n), words_of(texts[1], ids[1], n))
+        return out[: n * FRAME]
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _open(engine: Any, persona: Any, seed: int) -> Any:
+    from npc_voice.engine import EngineFull
+
+    try:
+        return engine.open(persona, seed=seed)
+    except EngineFull:
+        raise ServerBusy("server busy: every conversation slot of the embedded engine is in use; retry later") from None
+    except (ValueError, AudioError, CharacterError) as exc:
+        raise UserError(f"the character cannot be used: {exc}") from None
+
+
+def _close(engine: Any, *sessions: Any) -> None:
+    for s in sessions:
+        engine.close(s)
+    engine._apply_pending()  # free the slots now (the next tick would): nothing else ticks this engine
+
+
+def _ticks(engine: Any, feeds: list[tuple[Any, list[np.ndarray]]]) -> dict[str, list[Any]]:
+    """len(chunk) ticks, each session fed its next frame first; -> each session's frame events."""
+    out: dict[str, list[Any]] = {s.id: [] for s, _ in feeds}
+    for i in range(len(feeds[0][1])):
+        for session, chunk in feeds:
+            session.push_audio(chunk[i])
+        for ev in engine.tick():
+            if ev.session_id in out:
+                out[ev.session_id].append(ev)
+    return out
+
+
+def _cross_ticks(engine: Any, sa: Any, sb: Any, last: list[np.ndarray], n: int) -> list[tuple[Any, Any]]:
+    """n ticks of a scene: each NPC hears the other's previous frame."""
+    got = []
+    for _ in range(n):
+        sa.push_audio(last[1])
+        sb.push_audio(last[0])
+        events = {ev.session_id: ev for ev in engine.tick()}
+        ev_a, ev_b = events[sa.id], events[sb.id]
+        last[0], last[1] = ev_a.pcm, ev_b.pcm
+        got.append((ev_a, ev_b))
+    return got
+
+
+def _finish(record: Record) -> None:
+    record.status = "ended" if record.stop.is_set() else "finished"
+
+
+def _fail(record: Record, exc: BaseException) -> None:
+    if isinstance(exc, anyio.get_cancelled_exc_class()) or isinstance(exc, asyncio.CancelledError):
+        record.status = "cancelled"
+    else:
+        record.status, record.error = "failed", str(exc)
+
+
+def normalize_ws_url(url: str) -> str:
+    from npc_voice.protocol import WS_PATH
+
+    url = url.rstrip("/")
+    if url.startswith("http://"):
+        url = "ws://" + url[7:]
+    elif url.startswith("https://"):
+        url = "wss://" + url[8:]
+    return url if url.endswith(WS_PATH) else url + WS_PATH
+
+
+def remote_health(url: str) -> dict[str, Any]:
+    from npc_voice.protocol import HEALTH_PATH, WS_PATH
+
+    http = normalize_ws_url(url).replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    http = http[: -len(WS_PATH)] + HEALTH_PATH
+    try:
+        with urllib.request.urlopen(http, timeout=3) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read())
+        except Exception:
+            return {"status": "error", "error": f"HTTP {exc.code}"}
+    except Exception as exc:
+        return {"status": "unreachable", "error": f"{http}: {exc}"}
+
+
+class _remote_client:
+    """An NPCVoiceClient connection whose failures read as user errors."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.client: Any = None
+
+    async def __aenter__(self) -> Any:
+        from npc_voice.client import NPCVoiceClient
+
+        url = normalize_ws_url(self.settings.server_url or "")
+        self.client = NPCVoiceClient(url, self.settings.token)
+        try:
+            return await self.client.connect()
+        except Exception as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status == 503:
+                raise ServerBusy(f"server busy: {url} refused the connection (HTTP 503); retry later") from None
+            if status == 401:
+                raise UserError(f"{url} refused the token (HTTP 401): pass the server's token with --token") from None
+            raise UserError(f"cannot reach the npc-voice server at {url}: {exc}") from None
+
+    async def __aexit__(self, *exc: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.client.close()
+
+
+async def _end_remote(session: Any, texts: list[tuple[int, str]]) -> None:
+    """Ends a remote session and keeps the text events still queued before `ended`."""
+    from npc_voice.client import Text
+
+    try:
+        with anyio.fail_after(5):
+            if session.ended is None:
+                await session.end()
+            async for ev in session.events():
+                if isinstance(ev, Text):
+                    texts.append((ev.frame, ev.text))
+    except Exception:
+        pass
