@@ -61,6 +61,7 @@ _pkg_version = _version()
 DEFAULT_PORT = 8765
 TOKEN_ENV = "NPC_VOICE_TOKEN"
 MIN_REMOTE_TOKEN_CHARS = 16
+SERVE_MAX_INPUT_SECONDS = 0.5
 
 
 @dataclass
@@ -915,7 +916,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .model.generator import Generator
 
         cache = PrefixCache(model, Generator(model.lm), directory=args.prefix_cache)
-    engine = Engine(model, slots=args.slots, cache=cache)
+    # Player audio more than 0.5 s ahead of the engine is dropped (oldest first): after a hiccup the
+    # conversation catches up instead of keeping the backlog as lag for good.
+    engine = Engine(model, slots=args.slots, cache=cache, max_input_seconds=SERVE_MAX_INPUT_SECONDS)
     config = ServerConfig(host=args.host, port=args.port, token=args.token, idle_timeout=args.idle_timeout)
 
     async def main() -> None:
