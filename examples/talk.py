@@ -100,7 +100,7 @@ def open_audio(mic_queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, play: 
             sys.exit(f"no audio {'capture' if capture else 'output'} device: use --input/--output")
         try:
             devices.append(sdl.AudioDevice(names[0], capture, RATE, sdl.AUDIO_S16, 1, 1024, 0, callback))
-        except pygame.error as exc:
+        except Exception as exc:  # pygame._sdl2 error: busy or missing device
             sys.exit(f"cannot open {names[0]!r}: {exc} (use --input/--output)")
     for device in devices:
         device.pause(0)
