@@ -196,7 +196,7 @@ class Backend:
         self._model = model
         self._model_lock = threading.Lock()
         self._engine: Any = None
-        self._engine_lock: anyio.Lock | None = None
+        self._engine_lock = threading.Lock()
         self._player: Any = None  # BackgroundServer
         self._player_lock = threading.Lock()
         self.records: OrderedDict[str, Record] = OrderedDict()
@@ -240,19 +240,18 @@ class Backend:
             self._engine = Engine(self.model(), slots=max(2, self.settings.slots), cache=self._cache())
         return self._engine
 
-    def engine_lock(self) -> anyio.Lock:
-        if self._engine_lock is None:
-            self._engine_lock = anyio.Lock()
+    def engine_lock(self) -> threading.Lock:
+        """Held by the conversation that ticks the offline engine (a thread lock: any event loop, any task)."""
         return self._engine_lock
 
-    async def _acquire_engine(self) -> anyio.Lock:
-        lock = self.engine_lock()
-        try:
-            with anyio.fail_after(self.settings.busy_wait_s):
-                await lock.acquire()
-        except TimeoutError:
-            raise ServerBusy(f"server busy: another conversation has held the engine for over "
-                             f"{self.settings.busy_wait_s:.0f} s; retry when it is done (end_session stops one)") from None
+    async def _acquire_engine(self) -> threading.Lock:
+        lock = self._engine_lock
+        deadline = time.monotonic() + self.settings.busy_wait_s
+        while not lock.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                raise ServerBusy(f"server busy: another conversation has held the engine for over "
+                                 f"{self.settings.busy_wait_s:g} s; retry when it is done (end_session stops one)")
+            await anyio.sleep(0.05)
         return lock
 
     def close(self) -> None:

@@ -1,0 +1,468 @@
+"""The MCP server (mcp_server, docs/mcp.md) through the SDK's own client: in process (the SDK's
+in-process connection to an MCPServer) and over stdio (`python -m mcp_server` as a subprocess), on
+the `tiny` model with generated voices and short clips."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+import soundfile
+
+pytest.importorskip("mcp")
+
+from mcp import Client, StdioServerParameters  # noqa: E402
+from mcp.types import AudioContent  # noqa: E402
+
+from mcp_server import Backend, Settings, build_server  # noqa: E402
+from npc_voice.model.loading import random_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RATE = 24_000
+ROLE = "You are a ferryman on the black river. Your name is Charon. You ask every traveller for a coin."
+
+
+def tone(seconds: float, freq: float = 220.0, noise: float = 0.02, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    rng = np.random.default_rng(seed)
+    x = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t)) + noise * rng.standard_normal(t.shape)
+    return x.astype(np.float32)
+
+
+def wav(samples: np.ndarray, rate: int = RATE) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def run(coro, timeout: float = 120.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def error_text(result) -> str:
+    assert result.is_error, result
+    return result.content[0].text
+
+
+def decode_wav(content: AudioContent) -> tuple[np.ndarray, int]:
+    assert content.type == "audio" and content.mime_type == "audio/wav"
+    data, rate = soundfile.read(io.BytesIO(base64.b64decode(content.data)), dtype="float32", always_2d=True)
+    return data, rate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mcp")
+    chars, audio, outside = root / "characters", root / "audio", root / "outside"
+    chars.mkdir()
+    audio.mkdir()
+    outside.mkdir()
+    (audio / "voice.wav").write_bytes(wav(tone(2.5, 180.0)))
+    (audio / "hello.wav").write_bytes(wav(tone(1.0, 300.0, seed=1)))
+    (audio / "garbage.wav").write_bytes(b"RIFF not really a wav file")
+    (outside / "secret.wav").write_bytes(wav(tone(2.5)))
+    (audio / "escape.wav").symlink_to(outside / "secret.wav")  # a link inside pointing outside
+    return {"root": root, "characters": chars, "audio": audio, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def backend(model, folders):
+    backend = Backend(Settings(characters=folders["characters"], audio_dir=folders["audio"], busy_wait_s=0.5),
+                      model=model)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def ferryman(backend):
+    """A character created through the MCP tool with a base64 voice clip."""
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            return await client.call_tool("create_character", {
+                "id": "ferryman", "name": "Charon", "role": ROLE, "voice_base64": b64(wav(tone(2.5, 150.0))),
+                "tags": ["river"], "lines": {"greeting": "A coin, traveller."}})
+
+    result = run(go())
+    assert not result.is_error, result.content[0].text
+    return "ferryman"
+
+
+# --- characters ------------------------------------------------------------------------------------
+
+
+def test_listing_prompt_and_resources(backend, ferryman) -> None:
+    async def go():
+        async with Client(build_server(backend)) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"list_characters", "get_character", "create_character", "update_character", "delete_character",
+                    "list_voices", "start_player_session", "talk_to_character", "run_scene", "get_transcript",
+                    "end_session", "server_status"} <= tools
+            templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
+            assert templates == {"character://{id}", "transcript://{session}"}
+            prompt = await client.get_prompt("write_role_prompt", {"character": "a grumpy miller", "facts": "flour 2c"})
+            text = prompt.messages[0].content.text
+            assert "a grumpy miller" in text and "Your name is" in text and "create_character" in text
+
+            listed = (await client.call_tool("list_characters", {})).structured_content
+            assert [c["id"] for c in listed["characters"]] == ["ferryman"]
+            assert (await client.call_tool("list_characters", {"tag": "nope"})).structured_content["characters"] == []
+            got = (await client.call_tool("get_character", {"id": "ferryman"})).structured_content
+            assert got["character"]["role"] == ROLE and got["character"]["lines"] == {"greeting": "A coin, traveller."}
+            assert got["validation"]["ok"]
+            resource = await client.read_resource("character://ferryman")
+            assert json.loads(resource.contents[0].text)["name"] == "Charon"
+            voices = (await client.call_tool("list_voices", {})).structured_content
+            assert "hello.wav" in voices["audio_folder"]["files"] and "NATF2" in voices["presets"]["known_names"]
+            assert voices["character_voices"] == {"ferryman": "voice.wav"}
+            status = (await client.call_tool("server_status", {})).structured_content
+            assert status["mode"] == "embedded" and "RANDOM weights" in status["warning"]
+
+    run(go())
+
+
+def test_character_create_update_delete(backend, folders) -> None:
+    async def go():
+        async with Client(build_server(backend)) as client:
+            created = await client.call_tool("create_character", {
+                "id": "guard", "name": "Tomas", "role": "You are a city guard. Your name is Tomas.",
+                "voice_file": "voice.wav"})
+            assert not created.is_error, created.content[0].text
+            voice = (folders["characters"] / "guard" / "voice.wav").read_bytes()
+            updated = await client.call_tool("update_character", {"id": "guard", "name": "Sergeant Tomas",
+                                                                   "text_temperature": 0.5})
+            assert updated.structured_content["updated"]["name"] == "Sergeant Tomas"
+            c = backend.store.load("guard")
+            assert c.role.startswith("You are a city guard") and c.sampling.text_temperature == 0.5
+            assert (folders["characters"] / "guard" / "voice.wav").read_bytes() == voice  # kept
+            new_voice = await client.call_tool("update_character", {"id": "guard", "voice_base64": b64(wav(tone(3.0, 400.0)))})
+            assert not new_voice.is_error
+            assert (folders["characters"] / "guard" / "voice.wav").read_bytes() != voice
+            assert (await client.call_tool("delete_character", {"id": "guard"})).structured_content == {"deleted": "guard"}
+            assert "guard" not in backend.store
+
+    run(go())
+
+
+def test_character_errors(backend, folders, ferryman) -> None:
+    role = "You are a baker. Your name is Ann."
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            async def create(**voice):
+                return await client.call_tool("create_character", {"id": "baker", "name": "Ann", "role": role} | voice)
+
+            assert "unknown character 'nobody'" in error_text(await client.call_tool("get_character", {"id": "nobody"}))
+            assert "unknown character" in error_text(await client.call_tool("delete_character", {"id": "nobody"}))
+            assert "unknown character" in error_text(await client.call_tool("update_character", {"id": "nobody",
+                                                                                                 "name": "X"}))
+            assert "exactly one voice" in error_text(await create())
+            assert "exactly one voice" in error_text(await create(voice_preset="NATF2", voice_file="voice.wav"))
+            assert "not valid base64" in error_text(await create(voice_base64="%%% not base64 %%%"))
+            assert "cannot read" in error_text(await create(voice_base64=b64(b"definitely not audio" * 10)))
+            assert "cannot read" in error_text(await create(voice_file="garbage.wav"))
+            assert "shorter than 2 s" in error_text(await create(voice_base64=b64(wav(tone(0.5)))))
+            # paths outside the allowed folder, however spelled, are refused before anything is read
+            outside = folders["outside"] / "secret.wav"
+            for path in (str(outside), "../outside/secret.wav", "escape.wav"):
+                assert "outside the allowed audio folder" in error_text(await create(voice_file=path)), path
+            assert "no audio file" in error_text(await create(voice_file="missing.wav"))
+            assert "not a safe id" in error_text(await client.call_tool("create_character", {
+                "id": "../evil", "name": "E", "role": role, "voice_file": "voice.wav"}))
+            assert "already exists" in error_text(await client.call_tool("create_character", {
+                "id": "ferryman", "name": "E", "role": role, "voice_file": "voice.wav"}))
+            with pytest.raises(Exception):
+                await client.read_resource("character://nobody")
+            assert "baker" not in backend.store
+
+    run(go())
+
+
+def test_audio_files_refused_without_an_allowed_folder(model, folders) -> None:
+    backend = Backend(Settings(characters=folders["root"] / "other-chars"), model=model)
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            result = await client.call_tool("create_character", {"id": "x", "name": "X", "role": ROLE,
+                                                                 "voice_file": str(folders["audio"] / "voice.wav")})
+            assert "no allowed audio folder" in error_text(result)
+
+    run(go())
+
+
+# --- conversations (embedded engine) ----------------------------------------------------------------
+
+
+def test_talk_to_character(backend, ferryman) -> None:
+    clip = tone(1.5, 300.0, seed=3)
+    progress: list[tuple[float, float | None]] = []
+
+    async def on_progress(done, total, message):
+        progress.append((done, total))
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            result = await client.call_tool("talk_to_character", {"character": ferryman, "audio_base64": b64(wav(clip)),
+                                                                  "seed": 3}, progress_callback=on_progress)
+            assert not result.is_error, result.content[0].text
+            summary = result.structured_content
+            assert summary["kind"] == "talk" and summary["status"] == "finished" and summary["characters"] == [ferryman]
+            assert abs(summary["seconds"] - 1.52) < 0.01  # 19 frames of 80 ms
+            audio = [c for c in result.content if c.type == "audio"]
+            assert len(audio) == 1
+            samples, rate = decode_wav(audio[0])
+            assert rate == RATE and samples.shape == (clip.shape[0], 1)
+            session = summary["session"]
+            resource = json.loads((await client.read_resource(f"transcript://{session}")).contents[0].text)
+            assert resource["session"] == session and resource["words"] == summary["words"]
+            for w in resource["words"]:
+                assert w["speaker"] == ferryman and 0 <= w["start"] <= w["end"] <= 1.6
+            assert (await client.call_tool("get_transcript", {"session": session})).structured_content == resource
+            # the same file from the allowed folder
+            again = await client.call_tool("talk_to_character", {"character": ferryman, "audio_file": "hello.wav"})
+            assert not again.is_error and again.structured_content["seconds"] == pytest.approx(1.04)
+            ended = await client.call_tool("end_session", {"session": session})
+            assert ended.structured_content["status"] == "finished"
+
+    run(go())
+    assert progress and progress[-1] == (19, 19) and all(t == 19 for _, t in progress)
+    assert backend.engine().sessions == []
+
+
+def test_talk_errors(backend, ferryman) -> None:
+    async def go():
+        async with Client(build_server(backend)) as client:
+            async def talk(**args):
+                return await client.call_tool("talk_to_character", {"character": ferryman} | args)
+
+            assert "unknown character 'ghost'" in error_text(await client.call_tool(
+                "talk_to_character", {"character": "ghost", "audio_base64": b64(wav(tone(1.0)))}))
+            assert "unreadable audio" in error_text(await talk(audio_base64=b64(b"\x00\x01garbage" * 50)))
+            assert "not valid base64" in error_text(await talk(audio_base64="not base64!"))
+            assert "exactly one of" in error_text(await talk())
+            assert "outside the allowed audio folder" in error_text(await talk(audio_file="../outside/secret.wav"))
+            assert "outside the allowed audio folder" in error_text(await talk(audio_file="escape.wav"))
+            assert "unknown session" in error_text(await client.call_tool("get_transcript", {"session": "talk-999"}))
+            assert "unknown session" in error_text(await client.call_tool("end_session", {"session": "nope"}))
+            with pytest.raises(Exception):
+                await client.read_resource("transcript://talk-999")
+            # server busy: another conversation holds the engine for longer than busy_wait_s (0.5 s here)
+            lock = backend.engine_lock()
+            lock.acquire()
+            try:
+                assert "server busy" in error_text(await talk(audio_base64=b64(wav(tone(1.0)))))
+            finally:
+                lock.release()
+
+    run(go())
+
+
+def test_scene(backend, ferryman) -> None:
+    async def go():
+        async with Client(build_server(backend)) as client:
+            # a second character with another voice
+            created = await client.call_tool("create_character", {
+                "id": "traveller", "name": "Dante", "role": "You are a lost poet. Your name is Dante.",
+                "voice_base64": b64(wav(tone(2.5, 260.0, seed=5)))})
+            assert not created.is_error
+            result = await client.call_tool("run_scene", {"character_a": ferryman, "character_b": "traveller",
+                                                          "seconds": 1.2, "seed": 1})
+            assert not result.is_error, result.content[0].text
+            summary = result.structured_content
+            assert summary["kind"] == "scene" and summary["characters"] == [ferryman, "traveller"]
+            assert summary["seconds"] == pytest.approx(1.2) and "stereo" in summary["audio"]
+            assert "left = ferryman" in summary["audio"]
+            samples, rate = decode_wav([c for c in result.content if c.type == "audio"][0])
+            assert rate == RATE and samples.shape == (15 * 1920, 2)
+            assert not np.array_equal(samples[:, 0], samples[:, 1])
+            starts = [w["start"] for w in summary["words"]]
+            assert starts == sorted(starts) and {w["speaker"] for w in summary["words"]} <= {ferryman, "traveller"}
+            resource = json.loads((await client.read_resource(f"transcript://{summary['session']}")).contents[0].text)
+            assert resource["words"] == summary["words"]
+            assert "unknown character" in error_text(await client.call_tool(
+                "run_scene", {"character_a": ferryman, "character_b": "ghost", "seconds": 1}))
+            assert "at most" in error_text(await client.call_tool(
+                "run_scene", {"character_a": ferryman, "character_b": "traveller", "seconds": 10_000}))
+
+    run(go())
+    assert backend.engine().sessions == []
+
+
+def test_cancel_and_end_session(backend, ferryman) -> None:
+    """A cancelled call frees the engine at once; end_session stops a running conversation early."""
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            first = anyio.Event()
+
+            async def on_progress(done, total, message):
+                first.set()
+
+            async with anyio.create_task_group() as tg:
+                async def call():
+                    await client.call_tool("run_scene", {"character_a": ferryman, "character_b": ferryman,
+                                                         "seconds": 30}, progress_callback=on_progress)
+
+                tg.start_soon(call)
+                await first.wait()
+                tg.cancel_scope.cancel()
+            scene = [r for r in backend.records.values() if r.kind == "scene"][-1]
+            assert scene.status == "cancelled" and 0 < scene.seconds < 30
+            assert backend.engine().sessions == [] and not backend.engine_lock().locked()
+
+            # end_session from another request while talk runs: the call returns early with what it has
+            started = anyio.Event()
+            results = {}
+
+            async def on_talk_progress(done, total, message):
+                started.set()
+
+            async with anyio.create_task_group() as tg:
+                async def talk():
+                    results["talk"] = await client.call_tool(
+                        "talk_to_character", {"character": ferryman, "audio_base64": b64(wav(tone(20.0)))},
+                        progress_callback=on_talk_progress)
+
+                tg.start_soon(talk)
+                await started.wait()
+                session = [r for r in backend.records.values() if r.kind == "talk"][-1].id
+                stopping = await client.call_tool("end_session", {"session": session})
+                assert stopping.structured_content["status"] == "stopping"
+            summary = results["talk"].structured_content
+            assert summary["status"] == "ended" and summary["seconds"] < 20
+            assert backend.engine().sessions == []
+
+    run(go())
+
+
+def test_player_session_embedded(model, folders, ferryman) -> None:
+    from npc_voice.client import AudioFrame, NPCVoiceClient
+
+    backend = Backend(Settings(characters=folders["characters"], player_slots=1), model=model)
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            assert "unknown character" in error_text(await client.call_tool("start_player_session",
+                                                                            {"character": "ghost"}))
+            info = (await client.call_tool("start_player_session", {"character": ferryman})).structured_content
+            assert info["websocket_url"].startswith("ws://127.0.0.1:") and info["websocket_url"].endswith("/ws")
+            assert len(info["token"]) >= 16 and info["start_message"]["character"] == ferryman
+            # a game client uses exactly what it was given
+            async with NPCVoiceClient(info["websocket_url"], info["token"]) as game:
+                session = await game.start(character=info["start_message"]["character"], seed=1)
+                await session.send_audio(tone(0.3))
+                frames = 0
+                async for ev in session.events():
+                    frames += isinstance(ev, AudioFrame)
+                    if frames >= 3:
+                        break
+                await session.end()
+            status = (await client.call_tool("server_status", {})).structured_content
+            assert status["player_server"]["url"] == info["websocket_url"]
+            ended = (await client.call_tool("end_session", {"session": info["session"]})).structured_content
+            assert ended["status"] == "ended" and "stopped" in ended["message"]
+            assert (await client.call_tool("server_status", {})).structured_content["player_server"] is None
+
+    try:
+        run(go())
+    finally:
+        backend.close()
+
+
+# --- a remote npc-voice serve -----------------------------------------------------------------------
+
+
+def test_remote_server(model, folders, ferryman) -> None:
+    from npc_voice.client import NPCVoiceClient
+    from npc_voice.engine import Engine
+    from npc_voice.server import BackgroundServer, ServerConfig, open_store
+
+    token = "remote-token-0123456789"
+    engine = Engine(model, slots=1)
+    with BackgroundServer(engine, ServerConfig(port=0, token=token), open_store(folders["characters"])) as bg:
+        backend = Backend(Settings(characters=folders["characters"], server_url=bg.url.removesuffix("/ws"),
+                                   token=token), model=model)
+
+        async def go():
+            async with Client(build_server(backend)) as client:
+                status = (await client.call_tool("server_status", {})).structured_content
+                assert status["mode"] == "remote" and status["server"]["status"] == "ok"
+                result = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                      "audio_base64": b64(wav(tone(1.0)))})
+                assert not result.is_error, result.content[0].text
+                samples, _ = decode_wav([c for c in result.content if c.type == "audio"][0])
+                assert samples.shape == (RATE, 1) and result.structured_content["status"] == "finished"
+                info = (await client.call_tool("start_player_session", {"character": ferryman})).structured_content
+                assert info["websocket_url"] == bg.url and info["token"] == token and not info["embedded"]
+                assert "unknown character" in error_text(await client.call_tool(
+                    "talk_to_character", {"character": "ghost", "audio_base64": b64(wav(tone(1.0)))}))
+                # every slot taken by a game: server busy
+                async with NPCVoiceClient(bg.url, token) as game:
+                    await game.start(character=ferryman)
+                    busy = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                        "audio_base64": b64(wav(tone(1.0)))})
+                    assert "server busy" in error_text(busy)
+
+        run(go())
+
+    wrong = Backend(Settings(characters=folders["characters"], server_url="ws://127.0.0.1:9", token="x"), model=model)
+
+    async def unreachable():
+        async with Client(build_server(wrong)) as client:
+            result = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                  "audio_base64": b64(wav(tone(1.0)))})
+            assert "cannot reach the npc-voice server" in error_text(result)
+
+    run(unreachable())
+
+
+# --- over stdio -------------------------------------------------------------------------------------
+
+
+def test_stdio_subprocess(folders, tmp_path) -> None:
+    chars = tmp_path / "chars"
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--transport", "stdio", "--characters", str(chars),
+              "--audio-dir", str(folders["audio"]), "--threads", "2"],
+        env={"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}, cwd=str(REPO))
+
+    async def go():
+        async with Client(params, read_timeout_seconds=90) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert "talk_to_character" in tools
+            created = await client.call_tool("create_character", {
+                "id": "miller", "name": "Old Miller", "role": "You are the miller of Mossbrook. Your name is Hob.",
+                "voice_base64": b64(wav(tone(2.2, 200.0)))})
+            assert not created.is_error, created.content[0].text
+            refused = await client.call_tool("create_character", {"id": "x", "name": "X", "role": ROLE,
+                                                                  "voice_file": str(folders["outside"] / "secret.wav")})
+            assert "outside the allowed audio folder" in error_text(refused)
+            result = await client.call_tool("talk_to_character", {"character": "miller", "audio_file": "hello.wav"})
+            assert not result.is_error, result.content[0].text
+            samples, rate = decode_wav([c for c in result.content if c.type == "audio"][0])
+            assert rate == RATE and samples.shape == (RATE, 1)
+            session = result.structured_content["session"]
+            transcript = json.loads((await client.read_resource(f"transcript://{session}")).contents[0].text)
+            assert transcript["session"] == session
+            status = (await client.call_tool("server_status", {})).structured_content
+            assert status["model"]["loaded"] and status["model"]["weights"] == "random"
+
+    run(go(), timeout=150)
