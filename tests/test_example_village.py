@@ -1,0 +1,171 @@
+"""The example game (examples/village) and examples/talk.py against a real server on 127.0.0.1
+(the tiny model), headless: SDL's dummy video and audio drivers, input scripted as key events."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+pygame = pytest.importorskip("pygame")  # the `examples` extra
+
+REPO = Path(__file__).resolve().parents[1]
+VILLAGE = REPO / "examples" / "village"
+sys.path.insert(0, str(VILLAGE))
+
+import village  # noqa: E402
+from village_audio import Playback  # noqa: E402
+
+TOKEN = "village-test-token"
+
+
+@pytest.fixture(scope="module")
+def server():
+    import torch
+
+    from npc_voice.characters import CharacterStore
+    from npc_voice.engine import Engine, PrefixCache
+    from npc_voice.model.generator import Generator
+    from npc_voice.model.loading import random_model
+    from npc_voice.server import BackgroundServer, ServerConfig
+
+    torch.set_num_threads(1)  # 2-core machine: the engine on one core, the game on the other
+    model = random_model("tiny", seed=3)
+    store = CharacterStore(REPO / "characters")
+    store.tokenizer = model.tokenizer
+    engine = Engine(model, slots=2, cache=PrefixCache(model, Generator(model.lm)))
+    bg = BackgroundServer(engine, ServerConfig(port=0, token=TOKEN), store).start()
+    yield bg
+    bg.stop()
+
+
+def health(bg) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{bg.server.port}/health", timeout=5) as r:
+        return json.load(r)
+
+
+def test_walk_up_talk_and_walk_away(server) -> None:
+    game = village.Game(server.url, TOKEN, mic=False, seed=1)
+    try:
+        assert game.local_server is None and game.mic is None  # no microphone: prepared lines
+        assert len(game.lines) == 3
+        target = next(n for n in game.npcs if n.id == "innkeeper")
+        assert len(game.npcs) >= 3 and all(n.name for n in game.npcs)
+        trace: dict = {"max_pending_s": 0.0, "open_dist": None, "subtitles": [], "states": set()}
+        pilot = village.autopilot("innkeeper", line=0, talk_frames=75)
+
+        def script(g: village.Game, frame: int) -> list:
+            conv = g.conversation
+            if conv is not None and trace["open_dist"] is None:
+                trace["open_dist"] = math.dist(g.player, conv.npc.pos)
+            if conv is not None:
+                if not trace["subtitles"] or trace["subtitles"][-1] != conv.subtitles:
+                    trace["subtitles"].append(conv.subtitles)
+                trace["states"].add(conv.state)
+            trace["max_pending_s"] = max(trace["max_pending_s"], g.playback.pending_s)
+            return pilot(g, frame)
+
+        # the fixed-length script of key events first: walk right for 10 frames, then stop
+        x0 = game.player[0]
+        game.run(frames=12, script=[(0, "down", pygame.K_RIGHT), (10, "up", pygame.K_RIGHT)])
+        assert game.player[0] == x0 + 10 * village.SPEED and not game.held and game.conversation is None
+
+        t0 = time.monotonic()
+        conv = None
+        while time.monotonic() - t0 < 60:
+            game.run(frames=15, script=script)
+            if game.history:
+                conv = game.history[0]
+            if conv is not None and conv.closed_frame is not None and conv.ended is not None:
+                break
+        assert conv is not None, "no conversation opened"
+        # it opened when the player reached the innkeeper, and with her
+        assert conv.npc is target and trace["open_dist"] < village.TALK_RADIUS
+        assert conv.started_frame is not None and not conv.error
+        # the game loop kept running while the session was being set up (the first start builds the
+        # character's prompt: a few seconds on this machine)
+        assert conv.started_frame - conv.opened_frame >= 5
+        assert game.lines_sent == [game.lines[0][0]] and conv.player_line == game.lines[0][0]
+        assert game.link.sent_chunks > 20  # the line and silence, every 80 ms
+        # audio arrived and went to the mixer channel through the jitter buffer
+        assert conv.audio_frames >= 25, conv.audio_frames
+        assert game.playback.received == conv.audio_frames
+        assert game.playback.queued >= 15, vars(game.playback)
+        assert trace["max_pending_s"] <= 0.5 + 1e-6
+        # subtitles grew as text arrived; the indicator followed the NPC's state
+        assert conv.text_events > 0 and len(trace["subtitles"]) >= 3 and trace["subtitles"][-1].strip()
+        assert "speaking" in trace["states"]
+        # walking away closed it: the server ended the session at the client's request
+        assert game.conversation is None and len(game.history) == 1
+        assert math.dist(game.player, target.pos) > village.LEAVE_RADIUS
+        assert conv.ended["reason"] == "client" and conv.ended["frames"] >= conv.audio_frames
+        deadline = time.monotonic() + 5
+        while health(server)["slots"]["used"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health(server)["slots"]["used"] == 0
+        print(f"frames {game.frame}, fps {game.fps_measured:.1f}, NPC frames {conv.audio_frames}, "
+              f"queued {game.playback.queued}, dropped {game.playback.dropped}, underruns {game.playback.underruns}")
+    finally:
+        game.close()
+
+
+def test_playback_jitter_buffer() -> None:
+    pygame.mixer.pre_init(24_000, -16, 1, 512)
+    pygame.init()
+    try:
+        pb = Playback(prebuffer=2, max_queued_s=0.5)
+        frame = np.zeros(1920, np.int16)
+        pb.push(0, frame)
+        pb.update()
+        assert pb.queued == 0 and not pb.playing  # waits for the prebuffer
+        pb.push(1, frame)
+        pb.update()
+        assert pb.queued == 2 and pb.channel.get_busy()  # one playing, one queued on the channel
+        for i in range(2, 22):  # a burst of 20 frames (1.6 s): the oldest go beyond 0.5 s
+            pb.push(i, frame)
+        assert pb.pending_s <= 0.5 + 1e-9 and pb.dropped == 20 - 6
+        pb.push(25, frame)  # frames 22-24 never came: silence in their place
+        assert pb.silence_frames == 3
+        pb.reset()
+        assert not pb.pending and not pb.channel.get_busy()
+    finally:
+        pygame.quit()
+
+
+def test_talk_example_wav_in_wav_out(server, tmp_path: Path) -> None:
+    import soundfile
+
+    out = tmp_path / "npc.wav"
+    line = VILLAGE / "lines" / "3-work.wav"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "talk.py"), "--server", server.url, "--token", TOKEN,
+         "--character", "blacksmith", "--input", str(line), "--output", str(out)],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ended: client" in result.stderr
+    pcm, rate = soundfile.read(out, dtype="int16")
+    duration = soundfile.info(line).duration
+    assert rate == 24_000 and pcm.ndim == 1
+    assert abs(len(pcm) / rate - duration) < 0.5 and np.abs(pcm).max() > 0
+
+
+def test_prepared_lines_are_24k_mono() -> None:
+    import soundfile
+
+    wavs = sorted((VILLAGE / "lines").glob("*.wav"))
+    assert len(wavs) == 3
+    for wav in wavs:
+        info = soundfile.info(wav)
+        assert info.samplerate == 24_000 and info.channels == 1 and info.subtype == "PCM_16"
+        assert 1.0 < info.duration < 8.0 and wav.with_suffix(".txt").read_text().strip()
