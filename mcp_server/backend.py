@@ -254,6 +254,13 @@ class Backend:
             await anyio.sleep(0.05)
         return lock
 
+    async def _engine_ready(self, progress: Progress, total: int) -> Any:
+        if self._model is None:
+            await progress(0, total, "loading the model (first conversation)")
+        engine = await anyio.to_thread.run_sync(self.engine)
+        await progress(0, total, "building the characters' prompts (cached afterwards)")
+        return engine
+
     def close(self) -> None:
         for record in self.records.values():
             record.stop.set()
@@ -489,7 +496,7 @@ class Backend:
         padded[: clip.shape[0]] = clip
         lock = await self._acquire_engine()
         try:
-            engine = await anyio.to_thread.run_sync(self.engine)
+            engine = await self._engine_ready(progress, frames)
             session = await anyio.to_thread.run_sync(_open, engine, persona, seed)
             pcm: list[np.ndarray] = []
             texts: list[tuple[int, str]] = []
@@ -605,7 +612,7 @@ class Backend:
                               seed: int, progress: Progress) -> np.ndarray:
         lock = await self._acquire_engine()
         try:
-            engine = await anyio.to_thread.run_sync(self.engine)
+            engine = await self._engine_ready(progress, frames)
             sa = await anyio.to_thread.run_sync(_open, engine, personas[0], seed)
             try:
                 sb = await anyio.to_thread.run_sync(_open, engine, personas[1], seed + 1)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preload", action="store_true", help="load the model at start-up, not at the first conversation")
     p.add_argument("--busy-wait", type=float, default=20.0, help="seconds a conversation waits for the engine before "
                    "'server busy' (default 20)")
+    p.add_argument("--allow-remote-http", action="store_true", help="allow --host other than loopback for --transport "
+                   "http (the MCP endpoint has no authentication of its own: put it behind an authenticating proxy)")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     from .backend import Backend
 
     try:
+        from npc_voice.server import is_loopback
+
+        if args.transport == "http" and not is_loopback(args.host) and not args.allow_remote_http:
+            raise ValueError(f"refusing to serve MCP over HTTP on {args.host}: the endpoint has no authentication and "
+                             "can create characters and run the model; bind 127.0.0.1, or pass --allow-remote-http "
+                             "behind an authenticating proxy")
         settings = settings_from_args(args)
         if settings.audio_dir is not None and not settings.audio_dir.is_dir():
             raise ValueError(f"--audio-dir {settings.audio_dir} is not a folder")

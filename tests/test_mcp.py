@@ -313,7 +313,8 @@ def test_cancel_and_end_session(backend, ferryman) -> None:
             first = anyio.Event()
 
             async def on_progress(done, total, message):
-                first.set()
+                if done > 0:
+                    first.set()
 
             async with anyio.create_task_group() as tg:
                 async def call():
@@ -332,7 +333,8 @@ def test_cancel_and_end_session(backend, ferryman) -> None:
             results = {}
 
             async def on_talk_progress(done, total, message):
-                started.set()
+                if done > 0:
+                    started.set()
 
             async with anyio.create_task_group() as tg:
                 async def talk():
@@ -346,7 +348,7 @@ def test_cancel_and_end_session(backend, ferryman) -> None:
                 stopping = await client.call_tool("end_session", {"session": session})
                 assert stopping.structured_content["status"] == "stopping"
             summary = results["talk"].structured_content
-            assert summary["status"] == "ended" and summary["seconds"] < 20
+            assert summary["status"] == "ended" and 0 < summary["seconds"] < 20
             assert backend.engine().sessions == []
 
     run(go())
@@ -395,7 +397,7 @@ def test_remote_server(model, folders, ferryman) -> None:
     from npc_voice.server import BackgroundServer, ServerConfig, open_store
 
     token = "remote-token-0123456789"
-    engine = Engine(model, slots=1)
+    engine = Engine(model, slots=2)
     with BackgroundServer(engine, ServerConfig(port=0, token=token), open_store(folders["characters"])) as bg:
         backend = Backend(Settings(characters=folders["characters"], server_url=bg.url.removesuffix("/ws"),
                                    token=token), model=model)
@@ -413,14 +415,33 @@ def test_remote_server(model, folders, ferryman) -> None:
                 assert info["websocket_url"] == bg.url and info["token"] == token and not info["embedded"]
                 assert "unknown character" in error_text(await client.call_tool(
                     "talk_to_character", {"character": "ghost", "audio_base64": b64(wav(tone(1.0)))}))
-                # every slot taken by a game: server busy
-                async with NPCVoiceClient(bg.url, token) as game:
-                    await game.start(character=ferryman)
+                scene = await client.call_tool("run_scene", {"character_a": ferryman, "character_b": ferryman,
+                                                             "seconds": 1.0})
+                assert not scene.is_error, scene.content[0].text
+                samples, _ = decode_wav([c for c in scene.content if c.type == "audio"][0])
+                assert samples.shape == (13 * 1920, 2)  # ceil(1.0 s / 80 ms) frames
+                assert scene.structured_content["status"] == "finished"
+                # every slot taken by games: server busy
+                async with NPCVoiceClient(bg.url, token) as g1, NPCVoiceClient(bg.url, token) as g2:
+                    await g1.start(character=ferryman)
+                    await g2.start(character=ferryman)
                     busy = await client.call_tool("talk_to_character", {"character": ferryman,
                                                                         "audio_base64": b64(wav(tone(1.0)))})
                     assert "server busy" in error_text(busy)
 
         run(go())
+
+    # a server without this MCP server's characters folder: the character is sent inline
+    with BackgroundServer(Engine(model, slots=1), ServerConfig(port=0), None) as bare:
+        inline = Backend(Settings(characters=folders["characters"], server_url=bare.url), model=model)
+
+        async def go_inline():
+            async with Client(build_server(inline)) as client:
+                result = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                      "audio_base64": b64(wav(tone(0.5)))})
+                assert not result.is_error, result.content[0].text
+
+        run(go_inline())
 
     wrong = Backend(Settings(characters=folders["characters"], server_url="ws://127.0.0.1:9", token="x"), model=model)
 
@@ -466,3 +487,46 @@ def test_stdio_subprocess(folders, tmp_path) -> None:
             assert status["model"]["loaded"] and status["model"]["weights"] == "random"
 
     run(go(), timeout=150)
+
+
+def test_streamable_http(folders, tmp_path) -> None:
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = os.environ | {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_server", "--transport", "http", "--port", str(port),
+                             "--characters", str(tmp_path / "chars")], cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.2)
+
+        async def go():
+            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                listed = await client.call_tool("list_characters", {})
+                assert listed.structured_content["characters"] == []
+                assert "unknown character" in error_text(await client.call_tool("get_character", {"id": "x"}))
+                prompt = await client.get_prompt("write_role_prompt", {"character": "a guard"})
+                assert "a guard" in prompt.messages[0].content.text
+
+        run(go(), timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_refuses_a_public_http_bind(tmp_path) -> None:
+    from mcp_server.cli import main
+
+    assert main(["--transport", "http", "--host", "0.0.0.0", "--characters", str(tmp_path)]) == 2
+    assert main(["--audio-dir", str(tmp_path / "missing"), "--characters", str(tmp_path)]) == 2
