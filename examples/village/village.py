@@ -69,14 +69,15 @@ class NPC:
     name: str
     pos: tuple[int, int]
     color: tuple[int, int, int]
+    role: str = ""
     speaking: bool = False
 
 
 VILLAGERS = [
-    NPC("innkeeper", "Marta the innkeeper", (144, 238), (200, 90, 120)),
-    NPC("blacksmith", "Blacksmith", (592, 238), (90, 90, 100)),
-    NPC("city-guard", "City guard", (736, 304), (60, 80, 160)),
-    NPC("quest-giver", "Quest giver", (272, 436), (120, 70, 160)),
+    NPC("innkeeper", "Marta Holloway", (144, 238), (200, 90, 120), "innkeeper"),
+    NPC("blacksmith", "Borin Ashdown", (592, 238), (90, 90, 100), "blacksmith"),
+    NPC("city-guard", "Sgt. Tomas Hale", (736, 304), (60, 80, 160), "city guard"),
+    NPC("quest-giver", "Elder Wynn", (272, 436), (120, 70, 160), "quest giver"),
 ]
 
 
@@ -161,7 +162,7 @@ class Game:
         self.font = pygame.font.Font(None, 22)
         self.small = pygame.font.Font(None, 18)
         self.big = pygame.font.Font(None, 28)
-        self.npcs = [NPC(n.id, n.name, n.pos, n.color) for n in (npcs or VILLAGERS)]
+        self.npcs = [NPC(n.id, n.name, n.pos, n.color, n.role) for n in (npcs or VILLAGERS)]
         self.player = [float(START[0]), float(START[1])]
         self.facing = (0, 1)
         self.held: set[int] = set()
@@ -492,7 +493,7 @@ class Game:
         if conv is None:
             return
         top = self.player[1] > HEIGHT * 0.55  # keep the panel out of the player's way
-        panel = pygame.Rect(40, 34 if top else HEIGHT - 150, WIDTH - 80, 124)
+        panel = pygame.Rect(40, 34 if top else HEIGHT - 132, WIDTH - 80, 104)
         surf = pygame.Surface(panel.size, pygame.SRCALPHA)
         surf.fill((18, 16, 22, 215))
         self.screen.blit(surf, panel)
@@ -502,11 +503,12 @@ class Game:
         word, color = status.get(conv.status, ("speaking" if conv.state == "speaking" else "listening",
                                                SPEAK if conv.state == "speaking" else LISTEN))
         pygame.draw.circle(self.screen, color, (panel.x + 18, panel.y + 18), 8)
-        self.screen.blit(self.big.render(conv.npc.name, True, (255, 230, 150)), (panel.x + 34, panel.y + 7))
+        title = f"{conv.npc.name}, {conv.npc.role}" if conv.npc.role else conv.npc.name
+        self.screen.blit(self.big.render(title, True, (255, 230, 150)), (panel.x + 34, panel.y + 7))
         tag = self.font.render(word, True, color)
         self.screen.blit(tag, (panel.right - tag.get_width() - 12, panel.y + 10))
         y = panel.y + 38
-        for line in self._wrap(conv.subtitles.strip() or (conv.error or "..."), panel.w - 24)[-3:]:
+        for line in self._wrap(conv.subtitles.strip() or (conv.error or "..."), panel.w - 24)[-2:]:
             self.screen.blit(self.font.render(line, True, PAPER), (panel.x + 12, y))
             y += 20
         hint = f'You: "{conv.player_line}"' if conv.player_line else \
