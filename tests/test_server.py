@@ -749,7 +749,10 @@ def test_eight_sessions_real_time() -> None:
     print(f"frames per session in {window:.0f} s (expected {expected:.0f}): "
           f"{ {cid: n for cid, (n, _, _) in out.items()} }; tick p50 {after['tick_ms']['p50']} ms, "
           f"p99 {after['tick_ms']['p99']} ms, overruns {after['overruns'] - before['overruns']} in {ticks} ticks")
+    busy = (f"engine tick p50 {after['tick_ms']['p50']} ms, {after['overruns'] - before['overruns']} overruns in "
+            f"{ticks} ticks, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: at 8 sessions the tick "
+            "needs ~65 ms of one core, so another job on this machine makes it miss real time")
     for cid, (n, problems, indexes) in out.items():
-        assert not problems, (cid, problems)
-        assert indexes == list(range(len(indexes))), cid  # no frame lost
-        assert 0.95 <= rates[cid] <= 1.05, (cid, n, expected)
+        assert not problems, (cid, problems[:3], busy)
+        assert indexes == list(range(len(indexes))), (cid, busy)  # no frame lost
+        assert 0.95 <= rates[cid] <= 1.05, (cid, n, expected, busy)
