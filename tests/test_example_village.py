@@ -142,6 +142,67 @@ def test_playback_jitter_buffer() -> None:
         pygame.quit()
 
 
+def test_playback_converts_to_the_device_format() -> None:
+    pygame.mixer.pre_init(44_100, -16, 2, 512)  # a device that would not take 24 kHz mono
+    pygame.init()
+    try:
+        assert pygame.mixer.get_init() == (44_100, -16, 2)
+        pb = Playback()
+        pb.push(0, (np.sin(np.arange(1920) / 10) * 8000).astype(np.int16))
+        sound = pb.pending[0]
+        assert abs(sound.get_length() - 0.08) < 0.002
+        assert pygame.sndarray.array(sound).shape == (3528, 2)
+    finally:
+        pygame.quit()
+
+
+class FakeMicrophone:
+    """0.1 s of a tone per read, as if captured and resampled."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def read(self) -> np.ndarray:
+        self.reads += 1
+        return (0.2 * np.sin(np.arange(2400) / 5)).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_push_to_talk_and_open_mic(server) -> None:
+    """The microphone reaches the NPC only while SPACE is held or the open mic is on, and only in a
+    live conversation (the link sends silence otherwise)."""
+    game = village.Game(server.url, TOKEN, mic=True)
+    try:
+        # the dummy SDL driver has one device, already taken by the mixer: the game falls back
+        assert game.mic is None or game.mic.rate > 0
+        game.mic = FakeMicrophone()
+        npc = game.npcs[0]
+        conv = village.Conversation(npc, number=999, opened_frame=0, status="live")
+        game.conversation = conv
+        game.link.clear_input()
+        game.update_microphone()
+        assert game.link.input_pending_s == 0  # not talking
+        game.handle(village.key_event("down", pygame.K_SPACE))
+        game.update_microphone()
+        assert abs(game.link.input_pending_s - 0.1) < 1e-6 and game.mic_level > 0.1
+        game.handle(village.key_event("up", pygame.K_SPACE))
+        game.update_microphone()
+        assert abs(game.link.input_pending_s - 0.1) < 1e-6 and game.mic_level == 0
+        game.handle(village.key_event("down", pygame.K_m))  # open mic
+        game.handle(village.key_event("up", pygame.K_m))
+        game.update_microphone()
+        assert game.open_mic and abs(game.link.input_pending_s - 0.2) < 1e-6
+        conv.status = "connecting"  # nothing goes out before the session is live
+        game.update_microphone()
+        assert abs(game.link.input_pending_s - 0.2) < 1e-6
+        game.draw()  # the HUD with a microphone (level meter) draws
+        game.conversation = None
+    finally:
+        game.close()
+
+
 def test_talk_example_wav_in_wav_out(server, tmp_path: Path) -> None:
     import soundfile
 

@@ -151,7 +151,7 @@ class Game:
     def __init__(self, server: str | None = None, token: str | None = None, *, mic: bool = True,
                  fps: int = FPS, seed: int | None = None, characters: str | None = None,
                  weights: str | None = None, npcs: list[NPC] | None = None):
-        pygame.mixer.pre_init(24_000, -16, 1, 512)
+        pygame.mixer.pre_init(24_000, -16, 1, 512, allowedchanges=0)  # SDL converts to the device's format
         pygame.init()
         if not pygame.mixer.get_init():
             print("village: no audio output device: the NPCs will be silent", file=sys.stderr)
