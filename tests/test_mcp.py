@@ -483,7 +483,28 @@ def test_stdio_subprocess(folders, tmp_path) -> None:
             session = result.structured_content["session"]
             transcript = json.loads((await client.read_resource(f"transcript://{session}")).contents[0].text)
             assert transcript["session"] == session
-            status = (await client.call_tool("server_status", {})).structured_content
+            # cancellation over stdio (notifications/cancelled): the scene stops and frees the engine
+            moving = anyio.Event()
+
+            async def on_progress(done, total, message):
+                if done > 0:
+                    moving.set()
+
+            async with anyio.create_task_group() as tg:
+                async def scene():
+                    await client.call_tool("run_scene", {"character_a": "miller", "character_b": "miller",
+                                                         "seconds": 30}, progress_callback=on_progress)
+
+                tg.start_soon(scene)
+                await moving.wait()
+                tg.cancel_scope.cancel()
+            for _ in range(50):
+                status = (await client.call_tool("server_status", {})).structured_content
+                if status["sessions"][-1]["status"] != "running":
+                    break
+                await anyio.sleep(0.1)
+            assert status["sessions"][-1]["kind"] == "scene" and status["sessions"][-1]["status"] == "cancelled"
+            assert status["engine"]["live_sessions"] == 0 and not status["engine"]["busy"]
             assert status["model"]["loaded"] and status["model"]["weights"] == "random"
 
     run(go(), timeout=150)
