@@ -230,3 +230,28 @@ def test_prepared_lines_are_24k_mono() -> None:
         info = soundfile.info(wav)
         assert info.samplerate == 24_000 and info.channels == 1 and info.subtype == "PCM_16"
         assert 1.0 < info.duration < 8.0 and wav.with_suffix(".txt").read_text().strip()
+
+
+def test_no_server_is_reported_not_fatal() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    game = village.Game(f"ws://127.0.0.1:{port}", mic=False)
+    try:
+        npc = game.npcs[0]
+        game.player = [float(npc.pos[0]), float(npc.pos[1] + 30)]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            game.run(frames=5)
+            if game.conversation is not None and game.conversation.status == "failed":
+                break
+        conv = game.conversation
+        assert conv is not None and conv.status == "failed" and conv.error
+        game.draw()  # the panel says so; the game goes on
+        frame = game.frame
+        game.run(frames=3)
+        assert game.frame == frame + 3
+    finally:
+        game.close()
