@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -38,7 +37,6 @@ import numpy as np
 
 from npc_voice.audio import AudioError, load_mono
 from npc_voice.characters import KNOWN_PRESETS, Character, CharacterError, CharacterStore, default_characters_dir
-from npc_voice.characters.model import VOICE_FILE
 
 log = logging.getLogger("mcp_server")
 
