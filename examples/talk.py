@@ -36,12 +36,15 @@ async def talk(args: argparse.Namespace) -> None:
         else:
             devices = open_audio(mic_queue, asyncio.get_running_loop(), play)  # noqa: F841 (kept open)
 
-        async def send() -> None:  # 80 ms of audio every 80 ms (silence included), then "end"
-            t0 = asyncio.get_running_loop().time()
-            for i in range(len(chunks)) if args.input else iter(int, 1):
-                chunk = chunks[i] if args.input else await mic_queue.get()
+        async def send() -> None:  # the player's audio as binary frames, in real time; then "end"
+            if not args.input:
+                while True:  # the microphone paces itself (and sends its silence too)
+                    await ws.send((await mic_queue.get()).tobytes())
+            clock = asyncio.get_running_loop().time
+            t0 = clock()
+            for i, chunk in enumerate(chunks):  # 80 ms every 80 ms: faster than real time would be dropped
                 await ws.send(chunk.tobytes())
-                await asyncio.sleep(max(0.0, t0 + (i + 1) * FRAME / RATE - asyncio.get_running_loop().time()))
+                await asyncio.sleep(max(0.0, t0 + (i + 1) * FRAME / RATE - clock()))
             await ws.send(json.dumps({"type": "end"}))
 
         sender = asyncio.create_task(send())
