@@ -61,7 +61,8 @@ def test_walk_up_talk_and_walk_away(server) -> None:
         assert len(game.lines) == 3
         target = next(n for n in game.npcs if n.id == "innkeeper")
         assert len(game.npcs) >= 3 and all(n.name for n in game.npcs)
-        trace: dict = {"max_pending_s": 0.0, "open_dist": None, "subtitles": [], "states": set()}
+        trace: dict = {"max_pending_s": 0.0, "open_dist": None, "subtitles": [], "states": set(), "t": [],
+                       "connecting_t": []}
         pilot = village.autopilot("innkeeper", line=0, talk_frames=75)
 
         def script(g: village.Game, frame: int) -> list:
@@ -73,6 +74,9 @@ def test_walk_up_talk_and_walk_away(server) -> None:
                     trace["subtitles"].append(conv.subtitles)
                 trace["states"].add(conv.state)
             trace["max_pending_s"] = max(trace["max_pending_s"], g.playback.pending_s)
+            trace["t"].append(time.monotonic())
+            if conv is not None and conv.status == "connecting":
+                trace["connecting_t"].append(trace["t"][-1])
             return pilot(g, frame)
 
         # the fixed-length script of key events first: walk right for 10 frames, then stop
@@ -94,13 +98,17 @@ def test_walk_up_talk_and_walk_away(server) -> None:
         assert conv.started_frame is not None and not conv.error
         # the game loop kept running while the session was being set up (the first start builds the
         # character's prompt: a few seconds on this machine)
-        assert conv.started_frame - conv.opened_frame >= 5
+        assert conv.started_frame - conv.opened_frame >= 2
+        gaps = np.diff(trace["t"])
+        assert gaps.max() < 0.5, f"a frame took {gaps.max():.2f} s"
+        print(f"connecting for {len(trace['connecting_t'])} frames, "
+              f"{trace['connecting_t'][-1] - trace['connecting_t'][0]:.2f} s; longest frame {gaps.max() * 1000:.0f} ms")
         assert game.lines_sent == [game.lines[0][0]] and conv.player_line == game.lines[0][0]
         assert game.link.sent_chunks > 20  # the line and silence, every 80 ms
         # audio arrived and went to the mixer channel through the jitter buffer
-        assert conv.audio_frames >= 25, conv.audio_frames
+        assert conv.audio_frames >= 20, conv.audio_frames
         assert game.playback.received == conv.audio_frames
-        assert game.playback.queued >= 15, vars(game.playback)
+        assert game.playback.queued >= 12, vars(game.playback)
         assert trace["max_pending_s"] <= 0.5 + 1e-6
         # subtitles grew as text arrived; the indicator followed the NPC's state
         assert conv.text_events > 0 and len(trace["subtitles"]) >= 3 and trace["subtitles"][-1].strip()
