@@ -180,6 +180,7 @@ class Game:
         if mic:
             try:
                 self.mic = Microphone()
+                self.mic_error = ""
             except Exception as exc:  # no capture device, no SDL audio: prepared lines only
                 self.mic_error = str(exc)
         self.open_mic = False
