@@ -108,6 +108,7 @@ class Engine:
         self.state = self.gen.init_state(slots, device)
         self.mimi_state = model.mimi.init_state(slots, device)
         self.step = BatchedStep(model, self.gen, self.state, self.mimi_state, use_graphs)
+        self.step.warm_up()  # on a GPU: every window's CUDA graph, before the first conversation
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots

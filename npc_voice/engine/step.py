@@ -83,6 +83,18 @@ class BatchedStep:
             self._graphs[window] = graph
         return graph
 
+    def warm_up(self) -> None:
+        """Captures the graph of every attention window now, so that no tick pays for a capture
+        (or for compiling the fused pieces) when a conversation grows into a larger window."""
+        if not self.use_graphs:
+            return
+        window = 1
+        while True:
+            window = window_for(window + 1, self.capacity)
+            self._graph(window)
+            if window == self.capacity:
+                break
+
     def __call__(self, pcm: np.ndarray, active: np.ndarray, forced_text: np.ndarray, frames_seen: int) -> StepOutput:
         """pcm [B, frame] float32, active [B] bool, forced_text [B] long; frames_seen: the most
         frames any active slot will have seen after this step (chooses the attention window)."""
