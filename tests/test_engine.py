@@ -221,3 +221,13 @@ def test_input_buffer_reframes_and_drops_oldest() -> None:
     buf.push(np.arange(3, 14, dtype=np.float32))  # 14 samples in all: 3 frames and 2 left over
     assert buf.dropped_frames == 1 and len(buf) == 2
     assert buf.pop().tolist() == [4, 5, 6, 7]
+
+
+def test_a_slot_being_closed_can_be_reopened_before_the_next_tick(model: LoadedModel) -> None:
+    engine = Engine(model, slots=1)
+    first = engine.open(persona())
+    engine.tick()
+    engine.close(first)
+    second = engine.open(persona(), seed=3)  # no tick in between
+    events = engine.tick()
+    assert [e.session_id for e in events] == [second.id] and events[0].frame == 0

@@ -124,7 +124,11 @@ class Engine:
         """Starts a conversation with `persona`; its first frame comes at the next tick."""
         prefix = self.cache.get(persona)  # built here, outside the tick, when not cached
         with self._lock:
-            taken = {s.slot for s in self._sessions if s is not None} | {s.slot for s, _ in self._pending}
+            # Pending operations apply in order at the next tick, so a slot whose session is being
+            # closed is free again for an install queued after that close.
+            taken = {s.slot for s in self._sessions if s is not None}
+            for pending, install in self._pending:
+                (taken.add if install is not None else taken.discard)(pending.slot)
             free = [i for i in range(self.slots) if i not in taken]
             if not free:
                 raise EngineFull(f"all {self.slots} conversation slots are in use")
@@ -218,8 +222,8 @@ class Engine:
 class EngineLoop:
     """Runs `engine.tick()` every 80 ms on a background thread; records tick times."""
 
-    def __init__(self, engine: Engine, period: float = FRAME_SECONDS):
-        self.engine, self.period = engine, period
+    def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3):
+        self.engine, self.period, self.catch_up = engine, period, catch_up
         self.tick_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self.overruns = 0
         self._stop = threading.Event()
@@ -251,7 +255,11 @@ class EngineLoop:
             delay = deadline - time.perf_counter()
             if delay < 0:
                 self.overruns += 1
-                deadline = time.perf_counter()  # fall behind no further: keep real-time pacing
+                # A late tick is made up by the next ones (back to back) while the lag stays under
+                # `catch_up` periods; past that the schedule restarts from now (frames are late,
+                # not lost: clients' jitter buffers absorb a short burst).
+                if -delay > self.catch_up * self.period:
+                    deadline = time.perf_counter()
             else:
                 self._stop.wait(delay)
 
