@@ -9,6 +9,8 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator, Callable
 
+import numpy as np
+
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.types import AudioContent, CallToolResult, TextContent
@@ -64,6 +66,16 @@ def _character_dict(c: Character, full: bool = True) -> dict[str, Any]:
 def _report_dict(report: Any) -> dict[str, Any]:
     return {"ok": report.ok, "summary": report.summary(), "warnings": [str(p) for p in report.warnings],
             "errors": [str(p) for p in report.errors]}
+
+
+def _audio_reply(record: Any, samples: np.ndarray, audio: str) -> CallToolResult:
+    """A conversation's result: its transcript as text and structured content, plus the WAV."""
+    summary = record.transcript() | {"audio": audio, "transcript_uri": f"transcript://{record.id}"}
+    wav = base64.b64encode(wav_bytes(samples)).decode("ascii")
+    return CallToolResult(
+        content=[TextContent(type="text", text=json.dumps(summary, indent=1)),
+                 AudioContent(type="audio", data=wav, mime_type="audio/wav")],
+        structured_content=summary)
 
 
 def build_server(backend: Backend | Settings | None = None) -> MCPServer:
@@ -221,13 +233,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
 
         clip = await anyio.to_thread.run_sync(be.read_clip, audio_base64, audio_file, be.settings.max_clip_s)
         record, out = await be.talk(character, clip, seed, await progress_to(ctx))
-        wav = wav_bytes(out)
-        summary = record.transcript() | {"audio": "mono 24 kHz 16-bit WAV: the NPC's side, on the clip's timeline",
-                                         "transcript_uri": f"transcript://{record.id}"}
-        return CallToolResult(
-            content=[TextContent(type="text", text=json.dumps(summary, indent=1)),
-                     AudioContent(type="audio", data=base64.b64encode(wav).decode("ascii"), mime_type="audio/wav")],
-            structured_content=summary)
+        return _audio_reply(record, out, "mono 24 kHz 16-bit WAV: the NPC's side, on the clip's timeline")
 
     @mcp.tool()
     @_tool_errors
@@ -242,14 +248,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         Returns the transcript (words with times and speakers) and a STEREO WAV: character_a left, character_b
         right."""
         record, stereo = await be.scene(character_a, character_b, seconds, seed, await progress_to(ctx))
-        wav = wav_bytes(stereo)
-        summary = record.transcript() | {
-            "audio": f"stereo 24 kHz 16-bit WAV: left = {character_a}, right = {character_b}",
-            "transcript_uri": f"transcript://{record.id}"}
-        return CallToolResult(
-            content=[TextContent(type="text", text=json.dumps(summary, indent=1)),
-                     AudioContent(type="audio", data=base64.b64encode(wav).decode("ascii"), mime_type="audio/wav")],
-            structured_content=summary)
+        return _audio_reply(record, stereo, f"stereo 24 kHz 16-bit WAV: left = {character_a}, right = {character_b}")
 
     @mcp.tool()
     @_tool_errors
