@@ -26,17 +26,6 @@ UNGENERATED = -2  # a ring-buffer entry nothing has written yet
 NOT_FORCED = -1  # in forced_text / forced_audio: sample this token
 
 
-@dataclass
-class SamplingParams(StreamState):
-    """Per-slot sampling settings (the reference's defaults after a reset)."""
-
-    text_temperature: torch.Tensor = state_field(0.7)  # [B] float; <= 0: greedy
-    text_top_k: torch.Tensor = state_field(25)  # [B] long
-    audio_temperature: torch.Tensor = state_field(0.8)  # [B] float
-    audio_top_k: torch.Tensor = state_field(250)  # [B] long
-    seed: torch.Tensor = state_field(0)  # [B] long
-
-
 @dataclass(frozen=True)
 class Sampling:
     """One conversation's sampling settings (the reference's defaults); temperature <= 0 is greedy."""
@@ -54,6 +43,17 @@ class Sampling:
         params.text_temperature[slot], params.text_top_k[slot] = self.text_temperature, self.text_top_k
         params.audio_temperature[slot], params.audio_top_k[slot] = self.audio_temperature, self.audio_top_k
         params.seed[slot] = seed
+
+
+@dataclass
+class SamplingParams(StreamState):
+    """Per-slot sampling settings (the reference's defaults after a reset)."""
+
+    text_temperature: torch.Tensor = state_field(Sampling.text_temperature)  # [B] float; <= 0: greedy
+    text_top_k: torch.Tensor = state_field(Sampling.text_top_k)  # [B] long
+    audio_temperature: torch.Tensor = state_field(Sampling.audio_temperature)  # [B] float
+    audio_top_k: torch.Tensor = state_field(Sampling.audio_top_k)  # [B] long
+    seed: torch.Tensor = state_field(0)  # [B] long
 
 
 @dataclass
@@ -95,9 +95,12 @@ class Generator:
         ref = self.lm.text_linear.weight
         device = device or ref.device
         long = dict(dtype=torch.long, device=device)
+        d = Sampling()
         sampling = SamplingParams(
-            torch.full((batch_size,), 0.7, device=device), torch.full((batch_size,), 25, **long),
-            torch.full((batch_size,), 0.8, device=device), torch.full((batch_size,), 250, **long),
+            torch.full((batch_size,), d.text_temperature, device=device),
+            torch.full((batch_size,), d.text_top_k, **long),
+            torch.full((batch_size,), d.audio_temperature, device=device),
+            torch.full((batch_size,), d.audio_top_k, **long),
             torch.zeros(batch_size, **long),
         )
         return GeneratorState(
