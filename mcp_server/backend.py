@@ -521,7 +521,7 @@ class Backend:
 
     async def _talk_remote(self, record: Record, character: str, clip: np.ndarray, seed: int,
                            progress: Progress) -> np.ndarray:
-        from npc_voice.client import AudioFrame, Ended, NPCVoiceClient, Text
+        from npc_voice.client import AudioFrame, Ended, Text
 
         frames = math.ceil(clip.shape[0] / FRAME)
         padded = np.zeros(frames * FRAME, dtype=np.float32)

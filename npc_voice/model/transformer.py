@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .streaming import StreamState, state_field, where_active
+from .streaming import StreamState, state_field
 
 NormKind = Literal["rms_f32", "layer"]
 FFNKind = Literal["gated_silu", "gelu"]
