@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable
 import anyio
 import numpy as np
 
-from npc_voice.audio import AudioError, load_mono
+from npc_voice.audio import AudioError, float_to_pcm16, load_mono
 from npc_voice.characters import KNOWN_PRESETS, Character, CharacterError, CharacterStore, default_characters_dir
 
 log = logging.getLogger("mcp_server")
@@ -110,7 +110,7 @@ def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
     """16-bit PCM WAV of float samples: [n] (mono) or [n, channels]."""
     import soundfile
 
-    pcm = np.trunc(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype(np.int16)
+    pcm = float_to_pcm16(np.asarray(samples, dtype=np.float32))
     buffer = io.BytesIO()
     soundfile.write(buffer, pcm, rate, subtype="PCM_16", format="WAV")
     return buffer.getvalue()

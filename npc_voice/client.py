@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from .audio import float_to_pcm16, pcm16_to_float, wav_bytes
 from .protocol import (
     MODEL_RATE, WS_PATH, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, ServerMessage, Started, State, Switched,
     Text, decode_audio_frame, parse_server_text,
@@ -60,7 +61,7 @@ class AudioFrame:
         return self.frame * 0.08
 
     def float32(self) -> np.ndarray:
-        return self.pcm.astype(np.float32) / 32768.0
+        return pcm16_to_float(self.pcm)
 
 
 Event = AudioFrame | Text | State | Switched | Dropped | ErrorMsg | Ended
@@ -75,8 +76,6 @@ def inline_character(role: str, voice: bytes | str | Path | np.ndarray | None = 
     if preset is not None:
         return {"role": role, "name": name, "voice": {"preset": preset}}
     if isinstance(voice, np.ndarray):
-        from .audio import wav_bytes
-
         data = wav_bytes(voice, sample_rate)
     elif isinstance(voice, (str, Path)):
         data = Path(voice).read_bytes()
@@ -139,7 +138,7 @@ class ClientSession:
         """User audio at `sample_rate`, any length: float samples in [-1, 1], int16, or PCM16 LE bytes."""
         if isinstance(pcm, np.ndarray):
             if pcm.dtype != np.int16:
-                pcm = np.trunc(np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+                pcm = float_to_pcm16(pcm)
             pcm = pcm.astype("<i2", copy=False).tobytes()
         await self.client.ws.send(pcm)
 
