@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .engine.engine import percentile
 from .model.generator import Generator
 from .model.loading import LoadedModel
 
@@ -36,11 +37,6 @@ class TickResult:
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self) | {"realtime_factor": round(self.realtime_factor, 2)}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def bench_tick(model: LoadedModel, batch: int, frames: int = 100, warmup: int = 10, seed: int = 0,
@@ -74,7 +70,7 @@ def bench_tick(model: LoadedModel, batch: int, frames: int = 100, warmup: int = 
     return TickResult(
         preset=model.config.name, device=str(device), dtype=dtype, batch=batch, frames=frames,
         window=min(fill, gen.cfg.context),
-        tick_p50_ms=round(statistics.median(times), 3), tick_p99_ms=round(_percentile(times, 0.99), 3),
+        tick_p50_ms=round(statistics.median(times), 3), tick_p99_ms=round(percentile(times, 0.99), 3),
         tick_mean_ms=round(statistics.fmean(times), 3), graphs=device.type == "cuda",
         threads=torch.get_num_threads(), peak_memory_gb=round(peak_memory_gb(device), 2),
     )

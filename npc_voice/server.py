@@ -37,6 +37,7 @@ import numpy as np
 
 from .audio import AudioError, float_to_pcm16, load_mono, pcm16_to_float
 from .engine import Engine, EngineFull, EngineLoop, FrameEvent, Persona, Session
+from .engine.engine import percentile
 from .protocol import (
     FRAME_SECONDS, HEALTH_PATH, MODEL_RATE, PROTOCOL_VERSION, WS_PATH, ClientMessage, Dropped, End, Ended,
     ErrorCode, ErrorMsg, Hello, InlineCharacter, Limits, ProtocolError, Say, SpeechState, Start, Started, State,
@@ -636,14 +637,10 @@ HEALTH_TICKS = 125  # /health's tick percentiles cover the last 10 s
 
 
 def _tick_stats(runner: EngineLoop | None) -> dict[str, float | int]:
-    recent = sorted(list(runner.tick_ms)[-HEALTH_TICKS:]) if runner is not None else []
+    recent = list(runner.tick_ms)[-HEALTH_TICKS:] if runner is not None else []
     if not recent:
         return {"p50": 0.0, "p99": 0.0, "ticks": 0}
-
-    def pick(q: float) -> float:
-        return round(recent[min(len(recent) - 1, round(q * (len(recent) - 1)))], 2)
-
-    return {"p50": pick(0.5), "p99": pick(0.99), "ticks": len(recent)}
+    return {"p50": round(percentile(recent, 0.5), 2), "p99": round(percentile(recent, 0.99), 2), "ticks": len(recent)}
 
 
 def _json_response(connection: Any, status: int, body: dict[str, Any]) -> Any:

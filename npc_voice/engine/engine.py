@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,6 +26,14 @@ from .prompt import Prefix, install_prefix
 from .step import BatchedStep
 
 FRAME_SECONDS = 0.08
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The nearest-rank `q`-quantile (0 <= q <= 1) of `values`; 0.0 when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class EngineFull(RuntimeError):
@@ -264,7 +272,4 @@ class EngineLoop:
                 self._stop.wait(delay)
 
     def percentile(self, q: float) -> float:
-        if not self.tick_ms:
-            return 0.0
-        values = sorted(self.tick_ms)
-        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+        return percentile(self.tick_ms, q)
