@@ -116,8 +116,7 @@ def start_local_server(characters: str | None = None, weights: str | None = None
     """An npc-voice server on this process (its own thread), on 127.0.0.1 and a free port."""
     import torch
 
-    from npc_voice.engine import Engine, PrefixCache
-    from npc_voice.model.generator import Generator
+    from npc_voice.engine import Engine
     from npc_voice.model.loading import load_model
     from npc_voice.server import BackgroundServer, ServerConfig, open_store
 
@@ -130,7 +129,7 @@ def start_local_server(characters: str | None = None, weights: str | None = None
     store = open_store(characters)
     if store is not None:
         store.tokenizer = model.tokenizer
-    engine = Engine(model, slots=slots, cache=PrefixCache(model, Generator(model.lm)))
+    engine = Engine(model, slots=slots)  # its own PrefixCache, in memory
     return BackgroundServer(engine, ServerConfig(host="127.0.0.1", port=0), store).start()
 
 
