@@ -19,6 +19,7 @@ from pydantic import Field
 from npc_voice.audio import AudioError
 from npc_voice.characters import Character, CharacterError, SamplingSettings
 from npc_voice.characters.model import VOICE_FILE
+from npc_voice.protocol import SAMPLE_RATES
 
 from .backend import Backend, Settings, UserError, wav_bytes
 
@@ -212,7 +213,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
     ) -> dict[str, Any]:
         """Start a conversation for a player: returns the websocket URL, the token and the `start` message a game
         client uses (docs/protocol.md). Without a configured server, an embedded one is started."""
-        if sample_rate not in (16000, 24000, 48000):
+        if sample_rate not in SAMPLE_RATES:  # the server's own list
             raise UserError("sample_rate must be 16000, 24000 or 48000")
         import anyio
 
