@@ -77,7 +77,6 @@ class ServerConfig:
     write_limit: int = 16 << 10  # slow reader (else it autotunes to MBs: seconds of lag before any drop)
     out_events: int = 512  # per-connection queue of JSON messages
     dropped_report_s: float = 1.0  # at most one `dropped` message per interval
-    open_retry_s: float = 0.5  # a slot freed this instant is reused after the engine's next tick
     build_workers: int = 1  # threads that build character prompts (CPU/GPU work off the event loop)
     ping_interval: float | None = 20.0  # websocket keepalive: a vanished peer is found within ping_interval + ping_timeout
     ping_timeout: float | None = 20.0
@@ -726,15 +725,12 @@ class NPCVoiceServer:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
     async def open_session(self, persona: Persona, seed: int | None, listener: Any, ref: Any) -> Session:
-        deadline = time.monotonic() + self.config.open_retry_s
-        while True:
-            try:
-                return await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener))
-            except EngineFull:  # a slot closed this instant is free again after the engine's next tick
-                if time.monotonic() > deadline:
-                    raise ProtocolError(ErrorCode.SERVER_BUSY, "all conversation slots are in use: retry later",
-                                        ref=ref) from None
-                await asyncio.sleep(FRAME_SECONDS / 2)
+        # A slot whose session is being closed is free for `Engine.open` at once (the close and this
+        # install apply in order at the next tick), so a reserved slot is always there.
+        try:
+            return await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener))
+        except EngineFull:
+            raise ProtocolError(ErrorCode.SERVER_BUSY, "all conversation slots are in use: retry later", ref=ref) from None
 
     # --- websockets hooks -----------------------------------------------------------------------
 
