@@ -37,12 +37,11 @@ import numpy as np
 
 from npc_voice.audio import AudioError, float_to_pcm16, load_mono
 from npc_voice.characters import KNOWN_PRESETS, Character, CharacterError, CharacterStore, default_characters_dir
+from npc_voice.protocol import FRAME_SECONDS as FRAME_S, MODEL_RATE as RATE, frame_samples
 
 log = logging.getLogger("mcp_server")
 
-RATE = 24_000
-FRAME = 1920  # 80 ms at 24 kHz
-FRAME_S = 0.08
+FRAME = frame_samples(RATE)  # 80 ms at 24 kHz
 TICKS_PER_HOP = 5  # engine ticks per worker-thread hop: progress and cancellation are checked between hops
 MAX_AUDIO_BYTES = 16 << 20  # decoded base64 audio
 

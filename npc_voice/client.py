@@ -29,8 +29,8 @@ import numpy as np
 
 from .audio import float_to_pcm16, pcm16_to_float, wav_bytes
 from .protocol import (
-    MODEL_RATE, WS_PATH, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, ServerMessage, Started, State, Switched,
-    Text, decode_audio_frame, parse_server_text,
+    FRAME_SECONDS, MODEL_RATE, WS_PATH, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, ServerMessage, Started, State,
+    Switched, Text, decode_audio_frame, parse_server_text,
 )
 
 __all__ = [
@@ -58,7 +58,7 @@ class AudioFrame:
 
     @property
     def time(self) -> float:
-        return self.frame * 0.08
+        return self.frame * FRAME_SECONDS
 
     def float32(self) -> np.ndarray:
         return pcm16_to_float(self.pcm)
