@@ -202,19 +202,19 @@ class Engine:
         live = self.sessions
         if not live:
             return []
-        pcm = np.zeros((self.slots, 1, self.frame_size), dtype=np.float32)
+        pcm = np.zeros((self.slots, self.frame_size), dtype=np.float32)  # silence unless the user spoke
         forced = np.full(self.slots, NOT_FORCED, dtype=np.int64)
         active = np.zeros(self.slots, dtype=bool)
         with self._lock:
             for s in live:
                 frame = s.input.pop()
                 if frame is not None:
-                    pcm[s.slot, 0] = frame
+                    pcm[s.slot] = frame
                 if s.forced_text:
                     forced[s.slot] = s.forced_text.popleft()
                 active[s.slot] = True
         frames_seen = max(s.prefix_length + s.frames_out + 1 for s in live)
-        out = self.step(pcm[:, 0], active, forced, frames_seen)
+        out = self.step(pcm, active, forced, frames_seen)
         pcm_host, text_host = out.pcm, out.text
         events = []
         for s in live:
