@@ -719,8 +719,7 @@ def _open(engine: Any, persona: Any, seed: int) -> Any:
 
 def _close(engine: Any, *sessions: Any) -> None:
     for s in sessions:
-        engine.close(s)
-    engine._apply_pending()  # free the slots now (the next tick would): nothing else ticks this engine
+        engine.close(s)  # the engine reuses a slot whose close is pending, even before its next tick
 
 
 def _ticks(engine: Any, feeds: list[tuple[Any, list[np.ndarray]]]) -> dict[str, list[Any]]:

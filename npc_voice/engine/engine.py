@@ -170,7 +170,8 @@ class Engine:
 
     @property
     def sessions(self) -> list[Session]:
-        return [s for s in self._sessions if s is not None]
+        """The live sessions (a closed one is gone at once, though its slot is freed at the next tick)."""
+        return [s for s in self._sessions if s is not None and not s.closed]
 
     # --- the step (one thread) ----------------------------------------------------------------
     def _apply_pending(self) -> None:
