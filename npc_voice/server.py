@@ -38,6 +38,7 @@ import numpy as np
 from .audio import AudioError, float_to_pcm16, load_mono, pcm16_to_float
 from .engine import Engine, EngineFull, EngineLoop, FrameEvent, Persona, Session
 from .engine.engine import percentile
+from .engine.persona import DEFAULT_CACHE_MB
 from .protocol import (
     FRAME_SECONDS, HEALTH_PATH, MODEL_RATE, PROTOCOL_VERSION, WS_PATH, ClientMessage, Dropped, End, Ended,
     ErrorCode, ErrorMsg, Hello, InlineCharacter, Limits, ProtocolError, Say, SpeechState, Start, Started, State,
@@ -77,7 +78,7 @@ class ServerConfig:
     write_limit: int = 16 << 10  # slow reader (else it autotunes to MBs: seconds of lag before any drop)
     out_events: int = 512  # per-connection queue of JSON messages
     dropped_report_s: float = 1.0  # at most one `dropped` message per interval
-    build_workers: int = 1  # threads that build character prompts (CPU/GPU work off the event loop)
+    build_workers: int = 4  # threads that read and decode characters' files (prompts are built by the engine thread)
     ping_interval: float | None = 20.0  # websocket keepalive: a vanished peer is found within ping_interval + ping_timeout
     ping_timeout: float | None = 20.0
     close_grace_s: float = 2.0  # a closing client that does not read is cut off after this
@@ -603,12 +604,24 @@ class Connection:
         ack = Switched(character=label, frame=-1, ref=msg.ref)
         with link.lock:
             link.pending_switches.append(ack)
+        done: concurrent.futures.Future | None = None
         try:
-            await self.server.run_blocking(self.server.engine.switch, link.session, persona)
-        except BaseException:
+            # Returns once the voice is read; the character is installed (and `switched` sent with
+            # its first frame) when the engine thread has built it, while the old one goes on.
+            done = await self.server.run_blocking(self.server.engine.switch, link.session, persona)
+            await asyncio.wrap_future(done)
+        except BaseException as exc:
             with link.lock:
                 if ack in link.pending_switches:
                     link.pending_switches.remove(ack)
+            if isinstance(exc, (ValueError, OSError)):
+                raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"switch: the character's voice cannot be used: "
+                                    f"{exc}", ref=msg.ref) from None
+            if done is not None and done.cancelled():
+                return  # superseded by a later switch, or the session ended
+            if isinstance(exc, Exception):
+                raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"switch: the character's prompt could not be "
+                                    f"built: {exc}", ref=msg.ref) from None
             raise
 
     def end_session(self, reason: str | None, ref: Any = None) -> None:
@@ -640,6 +653,11 @@ def _tick_stats(runner: EngineLoop | None) -> dict[str, float | int]:
     if not recent:
         return {"p50": 0.0, "p99": 0.0, "ticks": 0}
     return {"p50": round(percentile(recent, 0.5), 2), "p99": round(percentile(recent, 0.99), 2), "ticks": len(recent)}
+
+
+def _install_stats(engine: Engine) -> dict[str, float]:
+    recent = list(engine.install_ms)
+    return {"p50": round(percentile(recent, 0.5), 2), "max": round(max(recent, default=0.0), 2)}
 
 
 def _json_response(connection: Any, status: int, body: dict[str, Any]) -> Any:
@@ -721,16 +739,30 @@ class NPCVoiceServer:
     # --- helpers for connections ----------------------------------------------------------------
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
-        """Runs prompt building and file reading off the event loop (one build thread by default)."""
+        """Runs file reading and decoding off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
     async def open_session(self, persona: Persona, seed: int | None, listener: Any, ref: Any) -> Session:
+        """Opens the engine session and waits until its character is installed (a new character is
+        built by the engine thread between ticks meanwhile)."""
         # A slot whose session is being closed is free for `Engine.open` at once (the close and this
         # install apply in order at the next tick), so a reserved slot is always there.
         try:
-            return await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener))
+            session = await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener))
         except EngineFull:
             raise ProtocolError(ErrorCode.SERVER_BUSY, "all conversation slots are in use: retry later", ref=ref) from None
+        except (ValueError, OSError) as exc:  # the voice could not be read or used (AudioError included)
+            raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the character's voice cannot be used: {exc}",
+                                ref=ref) from None
+        try:
+            await asyncio.wrap_future(session.started)
+        except asyncio.CancelledError:
+            self.engine.close(session)  # the client left while its character was being built
+            raise
+        except Exception as exc:  # the build failed: this character only, nothing else is touched
+            raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the character's prompt could not be built: {exc}",
+                                ref=ref) from None
+        return session
 
     # --- websockets hooks -----------------------------------------------------------------------
 
@@ -807,6 +839,8 @@ class NPCVoiceServer:
             "engine_sessions": len(self.engine.sessions),
             "connections": len(self.manager.connections),
             "tick_ms": _tick_stats(runner),
+            "builds": {"pending": self.engine.builds_pending, "install_ms": _install_stats(self.engine)},
+            "prefix_cache": self.engine.cache.stats(),
             "ticks": self.engine.ticks,
             "overruns": runner.overruns if runner else 0,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
@@ -879,6 +913,12 @@ def add_serve_command(sub: Any) -> None:
     p.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without client messages before closing")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--prefix-cache", help="folder caching built character prompts across restarts")
+    p.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_CACHE_MB,
+                   help=f"memory for built character prompts, in MB (default {DEFAULT_CACHE_MB}; about 110 MB per "
+                   "character at 7B, 0.3 MB on the tiny model); least recently used ones go first")
+    p.add_argument("--prefix-cache-on", choices=["host", "device"], default="host",
+                   help="where cached prompts live on a GPU machine: pinned host memory (default; leaves GPU "
+                   "memory to conversations) or GPU memory")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
 
@@ -904,11 +944,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _load(args)
     if store is not None:
         store.tokenizer = model.tokenizer  # roles counted as this model tokenizes them
-    cache = None
-    if args.prefix_cache:
-        from .model.generator import Generator
-
-        cache = PrefixCache(model, Generator(model.lm), directory=args.prefix_cache)
+    cache = PrefixCache(model, max_bytes=args.prefix_cache_mb << 20, directory=args.prefix_cache,
+                        on=args.prefix_cache_on)
     # Player audio more than 0.5 s ahead of the engine is dropped (oldest first): after a hiccup the
     # conversation catches up instead of keeping the backlog as lag for good.
     engine = Engine(model, slots=args.slots, cache=cache, max_input_seconds=SERVE_MAX_INPUT_SECONDS)

@@ -8,9 +8,10 @@ import torch
 
 from npc_voice.engine import Engine, EngineFull, Persona, Sampling
 from npc_voice.engine.prompt import (
-    SILENCE_FRAMES, Voice, build_prefix, delayed_positions, install_prefix, prompt_frames, special_codes,
+    SILENCE_FRAMES, Voice, delayed_positions, install_prefix, prompt_frames, special_codes,
     text_prompt_tokens, voice_from_samples,
 )
+from npc_voice.engine.build import build_prefix
 from npc_voice.model.generator import NOT_FORCED, Generator
 from npc_voice.model.loading import LoadedModel, random_model
 
@@ -192,6 +193,7 @@ def test_prefix_cache_on_disk_is_reused(model: LoadedModel, tmp_path) -> None:
     gen = Generator(model.lm)
     first = PrefixCache(model, gen, directory=tmp_path)
     a = first.get(persona(250))
+    first.flush()  # files are written in the background
     files = list(tmp_path.rglob("*.safetensors"))
     assert len(files) == 1 and first.misses == 1
     second = PrefixCache(model, gen, directory=tmp_path)  # a new process: read from disk, not built

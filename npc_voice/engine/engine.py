@@ -3,14 +3,17 @@
 Each conversation owns a slot of a fixed batch. A tick takes one 1920-sample frame of user audio per
 live slot (silence when its user sent nothing), runs Mimi encode, one LM step and Mimi decode for
 the whole batch, and hands each session its NPC frame (audio and text). Opening a session or
-switching its character installs a cached prompt prefix between two ticks: building a prefix runs
-in the caller's thread, so a new character never makes the others miss a frame.
+switching its character installs a prompt prefix between two ticks: a cached one is copied in; a new
+one is built first, on the engine thread, a bounded chunk at a time in what is left of each 80 ms
+period after the tick (`build.py`), so a new character never makes the others miss a frame.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,8 +22,11 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from ..characters.model import VOICE_MAX_S
+from ..model import fused
 from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
+from .build import PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
 from .prompt import Prefix, install_prefix
 from .step import BatchedStep
@@ -97,66 +103,127 @@ class Session:
     forced_text: collections.deque[int] = field(default_factory=collections.deque)
     listener: Callable[[FrameEvent], None] | None = None
     closed: bool = False
+    # Resolved when the first character is installed (its first frame comes at the next tick), or
+    # with the error that failed its build (the slot is then free again).
+    started: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    wanted: int = 0  # the latest open/switch: an older one's install is skipped
 
     def push_audio(self, samples: np.ndarray) -> None:
         """User audio, 24 kHz mono float32, any length."""
         self.input.push(samples)
 
 
+@dataclass
+class _Install:
+    session: Session
+    persona: Persona
+    prefix: Prefix
+    wanted: int
+    done: concurrent.futures.Future
+
+
 class Engine:
-    """Slots over one model. `tick()` steps all live sessions; call it from one thread (the
-    real-time `EngineLoop`, or an offline loop); the other methods are safe from any thread."""
+    """Slots over one model. `tick()` steps all live sessions; call it and `build()` from one
+    thread (the real-time `EngineLoop`, or an offline loop); the other methods are safe from any
+    thread. `open` and `switch` return at once: a cached character is installed at the next tick, a
+    new one once the engine thread has built it."""
 
     def __init__(self, model: LoadedModel, slots: int = 8, cache: PrefixCache | None = None,
-                 max_input_seconds: float = 2.0, use_graphs: bool | None = None):
+                 max_input_seconds: float = 2.0, use_graphs: bool | None = None, build_lanes: int = 4,
+                 build_chunk: int = 64):
         self.model, self.slots = model, slots
         self.gen = Generator(model.lm)
-        self.cache = cache or PrefixCache(model, self.gen)
+        self.cache = cache if cache is not None else PrefixCache(model, self.gen)
         device = model.device
         self.state = self.gen.init_state(slots, device)
         self.mimi_state = model.mimi.init_state(slots, device)
         self.step = BatchedStep(model, self.gen, self.state, self.mimi_state, use_graphs)
-        self.step.warm_up()  # on a GPU: every window's CUDA graph, before the first conversation
+        self.builder = PrefixBuilder(model, self.gen, build_lanes, build_chunk, use_graphs)
+        # On a GPU: every window's CUDA graph, the builder's too, before the first conversation.
+        self.step.warm_up()
+        self.builder.warm_up(max_voice_frames=math.ceil(VOICE_MAX_S / FRAME_SECONDS))
+        self.primed_decoder = self._primed_decoder()
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
-        self._sessions: list[Session | None] = [None] * slots
-        self._pending: list[tuple[Session, Prefix | None]] = []  # installs (prefix) and closes (None)
+        self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
+        self._owners: list[Session | None] = [None] * slots  # who holds each slot (reserved at `open`)
+        self._pending: list[_Install | Session] = []  # installs, and closes (a Session), in order
+        self._waiting: dict[str, list[tuple[Session, Persona, int, concurrent.futures.Future]]] = {}  # builds
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.ticks = 0
-        self.last_swap_ms = 0.0
+        self.install_ms: collections.deque[float] = collections.deque(maxlen=256)
+        self._install_cost = 0.0
+
+    @torch.inference_mode()
+    def _primed_decoder(self):
+        """A one-slot Mimi decoder that has decoded the SILENCE frame: the reference decodes the
+        prompt's last (forced, silent) frame after resetting Mimi, before the first real frame; a
+        slot's decoder starts from this state so that every later frame matches."""
+        mimi = self.model.mimi
+        state = mimi.init_decoder_state(1, self.model.device)
+        codes = torch.tensor([self.builder.special.silence], device=self.model.device)
+        with fused.eager():
+            mimi.decode_step(codes, state)
+        return state
 
     # --- sessions (any thread) --------------------------------------------------------------
     def open(self, persona: Persona, seed: int | None = None,
              listener: Callable[[FrameEvent], None] | None = None) -> Session:
-        """Starts a conversation with `persona`; its first frame comes at the next tick."""
-        prefix = self.cache.get(persona)  # built here, outside the tick, when not cached
+        """Starts a conversation with `persona` and returns at once; `session.started` resolves
+        when its character is installed (its first frame comes at the next tick). Raises
+        `EngineFull`, or the voice's error (read here, in the caller's thread)."""
+        request, prefix = self._prepare(persona)
         with self._lock:
-            # Pending operations apply in order at the next tick, so a slot whose session is being
-            # closed is free again for an install queued after that close.
-            taken = {s.slot for s in self._sessions if s is not None}
-            for pending, install in self._pending:
-                (taken.add if install is not None else taken.discard)(pending.slot)
-            free = [i for i in range(self.slots) if i not in taken]
+            free = [i for i, owner in enumerate(self._owners) if owner is None]
             if not free:
                 raise EngineFull(f"all {self.slots} conversation slots are in use")
             session = Session(f"s{next(self._ids)}", free[0], persona,
                               seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()),
                               InputBuffer(self.frame_size, self.max_input_frames), listener=listener)
-            self._pending.append((session, prefix))
+            self._owners[session.slot] = session
+            self._want(session, persona, request, prefix, session.started)
         return session
 
-    def switch(self, session: Session, persona: Persona) -> None:
-        """Gives a live session another character (its conversation starts over)."""
-        prefix = self.cache.get(persona)
+    def switch(self, session: Session, persona: Persona) -> concurrent.futures.Future:
+        """Gives a live session another character (its conversation starts over once the new
+        character is installed; until then the current one goes on). Returns at once; the future
+        resolves at the install, or with the build's error."""
+        request, prefix = self._prepare(persona)
+        done: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            session.persona = persona
-            self._pending.append((session, prefix))
+            session.wanted += 1
+            self._want(session, persona, request, prefix, done)
+        return done
+
+    def _prepare(self, persona: Persona) -> tuple[PromptRequest | str, Prefix | None]:
+        """(the cache key, its prefix) when cached; else (what building it needs, None)."""
+        key = persona.prompt_key()
+        prefix = self.cache.lookup(key)
+        return (key, prefix) if prefix is not None else (persona.request(self.model), None)
+
+    def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
+              done: concurrent.futures.Future) -> None:
+        """(under the lock) Queues the install of a cached prefix, or joins/starts its build."""
+        if prefix is not None:
+            self._pending.append(_Install(session, persona, prefix, session.wanted, done))
+            return
+        waiting = self._waiting.get(request.key)
+        if waiting is None:
+            waiting = self._waiting[request.key] = []
+            self.builder.submit(request)
+        waiting.append((session, persona, session.wanted, done))
 
     def close(self, session: Session) -> None:
         with self._lock:
+            if session.closed:
+                return
             session.closed = True
-            self._pending.append((session, None))
+            if self._owners[session.slot] is session:
+                self._owners[session.slot] = None  # reusable at once: the close applies first
+            self._pending.append(session)
+        if not session.started.done():
+            session.started.cancel()
 
     def say(self, session: Session, text: str, gap_frames: int = 2) -> None:
         """Forces a scripted line into the NPC's text stream, one token every `gap_frames` + 1
@@ -173,32 +240,101 @@ class Engine:
         """The live sessions (a closed one is gone at once, though its slot is freed at the next tick)."""
         return [s for s in self._sessions if s is not None and not s.closed]
 
-    # --- the step (one thread) ----------------------------------------------------------------
-    def _apply_pending(self) -> None:
+    @property
+    def free_slots(self) -> int:
         with self._lock:
-            pending, self._pending = self._pending, []
-        for session, prefix in pending:
-            if prefix is None:
-                if self._sessions[session.slot] is session:
-                    self._sessions[session.slot] = None
+            return sum(owner is None for owner in self._owners)
+
+    @property
+    def builds_pending(self) -> int:
+        return self.builder.pending
+
+    @property
+    def last_swap_ms(self) -> float:
+        return self.install_ms[-1] if self.install_ms else 0.0
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def build(self, budget_s: float | None = None) -> None:
+        """Installs what is ready and advances character builds, by whole operations whose measured
+        cost fits in `budget_s` (None: everything, now). The real-time loop calls it with what is
+        left of the period after each tick."""
+        start = time.perf_counter()
+
+        def left() -> float | None:
+            return None if budget_s is None else budget_s - (time.perf_counter() - start)
+
+        self._apply_pending(left())
+        for request, result in self.builder.run(left()):
+            self._built(request, result)
+        self._apply_pending(left())
+
+    def _built(self, request: PromptRequest, result: Prefix | BaseException) -> None:
+        if not isinstance(result, BaseException):
+            result = self.cache.store(request.key, result)
+        with self._lock:
+            waiting = self._waiting.pop(request.key, [])
+            for session, persona, wanted, done in waiting:
+                if isinstance(result, BaseException):
+                    if session.wanted == wanted and session.frames_out == 0 and self._sessions[session.slot] is not session:
+                        # an open whose character failed: its slot is free again
+                        if self._owners[session.slot] is session:
+                            self._owners[session.slot] = None
+                        session.closed = True
+                    if not done.done():
+                        done.set_exception(result)
+                else:
+                    self._pending.append(_Install(session, persona, result, wanted, done))
+
+    def _apply_pending(self, budget_s: float | None = None) -> None:
+        """Applies closes and installs in order; an install only while its cost fits `budget_s`."""
+        start = time.perf_counter()
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                op = self._pending[0]
+                if isinstance(op, _Install) and budget_s is not None \
+                        and time.perf_counter() - start + self._install_cost >= budget_s:
+                    return
+                self._pending.pop(0)
+            if isinstance(op, Session):
+                if self._sessions[op.slot] is op:
+                    self._sessions[op.slot] = None
                 continue
-            if session.closed:
+            session = op.session
+            if session.closed or session.wanted != op.wanted:
+                if not op.done.done():
+                    op.done.cancel()
                 continue
-            start = time.perf_counter()
-            self._install(session, prefix)
-            self.last_swap_ms = (time.perf_counter() - start) * 1000
+            t0 = time.perf_counter()
+            session.persona = op.persona
+            self._install(session, op.prefix)
+            if self.model.device.type == "cuda":
+                torch.cuda.current_stream(self.model.device).synchronize()
+            ms = (time.perf_counter() - t0) * 1000
+            self.install_ms.append(ms)
+            self._install_cost = max(self.install_ms[i] for i in range(-min(8, len(self.install_ms)), 0)) / 1000
+            if not op.done.done():
+                op.done.set_result(session)
 
     def _install(self, session: Session, prefix: Prefix) -> None:
         slot = session.slot
-        install_prefix(self.gen, self.state, slot, prefix, session.seed, session.persona.sampling)
-        self.mimi_state.reset_slot(slot)  # fresh codec streams
+        with fused.eager():
+            install_prefix(self.gen, self.state, slot, prefix, session.seed, session.persona.sampling)
+        self.mimi_state.encoder.reset_slot(slot)  # a fresh encoder for the user's audio
+        self.mimi_state.decoder.copy_slot(self.primed_decoder, 0, slot)  # as the reference's, after the prompt
         session.prefix_length = prefix.length
         session.frames_out = 0
         self._sessions[slot] = session
 
-    def tick(self) -> list[FrameEvent]:
-        """One 80 ms frame for every live session; returns their NPC frames."""
-        self._apply_pending()
+    def tick(self, builds: bool = True) -> list[FrameEvent]:
+        """One 80 ms frame for every live session; returns their NPC frames. `builds`: first finish
+        every pending install and character build (offline ticking: a session opened before this
+        tick speaks in it); the real-time loop passes False and calls `build` between ticks."""
+        if builds:
+            self.build(None)
+        else:
+            self._apply_pending(0.0)  # closes only: installs wait for the time after the tick
         self.ticks += 1
         live = self.sessions
         if not live:
@@ -231,8 +367,10 @@ class Engine:
 class EngineLoop:
     """Runs `engine.tick()` every 80 ms on a background thread; records tick times."""
 
-    def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3):
+    def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3,
+                 build_margin: float = 0.012):
         self.engine, self.period, self.catch_up = engine, period, catch_up
+        self.build_margin = build_margin  # seconds of each period kept free of builds (tick jitter)
         self.tick_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self.overruns = 0
         self._stop = threading.Event()
@@ -254,13 +392,18 @@ class EngineLoop:
         while not self._stop.is_set():
             start = time.perf_counter()
             try:
-                self.engine.tick()
+                self.engine.tick(builds=False)
+                elapsed = time.perf_counter() - start
+                self.tick_ms.append(elapsed * 1000)
+                deadline += self.period
+                # What is left of the period goes to installs and character builds, by whole
+                # operations whose measured cost fits before the next tick is due.
+                budget = deadline - time.perf_counter() - self.build_margin
+                if budget > 0 or self.engine.builds_pending:
+                    self.engine.build(max(budget, 0.0))
             except BaseException as exc:  # keep the error for whoever runs the loop
                 self.error = exc
                 raise
-            elapsed = time.perf_counter() - start
-            self.tick_ms.append(elapsed * 1000)
-            deadline += self.period
             delay = deadline - time.perf_counter()
             if delay < 0:
                 self.overruns += 1

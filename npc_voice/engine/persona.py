@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from ..audio import load_mono
+from ..model import fused
 from ..model.generator import Generator, Sampling
 from ..model.loading import LoadedModel
+from .build import PromptRequest
 from .prompt import (
-    Prefix, SpecialCodes, Voice, build_prefix, prompt_frames, special_codes, text_prompt_tokens,
-    voice_from_preset, voice_from_samples,
+    Prefix, normalized_voice, prompt_frames, special_codes, text_prompt_tokens, voice_from_preset, voice_from_samples,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,19 @@ class Persona:
         h.update(b"\0" + self.role.strip().encode())
         return h.hexdigest()[:32]
 
-    def load_voice(self, model: LoadedModel) -> Voice:
+    def request(self, model: LoadedModel) -> PromptRequest:
+        """What building this character's prompt needs, read and prepared on the caller's thread
+        (the voice file decoded, resampled and loudness-normalised; the role tokenised). Raises
+        `ValueError` / `AudioError` for a voice that cannot be used."""
+        tokens = text_prompt_tokens(model, self.role)
         if self.voice_path is not None and self.voice_path.endswith(".pt"):
-            return voice_from_preset(self.name, self.voice_path, model.config.lm.dim)
+            return PromptRequest(self.prompt_key(), self.name, tokens,
+                                 preset=voice_from_preset(self.name, self.voice_path, model.config.lm.dim))
         if self.voice_path is not None:
             samples = load_mono(self.voice_path, model.config.mimi.sample_rate, mode="first")
         else:
             samples = np.asarray(self.voice_samples, dtype=np.float32)
-        return voice_from_samples(self.name, samples, model.mimi)
+        return PromptRequest(self.prompt_key(), self.name, tokens, samples=normalized_voice(samples, model.mimi))
 
 
 def weights_fingerprint(model: LoadedModel) -> str:
@@ -70,55 +81,99 @@ def weights_fingerprint(model: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
+DEFAULT_CACHE_MB = 4096  # built prompts kept in memory (about 37 characters of 212 frames at 7B)
+
+
 class PrefixCache:
     """Built prompt prefixes: in memory (LRU, bounded in bytes) and optionally on disk (keyed by the
-    persona's prompt hash and the weights' fingerprint). Thread-safe."""
+    persona's prompt hash and the weights' fingerprint). On a GPU the memory copies live in pinned
+    host memory by default (`on="host"`: installed back in milliseconds, leaving GPU memory to
+    conversation slots) or on the GPU (`on="device"`). Thread-safe; disk writes happen on a
+    background thread, never on the engine's."""
 
-    def __init__(self, model: LoadedModel, generator: Generator, max_bytes: int = 2 << 30,
-                 directory: str | Path | None = None):
-        self.model, self.gen = model, generator
-        self.max_bytes = max_bytes
+    def __init__(self, model: LoadedModel, generator: Generator | None = None, max_bytes: int = DEFAULT_CACHE_MB << 20,
+                 directory: str | Path | None = None, on: str = "host"):
+        if on not in ("host", "device"):
+            raise ValueError(f"prefix cache location must be 'host' or 'device', not {on!r}")
+        self.model, self.gen = model, generator or Generator(model.lm)
+        self.max_bytes, self.on = max_bytes, on
         self.directory = Path(directory) / weights_fingerprint(model) if directory else None
+        gpu = model.device.type == "cuda"
+        self._device = model.device if on == "device" or not gpu else torch.device("cpu")
+        self._pin = gpu and on == "host"
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
-        self._special: SpecialCodes | None = None
-        self.hits = self.misses = 0
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="npc-voice-prefix-disk")
+        self.hits = self.misses = self.evictions = 0
 
-    def special(self) -> SpecialCodes:
-        if self._special is None:
-            self._special = special_codes(self.model.mimi)
-        return self._special
-
-    def get(self, persona: Persona) -> Prefix:
-        key = persona.prompt_key()
+    def lookup(self, key: str) -> Prefix | None:
+        """The cached prefix of `key` (memory, then disk), counting a hit or a miss."""
         with self._lock:
-            if key in self._entries:
+            prefix = self._entries.get(key)
+            if prefix is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return self._entries[key]
-        prefix = self._load(key) or self.build(persona)
-        self._store(key, prefix)
+                return prefix
+        prefix = self._load(key)
+        with self._lock:
+            if prefix is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+        return self._keep(key, prefix)
+
+    def store(self, key: str, prefix: Prefix) -> Prefix:
+        """Keeps a freshly built prefix (and writes it to disk in the background); returns the
+        cached copy."""
+        kept = self._keep(key, prefix)
+        if self.directory is not None:
+            self._writer.submit(self._write, key, kept)
+        return kept
+
+    def get(self, persona: Persona) -> Prefix:
+        """The prefix of `persona`, built now in the calling thread if it is not cached (tools and
+        tests; the engine builds between its ticks instead)."""
+        key = persona.prompt_key()
+        prefix = self.lookup(key)
+        if prefix is None:
+            from .build import build_prefix  # the engine's own chunked procedure
+
+            request = persona.request(self.model)
+            with fused.eager():
+                voice = request.preset or voice_from_samples(request.name, request.samples, self.model.mimi,
+                                                             normalized=True)
+                frames = prompt_frames(voice, request.text_tokens, special_codes(self.model.mimi), self.model)
+                prefix = self.store(key, build_prefix(self.model, self.gen, frames))
         return prefix
 
-    def build(self, persona: Persona) -> Prefix:
-        self.misses += 1
-        frames = prompt_frames(persona.load_voice(self.model), text_prompt_tokens(self.model, persona.role),
-                               self.special(), self.model)
-        return build_prefix(self.model, self.gen, frames)
-
-    def _store(self, key: str, prefix: Prefix) -> None:
+    def _keep(self, key: str, prefix: Prefix) -> Prefix:
+        prefix = prefix.to(self._device, pin=self._pin)
         with self._lock:
+            old = self._entries.pop(key, None)
+            self._bytes -= old.nbytes if old is not None else 0
             self._entries[key] = prefix
-            self._entries.move_to_end(key)
-            while len(self._entries) > 1 and sum(p.nbytes for p in self._entries.values()) > self.max_bytes:
-                self._entries.popitem(last=False)
-        if self.directory is not None:
+            self._bytes += prefix.nbytes
+            while len(self._entries) > 1 and self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                self.evictions += 1
+        return prefix
+
+    def _write(self, key: str, prefix: Prefix) -> None:
+        try:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"{key}.safetensors"
             if not path.exists():
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
                 save_file({k: v.contiguous().cpu() for k, v in vars(prefix).items()}, str(tmp))
                 tmp.replace(path)  # atomic: a reader never sees half a file
+        except OSError:
+            log.exception("could not write the prompt cache file for %s", key)
+
+    def flush(self) -> None:
+        """Waits until every disk write queued so far is done."""
+        self._writer.submit(lambda: None).result()
 
     def _load(self, key: str) -> Prefix | None:
         if self.directory is None:
@@ -127,12 +182,18 @@ class PrefixCache:
         if not path.exists():
             return None
         try:
-            tensors = load_file(str(path), device=str(self.model.device))
-            return Prefix(**tensors)
+            return Prefix(**load_file(str(path), device="cpu"))
         except Exception:  # a damaged cache file is rebuilt, never fatal
             path.unlink(missing_ok=True)
             return None
 
+    def stats(self) -> dict[str, float | int | str]:
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes, "on": self.on,
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    "hit_rate": round(self.hits / lookups, 3) if lookups else 0.0,
+                    "directory": str(self.directory) if self.directory is not None else None}
+
     def __len__(self) -> int:
         return len(self._entries)
-

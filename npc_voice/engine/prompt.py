@@ -6,9 +6,10 @@ A character prompt is a sequence of forced frames (see the reference's prompt or
   text frames       text = "<system> {role} <system>", one token a frame, agent SILENCE, user SINE
   6 silence frames
 Every stream is forced, so what the prompt leaves in the model (the temporal KV cache and the
-delayed-token ring) depends only on the character. We compute it in ONE parallel forward over all
-prompt positions (the reference runs one full model step per frame: seconds per character) and
+delayed-token ring) depends only on the character. We compute it in parallel forwards over many
+prompt positions at once (the reference runs one full model step per frame: seconds per character) and
 keep it as a `Prefix`, which `install_prefix` copies into a slot in a few small tensor copies.
+The engine builds prompts between ticks, a chunk at a time (`build.py`).
 """
 
 from __future__ import annotations
@@ -79,20 +80,34 @@ class Voice:
         return self.codes.shape[0] if self.codes is not None else self.embeddings.shape[0] + 1
 
 
+VOICE_BUCKET_FRAMES = 25  # a voice is encoded padded to whole 2 s buckets: few shapes, all warmed up
+
+
+def voice_bucket_frames(frames: int) -> int:
+    """The padded length (frames) a voice of `frames` frames is encoded at."""
+    return -(-max(1, frames) // VOICE_BUCKET_FRAMES) * VOICE_BUCKET_FRAMES
+
+
+def normalized_voice(samples: np.ndarray, mimi: Mimi) -> np.ndarray:
+    """A voice sample as the reference prompts with it: loudness-normalised to -24 LUFS."""
+    return normalize_loudness(samples, mimi.config.sample_rate, VOICE_LUFS)
+
+
 @torch.no_grad()
-def voice_from_samples(name: str, samples: np.ndarray, mimi: Mimi) -> Voice:
-    """A voice from 24 kHz mono float samples: loudness-normalised to -24 LUFS, cut into frames
-    (the last one zero-padded), streamed through a fresh Mimi encoder as the reference does."""
-    samples = normalize_loudness(samples, mimi.config.sample_rate, VOICE_LUFS)
+def voice_from_samples(name: str, samples: np.ndarray, mimi: Mimi, normalized: bool = False) -> Voice:
+    """A voice from 24 kHz mono float samples (loudness-normalised here unless `normalized`), cut
+    into frames (the last one zero-padded) and encoded by Mimi in ONE batched pass over the whole
+    clip: the codes a fresh streaming encoder gives frame by frame, as the reference does (Mimi is
+    causal, so the zeros padding the clip to its bucket change no earlier frame)."""
+    if not normalized:
+        samples = normalized_voice(samples, mimi)
     size = mimi.frame_size
     frames = max(1, math.ceil(samples.shape[-1] / size))
-    padded = np.zeros(frames * size, dtype=np.float32)
+    padded = np.zeros(voice_bucket_frames(frames) * size, dtype=np.float32)
     padded[: samples.shape[-1]] = samples
     device = mimi.downsample.conv.conv.conv.weight.device
-    pcm = torch.from_numpy(padded).to(device).view(1, 1, frames, size)
-    state = mimi.init_encoder_state(1, device)
-    codes = torch.stack([mimi.encode_step(pcm[:, :, f], state)[0] for f in range(frames)])
-    return Voice(name, codes=codes.cpu())
+    codes = mimi.encode(torch.from_numpy(padded).to(device).view(1, 1, -1))[0, :, :frames]  # [K, F]
+    return Voice(name, codes=codes.T.cpu())
 
 
 def voice_from_preset(name: str, path: str, dim: int) -> Voice:
@@ -154,53 +169,47 @@ def text_prompt_tokens(model: LoadedModel, role: str) -> list[int]:
 
 @dataclass
 class Prefix:
-    """What a prompt leaves in one slot: the temporal KV rows of its positions, the token ring,
-    and the last position's hidden state and text logits (to sample the first spoken frame)."""
+    """What a prompt of N positions leaves in one slot: the temporal KV rows of its last
+    min(N, context) positions (in position order), the token ring, and the last position's hidden
+    state and text logits (to sample the first spoken frame)."""
 
-    keys: torch.Tensor  # [L, H, N, D]
-    values: torch.Tensor  # [L, H, N, D]
+    keys: torch.Tensor  # [L, H, n, D]
+    values: torch.Tensor  # [L, H, n, D]
     ring: torch.Tensor  # [K, CT] long, as the generator's ring after N positions
     hidden: torch.Tensor  # [dim]
     text_logits: torch.Tensor  # [text_card]
+    positions: torch.Tensor  # [] long, on the host: N, the prompt's length in frames
 
     @property
     def length(self) -> int:
-        return self.keys.shape[2]
+        return int(self.positions)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.ring, self.hidden, self.text_logits))
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+    def to(self, device: torch.device | str, pin: bool = False) -> Prefix:
+        """A copy on `device` (pinned host memory with `pin`: copies back to a GPU in milliseconds)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            return t.pin_memory() if pin and not t.is_pinned() else t
+        return Prefix(**{k: (move(v) if k != "positions" else v.cpu()) for k, v in vars(self).items()})
 
 
-@torch.no_grad()
-def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames) -> Prefix:
-    """Runs all prompt positions 0..F-1 in one parallel forward of a fresh one-slot state."""
-    lm, cfg = model.lm, model.config.lm
+def prompt_ring(frames: PromptFrames, gen: Generator) -> torch.Tensor:
+    """[K, CT] the generator's token ring after the prompt's N positions: the delayed streams at
+    position N hold frame N-1 (every stream is forced), the initial token where p <= delay."""
     F = frames.tokens.shape[1]
-    if F >= cfg.context:
-        raise ValueError(f"the prompt takes {F} frames, more than the model's context of {cfg.context}")
-    device = model.device
     initial = gen.initial.cpu()
-    positions = delayed_positions(frames.tokens, cfg.delays, initial).to(device)  # [K, F]
-    x = lm.embed(positions[None])  # [1, F, dim]
-    voice = frames.voice
-    if voice.embeddings is not None:  # a preset's stored input embeddings for positions 0..v-2
-        x[0, : voice.embeddings.shape[0]] = voice.embeddings.to(device, x.dtype)
-    state = lm.transformer.init_state(1, capacity=F)
-    hidden, text_logits = lm.step_embeddings(x, state)
-
-    # The ring after position F-1: delayed streams at position F hold frame F-1 (all forced).
-    ring = torch.full((cfg.num_codebooks, gen.ring), -2, dtype=torch.long)
-    delays = torch.tensor(cfg.delays)
+    delays = torch.tensor(gen.cfg.delays)
+    ring = torch.full((gen.cfg.num_codebooks, gen.ring), -2, dtype=torch.long)
     for p in range(max(0, F - gen.ring + 1), F + 1):
         frame = p - delays  # [K]
         known = (frame >= 0) & (frame < F)
         col = torch.where(known, frames.tokens[torch.arange(len(delays)), frame.clamp(0, F - 1)], -2)
         col = torch.where(torch.tensor(p) <= delays, initial, col)
         ring[:, p % gen.ring] = col
-    keys = torch.stack([c.keys[0, :, :F] for c in state.layers])
-    values = torch.stack([c.values[0, :, :F] for c in state.layers])
-    return Prefix(keys, values, ring.to(device), hidden[0, -1], text_logits[0, -1])
+    return ring
 
 
 @torch.no_grad()
@@ -211,21 +220,30 @@ def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Pre
     # Every field of the slot is set below, so nothing needs clearing first: KV rows past the
     # prefix hold stale values that the slot's position makes invisible.
     sampling.apply(state.sampling, slot, seed)
-    N = prefix.length
+    N, n = prefix.length, prefix.keys.shape[2]
+    capacity = state.temporal.layers[0].keys.shape[2] - 1  # the last row is scratch
+    # Position p lives in ring row p % capacity: the kept positions N-n..N-1, in at most two runs.
+    first = (N - n) % capacity
+    runs = [(first, 0, min(n, capacity - first))]
+    if runs[0][2] < n:
+        runs.append((0, runs[0][2], n - runs[0][2]))
     for layer, cache in enumerate(state.temporal.layers):
-        cache.keys[slot, :, :N] = prefix.keys[layer]
-        cache.values[slot, :, :N] = prefix.values[layer]
+        for row, src, count in runs:
+            cache.keys[slot, :, row : row + count].copy_(prefix.keys[layer, :, src : src + count], non_blocking=True)
+            cache.values[slot, :, row : row + count].copy_(prefix.values[layer, :, src : src + count], non_blocking=True)
     state.temporal.position[slot] = N
     state.offset[slot] = N
-    state.tokens[slot] = prefix.ring
+    state.tokens[slot].copy_(prefix.ring, non_blocking=True)
 
     # Position N's text and codebook 0 come from position N-1's prediction, sampled for this slot.
-    sp, counter = state.sampling, torch.full((1,), N - 1, device=state.offset.device)
+    device = state.offset.device
+    hidden, text_logits = prefix.hidden.to(device, non_blocking=True), prefix.text_logits.to(device, non_blocking=True)
+    sp, counter = state.sampling, torch.full((1,), N - 1, device=device)
     s = slice(slot, slot + 1)
-    text = sample(prefix.text_logits[None], sp.text_temperature[s], sp.text_top_k[s],
-                  uniform_noise(sp.seed[s], counter, 0, prefix.text_logits.shape[-1]))
-    scratch = gen.lm.depformer.init_scratch(1, prefix.hidden.device, prefix.hidden.dtype)
-    logits = gen.lm.depth_step(0, prefix.hidden[None], text, scratch)
+    text = sample(text_logits[None], sp.text_temperature[s], sp.text_top_k[s],
+                  uniform_noise(sp.seed[s], counter, 0, text_logits.shape[-1]))
+    scratch = gen.lm.depformer.init_scratch(1, device, hidden.dtype)
+    logits = gen.lm.depth_step(0, hidden[None], text, scratch)
     cb0 = sample(logits, sp.audio_temperature[s], sp.audio_top_k[s], uniform_noise(sp.seed[s], counter, 1, logits.shape[-1]))
     position = N % gen.ring
     state.tokens[slot, 0, position] = text[0]

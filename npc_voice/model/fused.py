@@ -8,7 +8,8 @@ few pure functions fuses each into one kernel. Only on CUDA and only once `enabl
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import contextlib
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,18 @@ def enable(on: bool = True) -> None:
     if on:  # one specialisation per shape: batch sizes, the LM's and Mimi's transformers, ...
         torch._dynamo.config.recompile_limit = 512
         torch._dynamo.config.accumulated_recompile_limit = 4096
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Plain PyTorch inside the block: for work whose shapes vary (a character's prompt, an
+    install), where compiling one specialisation per shape would cost seconds the first time."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
 
 
 def fusable(fn: F_) -> F_:
