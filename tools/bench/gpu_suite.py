@@ -3,7 +3,8 @@
 Run on a CUDA machine from the repository root, then the reference in the same call:
     python3 tools/bench/gpu_suite.py all | tee $OUT/ours.jsonl
     python3 tools/bench/anchor_moshi.py 1 32 | tee $OUT/reference.jsonl   # moshi 0.2.13 (wheels in .whl)
-Stages: check (CUDA-graph step == eager step, tiny), ticks (7B bf16, 1..32 sessions, full context),
+Stages: check (CUDA-graph step == eager step, tiny), builds (8 new characters at once beside 32 and
+63 live full-context sessions in the real-time loop), ticks (7B bf16, 1..32 sessions, full context),
 many (7B bf16, 64 sessions at a 1500-frame context), swap (hot swap with 32 live sessions),
 int8 (int8 weights, 4 sessions: memory), accuracy (int8 and short context vs bf16 logits).
 """
@@ -200,7 +201,22 @@ def stage_parts() -> None:
 
 
 
-STAGES = {"check": stage_check, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
+def stage_builds(lives=(32, 63), new: int = 8) -> None:
+    """New uncached characters (8 at once, voices 3-10 s, roles 20-120 words) while `live`
+    full-context conversations run in the real-time loop: ticks during the builds, first frames."""
+    from npc_voice.bench import bench_builds
+
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
+    model.mimi.to(torch.bfloat16)  # the serving default on a GPU
+    for live in lives:
+        for row in bench_builds(model, live, new=new, rounds=2):
+            emit(**row)
+        free()
+    del model
+    free()
+
+
+STAGES = {"check": stage_check, "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
           "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
 
 if __name__ == "__main__":
