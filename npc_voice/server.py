@@ -158,7 +158,7 @@ def resolve_character(store: Any, spec: str | InlineCharacter, limits: Limits) -
     errors = [p for p in check_voice_audio(samples, MODEL_RATE) if p.level == "error"]
     if errors:
         raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline voice: {errors[0].message}")
-    persona = Persona(role=character.role, voice_samples=tuple(samples.tolist()), name=character.name,
+    persona = Persona(role=character.role, voice_samples=samples, name=character.name,
                       sampling=character.to_sampling())
     return persona, character.name
 

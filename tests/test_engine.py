@@ -25,7 +25,7 @@ def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
 
 
 def persona(freq: float = 180.0, role: str = "You are a friendly innkeeper.", **kw) -> Persona:
-    return Persona(role=role, voice_samples=tuple(tone(1.0, freq).tolist()), **kw)
+    return Persona(role=role, voice_samples=tone(1.0, freq), **kw)
 
 
 @pytest.fixture(scope="module")

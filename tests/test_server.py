@@ -192,7 +192,7 @@ def test_character_ids_never_reach_the_file_system(tmp_path: Path) -> None:
 
     persona, label = resolve_character(None, inline(wav_base64=base64.b64encode(wav_bytes(tone(2.5, 200))).decode()),
                                        DEFAULT_LIMITS)
-    assert label == "Guard" and len(persona.voice_samples) == int(2.5 * RATE)
+    assert label == "Guard" and len(persona.voice_array) == int(2.5 * RATE)
     cases = [(inline(wav_base64=base64.b64encode(b"RIFF nonsense").decode()), "invalid_character"),
              (inline(wav_base64="%%%"), "invalid_character"),
              (inline(wav_base64=base64.b64encode(wav_bytes(tone(0.5, 200))).decode()), "invalid_character"),

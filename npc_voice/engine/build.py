@@ -66,7 +66,8 @@ class _Job:
 
 
 class _Cost:
-    """Running estimate of one operation's duration (seconds): the slowest of the last few."""
+    """Running estimate of one operation's duration (seconds): the upper quartile of the last few
+    (one slow outlier does not stop the builds; a slow trend does)."""
 
     def __init__(self, initial: float):
         self.recent: collections.deque[float] = collections.deque([initial], maxlen=8)
@@ -76,7 +77,8 @@ class _Cost:
 
     @property
     def estimate(self) -> float:
-        return max(self.recent)
+        ordered = sorted(self.recent)
+        return ordered[(3 * (len(ordered) - 1)) // 4]
 
 
 class PrefixBuilder:
@@ -101,7 +103,7 @@ class PrefixBuilder:
         self._lane_jobs: list[_Job | None] = [None] * lanes
         self._lock = threading.Lock()
         self._special: SpecialCodes | None = None
-        self.chunk_cost, self.prepare_cost = _Cost(0.0), _Cost(0.0)
+        self.chunk_cost, self.prepare_cost = _Cost(0.005), _Cost(0.005)
         self._last_progress = time.perf_counter()
         self.chunks_run = 0
 

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import itertools
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class Engine:
         self._pending: list[_Install | Session] = []  # installs, and closes (a Session), in order
         self._waiting: dict[str, list[tuple[Session, Persona, int, concurrent.futures.Future]]] = {}  # builds
         self._lock = threading.Lock()
+        self._prepare_lock = threading.Lock()
         self._ids = itertools.count(1)
         self.ticks = 0
         self.install_ms: collections.deque[float] = collections.deque(maxlen=256)
@@ -197,10 +199,13 @@ class Engine:
         return done
 
     def _prepare(self, persona: Persona) -> tuple[PromptRequest | str, Prefix | None]:
-        """(the cache key, its prefix) when cached; else (what building it needs, None)."""
-        key = persona.prompt_key()
-        prefix = self.cache.lookup(key)
-        return (key, prefix) if prefix is not None else (persona.request(self.model), None)
+        """(the cache key, its prefix) when cached; else (what building it needs, None). One caller
+        at a time: reading and normalising voices is Python work that competes for the GIL with
+        the engine thread, so many threads at once would delay its ticks."""
+        with self._prepare_lock:
+            key = persona.prompt_key()
+            prefix = self.cache.lookup(key)
+            return (key, prefix) if prefix is not None else (persona.request(self.model), None)
 
     def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
               done: concurrent.futures.Future) -> None:
@@ -378,6 +383,9 @@ class EngineLoop:
         self.error: BaseException | None = None
 
     def start(self) -> EngineLoop:
+        # A thread waiting for the GIL gets it after at most this long: keeps the engine thread's
+        # launches prompt while other threads (the server, voice decoding) run Python.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._thread = threading.Thread(target=self._run, name="npc-voice-engine", daemon=True)
         self._thread.start()
         return self

@@ -34,13 +34,22 @@ class Persona:
 
     role: str
     voice_path: str | None = None  # audio sample or preset .pt
-    voice_samples: tuple[float, ...] | None = None  # or raw 24 kHz mono samples (tests, generated voices)
+    # or raw 24 kHz mono samples (inline voices, tests): any float array, kept as float32 bytes so that
+    # a persona is cheap to pass, hash and compare (no Python float per sample)
+    voice_samples: bytes | None = None
     name: str = "npc"
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
         if (self.voice_path is None) == (self.voice_samples is None):
             raise ValueError("a persona needs exactly one voice: voice_path or voice_samples")
+        if self.voice_samples is not None and not isinstance(self.voice_samples, bytes):
+            object.__setattr__(self, "voice_samples", np.asarray(self.voice_samples, dtype=np.float32).tobytes())
+
+    @property
+    def voice_array(self) -> np.ndarray | None:
+        """The raw voice samples as float32 [N] (read-only), or None for a voice file."""
+        return None if self.voice_samples is None else np.frombuffer(self.voice_samples, dtype=np.float32)
 
     def prompt_key(self) -> str:
         """A hash of everything the prompt prefix depends on: the voice's content and the role."""
@@ -48,7 +57,7 @@ class Persona:
         if self.voice_path is not None:
             h.update(Path(self.voice_path).read_bytes())
         else:
-            h.update(np.asarray(self.voice_samples, dtype=np.float32).tobytes())
+            h.update(self.voice_samples)
         h.update(b"\0" + self.role.strip().encode())
         return h.hexdigest()[:32]
 
@@ -63,7 +72,7 @@ class Persona:
         if self.voice_path is not None:
             samples = load_mono(self.voice_path, model.config.mimi.sample_rate, mode="first")
         else:
-            samples = np.asarray(self.voice_samples, dtype=np.float32)
+            samples = self.voice_array
         return PromptRequest(self.prompt_key(), self.name, tokens, samples=normalized_voice(samples, model.mimi))
 
 
@@ -124,12 +133,23 @@ class PrefixCache:
         return self._keep(key, prefix)
 
     def store(self, key: str, prefix: Prefix) -> Prefix:
-        """Keeps a freshly built prefix (and writes it to disk in the background); returns the
-        cached copy."""
-        kept = self._keep(key, prefix)
+        """Keeps a freshly built prefix as it is (on the GPU, where it was built, for its first
+        installs); copying it to pinned host memory and writing it to disk happen on a background
+        thread, off the engine's. Returns the prefix."""
+        with self._lock:
+            self._put(key, prefix)
+        self._writer.submit(self._settle, key, prefix)
+        return prefix
+
+    def _settle(self, key: str, prefix: Prefix) -> None:
+        if self._device != prefix.keys.device or self._pin:
+            moved = prefix.to(self._device, pin=self._pin)
+            with self._lock:
+                if self._entries.get(key) is prefix:
+                    self._put(key, moved)
+            prefix = moved
         if self.directory is not None:
-            self._writer.submit(self._write, key, kept)
-        return kept
+            self._write(key, prefix)
 
     def get(self, persona: Persona) -> Prefix:
         """The prefix of `persona`, built now in the calling thread if it is not cached (tools and
@@ -150,15 +170,19 @@ class PrefixCache:
     def _keep(self, key: str, prefix: Prefix) -> Prefix:
         prefix = prefix.to(self._device, pin=self._pin)
         with self._lock:
-            old = self._entries.pop(key, None)
-            self._bytes -= old.nbytes if old is not None else 0
-            self._entries[key] = prefix
-            self._bytes += prefix.nbytes
-            while len(self._entries) > 1 and self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-                self.evictions += 1
+            self._put(key, prefix)
         return prefix
+
+    def _put(self, key: str, prefix: Prefix) -> None:
+        """(under the lock) Adds or replaces an entry, then evicts the least recently used."""
+        old = self._entries.pop(key, None)
+        self._bytes -= old.nbytes if old is not None else 0
+        self._entries[key] = prefix
+        self._bytes += prefix.nbytes
+        while len(self._entries) > 1 and self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            self.evictions += 1
 
     def _write(self, key: str, prefix: Prefix) -> None:
         try:
@@ -172,7 +196,7 @@ class PrefixCache:
             log.exception("could not write the prompt cache file for %s", key)
 
     def flush(self) -> None:
-        """Waits until every disk write queued so far is done."""
+        """Waits until every background copy and disk write queued so far is done."""
         self._writer.submit(lambda: None).result()
 
     def _load(self, key: str) -> Prefix | None:
