@@ -231,12 +231,16 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
             live_got = [len(frames.get(s.id, [])) - live_before[s.id] for s in sessions]
             skips = sum(1 for s in sessions for a, b in zip(frames[s.id], frames[s.id][1:]) if b[0] != a[0] + 1)
             firsts = sorted((frames[s.id][0][1] - starts[i]) * 1000 for i, s in enumerate(opened) if s.id in frames)
+            errors = [repr(s.started.exception())[:300] for s in opened
+                      if s.started.done() and not s.started.cancelled() and s.started.exception() is not None]
             rows.append({
                 "what": "builds", "round": r, "live": live, "new": new, "context_fill": fill,
                 "startup_s": round(startup_s, 1),
                 "prompt_frames": sorted(engine.cache.lookup(p.prompt_key()).length for p in personas
                                         if engine.cache.lookup(p.prompt_key()) is not None),
-                "first_frame_ms_p50": round(percentile(firsts, 0.5), 1), "first_frame_ms_max": round(max(firsts), 1),
+                "first_frame_ms_p50": round(percentile(firsts, 0.5), 1),
+                "first_frame_ms_max": round(max(firsts, default=-1.0), 1), "errors": errors,
+                "loop_error": repr(loop.error) if loop.error is not None else None,
                 "first_frame_ms": [round(f, 1) for f in firsts], "started": len(firsts),
                 "tick_ms_p50": round(percentile(ticks, 0.5), 2), "tick_ms_p99": round(percentile(ticks, 0.99), 2),
                 "tick_ms_max": round(max(ticks, default=0.0), 2), "ticks": len(ticks),
@@ -244,7 +248,7 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
                 "live_frames_min": min(live_got), "live_frames_expected": round(elapsed / 0.08, 1),
                 "build_chunks": engine.builder.chunks_run,
                 "chunk_ms_recent_max": round(engine.builder.chunk_cost.estimate * 1000, 2),
-                "install_ms_max": round(max(engine.install_ms), 2),
+                "install_ms_max": round(max(engine.install_ms, default=0.0), 2),
                 "install_ms_recent": [round(x, 1) for x in list(engine.install_ms)[-new:]],
                 "prepare_ms_recent": [round(x * 1000, 1) for x in engine.builder.prepare_cost.recent],
                 "chunk_ms_recent": [round(x * 1000, 1) for x in engine.builder.chunk_cost.recent],

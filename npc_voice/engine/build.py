@@ -175,7 +175,8 @@ class PrefixBuilder:
         request = job.request
         try:
             with fused.eager():
-                voice = request.preset or voice_from_samples(request.name, request.samples, self.model.mimi)
+                voice = request.preset or voice_from_samples(request.name, request.samples, self.model.mimi,
+                                                             normalized=True)
                 job.frames = prompt_frames(voice, request.text_tokens, self.special, self.model)
                 job.x = prompt_embeddings(self.model, self.gen, job.frames)
         except Exception as exc:  # this character fails; nothing else is touched

@@ -230,6 +230,8 @@ if __name__ == "__main__":
         try:
             STAGES[name]()
         except Exception as exc:  # keep going: one failed stage must not hide the others
-            emit(what="error", stage=name, error=repr(exc)[:500])
+            import traceback
+
+            emit(what="error", stage=name, error=repr(exc)[:500], where=traceback.format_exc()[-1500:])
             free()
         emit(what="stage_done", stage=name, seconds=round(time.time() - start, 1))
