@@ -65,7 +65,7 @@ class _Job:
         return self.x.shape[0]
 
 
-class _Cost:
+class Cost:
     """Running estimate of one operation's duration (seconds): the upper quartile of the last few
     (one slow outlier does not stop the builds; a slow trend does)."""
 
@@ -103,7 +103,7 @@ class PrefixBuilder:
         self._lane_jobs: list[_Job | None] = [None] * lanes
         self._lock = threading.Lock()
         self._special: SpecialCodes | None = None
-        self.chunk_cost, self.prepare_cost = _Cost(0.005), _Cost(0.005)
+        self.chunk_cost, self.prepare_cost = Cost(0.005), Cost(0.005)
         self._last_progress = time.perf_counter()
         self.chunks_run = 0
 
@@ -133,7 +133,7 @@ class PrefixBuilder:
         finished: list[tuple[PromptRequest, Prefix | BaseException]] = []
         start = time.perf_counter()
 
-        def fits(cost: _Cost) -> bool:
+        def fits(cost: Cost) -> bool:
             if budget_s is None:
                 return True
             now = time.perf_counter()
@@ -160,7 +160,7 @@ class PrefixBuilder:
     def _free_lane(self) -> int | None:
         return next((i for i, j in enumerate(self._lane_jobs) if j is None), None)
 
-    def _timed(self, cost: _Cost, fn, *args) -> None:
+    def _timed(self, cost: Cost, fn, *args) -> None:
         t0 = time.perf_counter()
         fn(*args)
         if self.device.type == "cuda":

@@ -27,7 +27,7 @@ from ..characters.model import VOICE_MAX_S
 from ..model import fused
 from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
-from .build import PrefixBuilder, PromptRequest
+from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
 from .prompt import Prefix, install_prefix
 from .step import BatchedStep
@@ -121,6 +121,7 @@ class _Install:
     prefix: Prefix
     wanted: int
     done: concurrent.futures.Future
+    queued: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -155,7 +156,7 @@ class Engine:
         self._ids = itertools.count(1)
         self.ticks = 0
         self.install_ms: collections.deque[float] = collections.deque(maxlen=256)
-        self._install_cost = 0.0
+        self.install_cost = Cost(0.005)
 
     @torch.inference_mode()
     def _primed_decoder(self):
@@ -298,9 +299,11 @@ class Engine:
                 if not self._pending:
                     return
                 op = self._pending[0]
+                now = time.perf_counter()
                 if isinstance(op, _Install) and budget_s is not None \
-                        and time.perf_counter() - start + self._install_cost >= budget_s:
-                    return
+                        and now - op.queued < self.builder.max_wait_s \
+                        and now - start + self.install_cost.estimate >= budget_s:
+                    return  # no time left in this period (an install waiting too long goes anyway)
                 self._pending.pop(0)
             if isinstance(op, Session):
                 if self._sessions[op.slot] is op:
@@ -316,9 +319,9 @@ class Engine:
             self._install(session, op.prefix)
             if self.model.device.type == "cuda":
                 torch.cuda.current_stream(self.model.device).synchronize()
-            ms = (time.perf_counter() - t0) * 1000
-            self.install_ms.append(ms)
-            self._install_cost = max(self.install_ms[i] for i in range(-min(8, len(self.install_ms)), 0)) / 1000
+            seconds = time.perf_counter() - t0
+            self.install_ms.append(seconds * 1000)
+            self.install_cost.add(seconds)
             if not op.done.done():
                 op.done.set_result(session)
 
