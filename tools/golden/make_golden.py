@@ -11,9 +11,11 @@ How to run (from the repository root; needs the moshi 0.2.13 wheel and source, C
     /tmp/moshi-venv/bin/pip install --no-deps /tmp/ref/moshi-0.2.13-py3-none-any.whl einops
     /tmp/moshi-venv/bin/python tools/golden/make_golden.py            # writes tests/fixtures/golden/
     /tmp/moshi-venv/bin/python tools/golden/make_golden.py --out DIR  # somewhere else
+    # with NVIDIA's fork (a checkout of github.com/NVIDIA/personaplex) to cross-check the prompt:
+    /tmp/moshi-venv/bin/python tools/golden/make_golden.py --fork /tmp/personaplex/moshi
 
-The system site-packages must provide torch, numpy, safetensors, sentencepiece and huggingface_hub
-(moshi's loaders import it; nothing is downloaded). Any torch >= 2.2 works; the committed fixtures
+The system site-packages must provide torch, numpy, safetensors, sentencepiece, pyloudnorm and
+huggingface_hub (moshi's loaders import it; nothing is downloaded). Any torch >= 2.2 works; the committed fixtures
 were made with torch 2.13.0+cpu. `NO_TORCH_COMPILE=1` is set by this script so that moshi runs eagerly.
 
 Files written (all computed in fp32 on CPU with fixed seeds; see the README.md written beside them):
@@ -25,6 +27,8 @@ Files written (all computed in fp32 on CPU with fixed seeds; see the README.md w
 - `tokenizer_spm_32k_3.model`: a copy of `npc_voice/model/assets/tokenizer_tiny.model`.
 - `reference.safetensors`: inputs and moshi's outputs (LM teacher-forced streaming, Mimi streaming and
   whole-clip encode/decode).
+- `generation.safetensors` (golden_generation.py): greedy generation by moshi's `LMGen`, and the
+  PersonaPlex prompt phase followed by a greedy conversation, at contexts 64 and 16.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 
 os.environ["NO_TORCH_COMPILE"] = "1"  # before moshi is imported: eager kernels only
 
+import sentencepiece  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
@@ -48,6 +53,10 @@ from moshi.models import loaders  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
 from moshi.modules.transformer import LayerScale, RMSNorm, StreamingMultiheadAttention  # noqa: E402
 from moshi.quantization.core_vq import EuclideanCodebook  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import descriptions  # noqa: E402
+import golden_generation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "tests" / "fixtures" / "golden"
@@ -406,6 +415,9 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write golden fixtures with Kyutai's moshi.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--fork", type=Path, default=None,
+                        help="the `moshi/` folder of NVIDIA's personaplex repository: cross-check the prompt "
+                             "procedure against the fork's own LMGen (tools/golden/fork_check.py)")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -532,14 +544,20 @@ def main() -> None:
     save_file(reference, str(out / "reference.safetensors"),
               metadata={"golden": json.dumps(metadata, sort_keys=True)})
 
-    # ---------------- configs, tokenizer, README ----------------
+    # ---------------- configs, tokenizer ----------------
     config = dict(LM_KWARGS)
     config.update(mimi_config_name=MIMI_CONFIG_NAME, moshi_name=MOSHI_NAME, mimi_name=MIMI_NAME,
                   tokenizer_name=TOKENIZER_NAME)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / MIMI_CONFIG_NAME).write_text(json.dumps(MIMI_CONFIG, indent=2) + "\n")
     shutil.copyfile(TINY_TOKENIZER, out / TOKENIZER_NAME)
-    write_readme(out, reference, notes)
+
+    # ---------------- generation.safetensors (LMGen greedy, PersonaPlex prompt) ----------------
+    gen_notes: list[str] = []
+    generation, _ = golden_generation.make_generation(
+        out, LM_KWARGS, mimi, sentencepiece.SentencePieceProcessor(str(out / TOKENIZER_NAME)), pcm,
+        lm_input, depth_input, args.fork, gen_notes)
+    write_readme(out, reference, notes, generation, gen_notes)
 
     total = 0
     for f in sorted(out.iterdir()):
@@ -548,42 +566,21 @@ def main() -> None:
         digest = hashlib.sha256(f.read_bytes()).hexdigest()[:12]
         print(f"{f.name:48s} {size:>9d}  {digest}")
     print(f"{'total':48s} {total:>9d}")
-    for note in notes:
+    for note in notes + gen_notes:
         print(note)
 
 
-DESCRIPTIONS = {
-    "lm_input": "tokens entering the temporal transformer at each step: text 0..999 (1000 = initial), "
-                "audio 0..1023 (1024 = initial); initial tokens at t=0 and, for the delayed streams, t=1; "
-                "a few -1 (zero embedding)",
-    "depth_input": "token fed to depth step k at step t: k=0 a text token, k>=1 an audio token (codebook k-1)",
-    "text_logits": "temporal transformer text logits at each step (streaming, one step per call)",
-    "transformer_out": "temporal transformer output after `out_norm` at each step (the depformer's input)",
-    "depth_hidden": "depth transformer output for step t, codebook k: depth logits = "
-                    "`depth_hidden[:, t, k] @ linears.k.weight.T`",
-    "depth_steps": "the steps t whose depth logits are stored as moshi computed them",
-    "depth_logits_at": "moshi's depth logits at `depth_steps`",
-    "depth_argmax": "argmax of the depth logits, every step",
-    "depth_logsumexp": "logsumexp of the depth logits, every step",
-    "pcm": "Mimi input, 24 kHz; bf16-exact values stored in bf16: cast to fp32",
-    "codes_stream": "`mimi.encode` frame by frame (1920 samples) inside `mimi.streaming(B)`",
-    "codes_whole": "`mimi.encode(pcm)` on the whole clip, not streaming",
-    "pcm_frames": "the frames t whose decoded PCM is stored",
-    "pcm_stream": "`mimi.decode(codes_stream[:, :, t:t+1])` frame by frame inside `mimi.streaming(B)`, "
-                  "frames `pcm_frames` concatenated",
-    "pcm_stream_stats": "RMS and peak absolute value of each of the 40 decoded frames, streaming",
-    "pcm_whole": "`mimi.decode(codes_stream)` on the whole clip, not streaming, frames `pcm_frames` concatenated",
-    "pcm_whole_stats": "RMS and peak absolute value of each of the 40 decoded frames, whole clip",
-    "code_margins": "relative gap between the nearest and second-nearest centroid distances of each code "
-                    "(min over streaming and whole-clip encodes)",
-}
-
-
-def write_readme(out: Path, reference: dict[str, torch.Tensor], notes: list[str]) -> None:
-    rows = "\n".join(
-        f"| `{k}` | {str(v.dtype).removeprefix('torch.')} | {list(v.shape)} | {DESCRIPTIONS[k]} |"
-        for k, v in reference.items()
+def _rows(tensors: dict[str, torch.Tensor], descriptions: dict[str, str]) -> str:
+    return "\n".join(
+        f"| `{k}` | {str(v.dtype).removeprefix('torch.')} | {list(v.shape)} | {descriptions[k]} |"
+        for k, v in tensors.items()
     )
+
+
+def write_readme(out: Path, reference: dict[str, torch.Tensor], notes: list[str],
+                 generation: dict[str, torch.Tensor], gen_notes: list[str]) -> None:
+    rows = _rows(reference, descriptions.REFERENCE)
+    gen_rows = _rows(generation, descriptions.describe_generation(generation))
     template = (Path(__file__).parent / "README.template.md").read_text()
     text = template.format(
         moshi_version=moshi.__version__,
@@ -591,6 +588,10 @@ def write_readme(out: Path, reference: dict[str, torch.Tensor], notes: list[str]
         python_version=".".join(map(str, sys.version_info[:3])),
         reference_rows=rows,
         notes="\n".join(f"- {n}" for n in notes),
+        generation_rows=gen_rows,
+        generation_notes="\n".join(f"- {n}" for n in gen_notes),
+        role=golden_generation.ROLE,
+        conv_frames=golden_generation.CONV_FRAMES,
         depth_steps=DEPTH_STEPS,
         pcm_frames=PCM_FRAMES,
         lm_config=json.dumps(LM_KWARGS),
