@@ -149,9 +149,26 @@ def test_rate_conversion_keeps_exact_frames(rate: int) -> None:
     out = np.concatenate(frames[5:]).astype(np.float32) / 32768
     spectrum = np.abs(np.fft.rfft(out))
     assert abs(np.argmax(spectrum) * rate / out.size - 440) < 10  # still a 440 Hz tone
+
+
+@pytest.mark.parametrize("rate", [16_000, 48_000])
+def test_input_conversion_keeps_every_sample_in_place(rate: int) -> None:
+    """Client audio in odd 37 ms chunks, then the stream flushed: exactly the input's duration at 24 kHz
+    (a lost chunk is 888 samples) and no lag against resampling the whole clip at once."""
+    import soxr
+
+    chunk, chunks = int(0.037 * rate), 100
+    x = (np.random.default_rng(0).standard_normal(chunk * chunks) * 0.2 * 32767).astype(np.int16)
     conv = InputConverter(rate)
-    total = sum(conv((tone(0.037, 300, rate) * 32767).astype(np.int16)).shape[0] for _ in range(100))
-    assert abs(total - 100 * int(0.037 * rate) * RATE / rate) < 2000  # what went in, minus the filter delay
+    out = [conv(x[i * chunk:(i + 1) * chunk]) for i in range(chunks)]
+    out.append(conv._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))  # flush the filter
+    got = np.concatenate(out)
+    assert abs(got.shape[0] - chunk * chunks * RATE / rate) <= 2
+    whole = soxr.resample(x.astype(np.float32) / 32768, rate, RATE, quality="HQ")
+    n = min(got.shape[0], whole.shape[0], 12_000)
+    lag = int(np.argmax(np.correlate(got[:n], whole[:n], "full"))) - (n - 1)
+    assert abs(lag) <= 2, lag
+    np.testing.assert_allclose(got[:n], whole[:n], atol=1e-5)  # the same samples, not merely the same count
 
 
 def test_public_bind_needs_a_token() -> None:
