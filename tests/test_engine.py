@@ -23,8 +23,9 @@ def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
-def persona(freq: float = 180.0, role: str = "You are a friendly innkeeper.", **kw) -> Persona:
-    return Persona(role=role, voice_samples=tuple(tone(1.0, freq).tolist()), **kw)
+def persona(freq: float = 180.0, role: str = "You are a friendly innkeeper.", voice_seconds: float = 1.0,
+            **kw) -> Persona:
+    return Persona(role=role, voice_samples=tuple(tone(voice_seconds, freq).tolist()), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +211,38 @@ def test_memory_cache_is_bounded(model: LoadedModel) -> None:
     cache.max_bytes = int(one.nbytes * 1.5)
     cache.get(persona(300))
     assert len(cache) == 1  # the least recently used went
+
+
+def test_memory_cache_evicts_the_least_recently_used_by_bytes(model: LoadedModel) -> None:
+    """The in-memory prefix cache drops characters least recently used first, until the bytes fit."""
+    from npc_voice.engine import PrefixCache
+
+    cache = PrefixCache(model, Generator(model.lm))
+    a, b, c = persona(200), persona(300), persona(400)  # prefixes of one size (same role, 1 s voices)
+    big = persona(500, voice_seconds=4.0)
+    first = cache.get(a)
+    size = first.nbytes
+    cache.max_bytes = int(size * 2.5)  # two of them fit, not three
+
+    def built(p: Persona) -> bool:
+        """Gets `p`; whether it had to be built (it was not in the cache)."""
+        misses = cache.misses
+        cache.get(p)
+        return cache.misses == misses + 1
+
+    assert built(b) and len(cache) == 2
+    assert not built(a)  # a is now the most recently used, b the least
+    assert built(c) and len(cache) == 2  # b went, not a
+    assert not built(a)  # both kept; c is now the least recently used
+    assert built(b)  # evicts c
+    assert not built(a) and built(c)  # a kept, c rebuilt
+    # bounded in bytes, not entries: one prefix of 1.8 sizes evicts both others (a count limit of two
+    # would keep one), and the newest entry stays even when it alone is over the budget
+    big_size = cache.get(big).nbytes
+    assert 1.5 * size < big_size < 2.5 * size and len(cache) == 1
+    cache.max_bytes = size
+    assert built(a) and len(cache) == 1 and not built(a)
+    assert built(big) and len(cache) == 1
 
 
 def test_input_buffer_reframes_and_drops_oldest() -> None:
