@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,137 @@ def golden_dir() -> Path:
 def golden_reference(golden_dir: Path) -> dict[str, torch.Tensor]:
     """See `load_golden_reference`."""
     return load_golden_reference(golden_dir)
+
+
+# --- real-time tests -------------------------------------------------------------------------------
+# Tests marked `realtime` check wall-clock behaviour. Their checks are of two kinds:
+# - what does not depend on machine load (no frame-index gaps, no drops, every start answered, never
+#   ahead of the clock) is asserted as usual, unconditionally;
+# - timing (frames per second, latency) goes through the `timing` fixture: a miss fails the test,
+#   unless the machine was measurably saturated by other work during the test, in which case the test
+#   is reported as xfailed with the measured load (never silently passed). NPC_VOICE_STRICT_TIMING=1
+#   fails every miss regardless.
+# They run serially, in this one process; a parallel runner (pytest-xdist) is refused.
+
+STRICT_TIMING = os.environ.get("NPC_VOICE_STRICT_TIMING") == "1"
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu_seconds(pid: int | str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds of the process and its reaped children) from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the command: state, ppid, ... utime (14th field), stime, cutime, cstime
+    return int(fields[1]), sum(int(x) for x in fields[11:15]) / _TICKS
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds used by this process and its descendants (servers the tests start)."""
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and (info := _proc_cpu_seconds(pid)) is not None:
+            procs[int(pid)] = info
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            total += procs[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def _machine_sample() -> tuple[float, float, float] | None:
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process tree), Linux only."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return time.monotonic(), (user + nice + system + irq + softirq + steal) / _TICKS, _own_cpu_seconds()
+
+
+class MachineLoad:
+    """How busy the machine was between `start` and `stop`, in cores: all of it, and the part not
+    used by this process and its children (other work)."""
+
+    def __init__(self) -> None:
+        self.cores = os.cpu_count() or 1
+        self.total = self.others = self.wall = None
+        self._start = _machine_sample()
+
+    def stop(self) -> MachineLoad:
+        end = _machine_sample()
+        if self._start is not None and end is not None and end[0] > self._start[0]:
+            self.wall = wall = end[0] - self._start[0]
+            self.total = (end[1] - self._start[1]) / wall
+            self.others = max(0.0, self.total - (end[2] - self._start[2]) / wall)
+        return self
+
+    def saturated_by_others(self) -> bool:
+        """The machine had less than half a core idle, and other work used at least half a core."""
+        return self.total is not None and self.total >= self.cores - 0.5 and self.others >= 0.5
+
+    def __str__(self) -> str:
+        if self.total is None:
+            return f"machine load not measurable here; load average {os.getloadavg()[0]:.1f} on {self.cores} cores"
+        return (f"{self.total:.2f} of {self.cores} cores busy, {self.others:.2f} of them by other work than this "
+                "test")
+
+
+class Timing:
+    """Collects a real-time test's timing checks; `verdict()` judges them (see above)."""
+
+    def __init__(self) -> None:
+        self.load = MachineLoad()
+        self.misses: list[str] = []
+        self.judged = False
+
+    def check(self, ok: bool, what: str) -> bool:
+        if not ok:
+            self.misses.append(what)
+        return ok
+
+    def verdict(self) -> None:
+        self.judged = True
+        self.load.stop()
+        if not self.misses:
+            return
+        missed = "; ".join(self.misses)
+        if self.load.saturated_by_others() and not STRICT_TIMING:
+            pytest.xfail(f"real-time timing missed on a machine saturated by other work ({self.load}): {missed}")
+        pytest.fail(f"real-time timing missed ({self.load}): {missed}", pytrace=False)
+
+
+@pytest.fixture
+def timing(request):
+    """For `@pytest.mark.realtime` tests: `timing.check(ok, what)` per timing check, then
+    `timing.verdict()` after the load-independent asserts."""
+    t = Timing()
+    yield t
+    assert t.judged or getattr(request.node, "rep_call_failed", True), "a realtime test must end with timing.verdict()"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.rep_call_failed = not report.passed
+    return report
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    realtime = [item for item in items if item.get_closest_marker("realtime")]
+    if realtime and os.environ.get("PYTEST_XDIST_WORKER"):
+        raise pytest.UsageError("realtime tests must run serially: run them without pytest-xdist (-p no:xdist)")
+    unjudged = [item.nodeid for item in realtime if "timing" not in getattr(item, "fixturenames", ())]
+    stray = [item.nodeid for item in items
+             if "timing" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realtime")]
+    if unjudged or stray:
+        raise pytest.UsageError(f"realtime tests take the `timing` fixture and only they do: {unjudged + stray}")

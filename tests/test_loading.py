@@ -65,6 +65,60 @@ def test_directory_loads_and_computes_the_same(source: LoadedModel, weights_dir:
     assert loaded.tokenizer.encode("hello there") == source.tokenizer.encode("hello there")
 
 
+def frames(config, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random LM input tokens [2, 17, T] and depth input tokens [2, T, dep_q]."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.cat([torch.randint(0, 1000, (2, 1, T), generator=g),
+                        torch.randint(0, config.card, (2, config.n_q, T), generator=g)], dim=1)
+    depth = torch.cat([torch.randint(0, 1000, (2, T, 1), generator=g),
+                       torch.randint(0, config.card, (2, T, config.dep_q - 1), generator=g)], dim=2)
+    return tokens, depth
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("from_directory", [True, False], ids=["directory", "random"])
+def test_context_limits_what_a_conversation_remembers(weights_dir: Path, from_directory: bool) -> None:
+    """`load_model(context=4)`: the streaming state holds 4 frames, and frame t attends to frames
+    t-3..t only: the first 4 frames match the full-context model, the later ones do not."""
+    source = weights_dir if from_directory else None
+    full = load_model(source, device="cpu", dtype=torch.float32)
+    short = load_model(source, device="cpu", dtype=torch.float32, context=4)
+    assert full.config.lm.context == (SMALL.lm.context if from_directory else PRESETS["tiny"].lm.context) > 4
+    assert short.config.lm.context == 4 and short.config.lm == dataclasses.replace(full.config.lm, context=4)
+    assert short.lm.transformer.context == 4
+    tokens, _ = frames(full.config.lm, 10)
+    outputs = []
+    for model in (full, short):
+        state = model.lm.init_state(2)
+        outputs.append(torch.cat([model.lm.step_text(tokens[..., t:t + 1], state)[1] for t in range(10)], dim=1))
+        assert all(layer.slot_view(0)[0].shape[1] == model.config.lm.context for layer in state.layers)  # ring rows
+    torch.testing.assert_close(outputs[1][:, :4], outputs[0][:, :4], rtol=0, atol=1e-5)
+    for t in range(4, 10):
+        assert rel_error(outputs[1][:, t], outputs[0][:, t]) > 1e-3, t
+    # the whole-sequence (teacher-forced) pass uses the same window as streaming
+    torch.testing.assert_close(short.lm.forward_text(tokens)[1], outputs[1], rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_int8_directory_load_stays_close(weights_dir: Path) -> None:
+    """`load_model(int8=True)` quantizes the LM on the host; logits against the same file at full width.
+    Relative L2 error measured 0.0139 (text) and 0.0188 (depth) on this checkpoint and input."""
+    full = load_model(weights_dir, device="cpu")
+    q = load_model(weights_dir, device="cpu", int8=True)
+    assert q.lm.text_linear.w.q.dtype == torch.int8 and q.lm.text_linear.w.q.device.type == "cpu"
+    tokens, depth_tokens = frames(full.config.lm, 24)
+    hidden, text = full.lm.forward_text(tokens)
+    q_hidden, q_text = q.lm.forward_text(tokens)
+    text_err = rel_error(q_text, text)
+    depth_err = rel_error(q.lm.forward_depth(q_hidden, depth_tokens), full.lm.forward_depth(hidden, depth_tokens))
+    assert 0.003 < text_err < 0.02, text_err
+    assert 0.003 < depth_err < 0.03, depth_err
+
+
+def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.double() - ref.double()).norm() / ref.double().norm())
+
+
 def test_missing_key_is_named(weights_dir: Path) -> None:
     state = load_file(weights_dir / LM_FILE)
     del state["depformer.layers.0.gating.3.linear_out.weight"]

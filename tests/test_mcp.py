@@ -19,14 +19,17 @@ import soundfile
 
 pytest.importorskip("mcp")
 
-from mcp import Client, StdioServerParameters  # noqa: E402
-from mcp.types import AudioContent  # noqa: E402
+from mcp import Client, MCPError, StdioServerParameters  # noqa: E402
+from mcp.types import INVALID_PARAMS, AudioContent  # noqa: E402
 
 from mcp_server import Backend, Settings, build_server  # noqa: E402
+from npc_voice.audio import float_to_pcm16  # noqa: E402
 from npc_voice.model.loading import random_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 24_000
+# MCP's resource-not-found error: the SDK's ResourceNotFoundError, sent as invalid params (SEP-2164)
+RESOURCE_NOT_FOUND = INVALID_PARAMS
 ROLE = "You are a ferryman on the black river. Your name is Charon. You ask every traveller for a coin."
 
 
@@ -188,8 +191,9 @@ def test_character_errors(backend, folders, ferryman) -> None:
                 "id": "../evil", "name": "E", "role": role, "voice_file": "voice.wav"}))
             assert "already exists" in error_text(await client.call_tool("create_character", {
                 "id": "ferryman", "name": "E", "role": role, "voice_file": "voice.wav"}))
-            with pytest.raises(Exception):
+            with pytest.raises(MCPError, match="unknown character 'nobody'") as err:  # resource not found
                 await client.read_resource("character://nobody")
+            assert err.value.error.code == RESOURCE_NOT_FOUND
             assert "baker" not in backend.store
 
     run(go())
@@ -261,8 +265,9 @@ def test_talk_errors(backend, ferryman) -> None:
             assert "outside the allowed audio folder" in error_text(await talk(audio_file="escape.wav"))
             assert "unknown session" in error_text(await client.call_tool("get_transcript", {"session": "talk-999"}))
             assert "unknown session" in error_text(await client.call_tool("end_session", {"session": "nope"}))
-            with pytest.raises(Exception):
+            with pytest.raises(MCPError, match="unknown session 'talk-999'") as err:  # resource not found
                 await client.read_resource("transcript://talk-999")
+            assert err.value.error.code == RESOURCE_NOT_FOUND
             # server busy: another conversation holds the engine for longer than busy_wait_s (0.5 s here)
             lock = backend.engine_lock()
             lock.acquire()
@@ -274,12 +279,34 @@ def test_talk_errors(backend, ferryman) -> None:
     run(go())
 
 
-def test_scene(backend, ferryman) -> None:
+def test_scene(backend, ferryman, monkeypatch) -> None:
+    # What the engine's step received per slot (the audio each NPC heard), and every frame event.
+    engine = backend.engine()
+    heard: list[dict[str, np.ndarray]] = []  # per tick: {persona role: the input frame of its slot}
+    said: dict[str, list] = {}  # persona role -> its FrameEvents
+    roles: dict[str, str] = {}  # session id -> persona role
+    step, tick = engine.step, engine.tick
+
+    def spy_step(pcm, active, *args):
+        heard.append({s.persona.role: pcm[s.slot].copy() for s in engine.sessions if active[s.slot]})
+        return step(pcm, active, *args)
+
+    def spy_tick():
+        events = tick()
+        roles.update({s.id: s.persona.role for s in engine.sessions})
+        for ev in events:
+            said.setdefault(roles[ev.session_id], []).append(ev)
+        return events
+
+    monkeypatch.setattr(engine, "step", spy_step)
+    monkeypatch.setattr(engine, "tick", spy_tick)
+    poet = "You are a lost poet. Your name is Dante."
+
     async def go():
         async with Client(build_server(backend)) as client:
             # a second character with another voice
             created = await client.call_tool("create_character", {
-                "id": "traveller", "name": "Dante", "role": "You are a lost poet. Your name is Dante.",
+                "id": "traveller", "name": "Dante", "role": poet,
                 "voice_base64": b64(wav(tone(2.5, 260.0, seed=5)))})
             assert not created.is_error
             result = await client.call_tool("run_scene", {"character_a": ferryman, "character_b": "traveller",
@@ -292,8 +319,30 @@ def test_scene(backend, ferryman) -> None:
             samples, rate = decode_wav([c for c in result.content if c.type == "audio"][0])
             assert rate == RATE and samples.shape == (15 * 1920, 2)
             assert not np.array_equal(samples[:, 0], samples[:, 1])
+
+            # each NPC heard the other's previous frame (silence at the first step), and the WAV's
+            # channels are what A and B said (as 16-bit PCM)
+            a, b = said[ROLE], said[poet]
+            assert [ev.frame for ev in a] == [ev.frame for ev in b] == list(range(15)) and len(heard) == 15
+            silence = np.zeros(1920, np.float32)
+            for t, inputs in enumerate(heard):
+                assert np.array_equal(inputs[poet], a[t - 1].pcm if t else silence), t
+                assert np.array_equal(inputs[ROLE], b[t - 1].pcm if t else silence), t
+            for channel, events in ((0, a), (1, b)):
+                pcm16 = float_to_pcm16(np.concatenate([ev.pcm for ev in events]))
+                assert np.array_equal(samples[:, channel], pcm16 / np.float32(32768)), channel
+
+            # each side's words are its own text stream (the streams differ, so a swap or a mix fails)
+            def own_text(events) -> str:
+                return "".join(ev.text for ev in events).replace(" ", "")
+
+            def words_of(speaker: str) -> str:
+                return "".join(w["word"] for w in summary["words"] if w["speaker"] == speaker)
+
+            assert own_text(a) and own_text(b) and own_text(a) != own_text(b)
+            assert words_of(ferryman) == own_text(a) and words_of("traveller") == own_text(b)
             starts = [w["start"] for w in summary["words"]]
-            assert starts == sorted(starts) and {w["speaker"] for w in summary["words"]} <= {ferryman, "traveller"}
+            assert starts == sorted(starts) and {w["speaker"] for w in summary["words"]} == {ferryman, "traveller"}
             resource = json.loads((await client.read_resource(f"transcript://{summary['session']}")).contents[0].text)
             assert resource["words"] == summary["words"]
             assert "unknown character" in error_text(await client.call_tool(

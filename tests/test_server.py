@@ -149,9 +149,26 @@ def test_rate_conversion_keeps_exact_frames(rate: int) -> None:
     out = np.concatenate(frames[5:]).astype(np.float32) / 32768
     spectrum = np.abs(np.fft.rfft(out))
     assert abs(np.argmax(spectrum) * rate / out.size - 440) < 10  # still a 440 Hz tone
+
+
+@pytest.mark.parametrize("rate", [16_000, 48_000])
+def test_input_conversion_keeps_every_sample_in_place(rate: int) -> None:
+    """Client audio in odd 37 ms chunks, then the stream flushed: exactly the input's duration at 24 kHz
+    (a lost chunk is 888 samples) and no lag against resampling the whole clip at once."""
+    import soxr
+
+    chunk, chunks = int(0.037 * rate), 100
+    x = (np.random.default_rng(0).standard_normal(chunk * chunks) * 0.2 * 32767).astype(np.int16)
     conv = InputConverter(rate)
-    total = sum(conv((tone(0.037, 300, rate) * 32767).astype(np.int16)).shape[0] for _ in range(100))
-    assert abs(total - 100 * int(0.037 * rate) * RATE / rate) < 2000  # what went in, minus the filter delay
+    out = [conv(x[i * chunk:(i + 1) * chunk]) for i in range(chunks)]
+    out.append(conv._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))  # flush the filter
+    got = np.concatenate(out)
+    assert abs(got.shape[0] - chunk * chunks * RATE / rate) <= 2
+    whole = soxr.resample(x.astype(np.float32) / 32768, rate, RATE, quality="HQ")
+    n = min(got.shape[0], whole.shape[0], 12_000)
+    lag = int(np.argmax(np.correlate(got[:n], whole[:n], "full"))) - (n - 1)
+    assert abs(lag) <= 2, lag
+    np.testing.assert_allclose(got[:n], whole[:n], atol=1e-5)  # the same samples, not merely the same count
 
 
 def test_public_bind_needs_a_token() -> None:
@@ -284,13 +301,14 @@ class Witness:
             feeder.cancel()
             await session.end()
 
-    def check(self, since: float) -> None:
+    def check(self, since: float, timing) -> None:
+        """Whatever the load: every frame in order, no error or drop. Timing: real-time frames since `since`."""
         indexes = [f for _, f in self.frames]
         assert indexes == list(range(len(indexes))), "the witness lost frames"
         assert not [e for e in self.other if isinstance(e, (ErrorMsg, Dropped))], self.other
         recent = [t for t, _ in self.frames if t >= since]
         span = self.frames[-1][0] - since
-        assert len(recent) >= 0.85 * span / 0.08 - 2, (len(recent), span)
+        timing.check(len(recent) >= 0.85 * span / 0.08 - 2, f"the witness got {len(recent)} frames in {span:.2f} s")
 
 
 def collect_until(predicate, events: list):
@@ -381,7 +399,8 @@ async def expect(ws, kind: str, code: str | None = None, **fields) -> dict:
         return msg
 
 
-def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundServer) -> None:
+@pytest.mark.realtime
+def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundServer, timing) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosedError
 
@@ -441,9 +460,10 @@ def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundSer
         await asyncio.sleep(0.5)
         stop.set()
         await task
-        witness.check(since)
+        witness.check(since, timing)
 
     run(main())
+    timing.verdict()
 
 
 async def _next_binary(ws) -> bytes:
@@ -484,7 +504,8 @@ def test_full_server_says_busy(server: BackgroundServer) -> None:
     run(main())
 
 
-def test_vanished_client_frees_its_slot_within_a_frame(server: BackgroundServer) -> None:
+@pytest.mark.realtime
+def test_vanished_client_frees_its_slot_within_a_frame(server: BackgroundServer, timing) -> None:
     from websockets.asyncio.client import connect
 
     wait_idle(server)
@@ -514,12 +535,14 @@ def test_vanished_client_frees_its_slot_within_a_frame(server: BackgroundServer)
         await asyncio.sleep(0.5)
         stop.set()
         await task
-        witness.check(since)
+        witness.check(since, timing)
         return freed_after, ticks_after
 
     freed_after, ticks = run(main())
     print(f"slot freed {freed_after * 1000:.0f} ms after the client vanished ({ticks} engine ticks)")
-    assert ticks <= 2 and freed_after < 0.25  # the next tick (one in flight at most)
+    # the next tick (one in flight at most)
+    timing.check(ticks <= 2 and freed_after < 0.25, f"slot freed after {ticks} ticks, {freed_after * 1000:.0f} ms")
+    timing.verdict()
 
 
 def test_slow_reader_loses_oldest_audio_and_is_told(model, cache, store) -> None:
@@ -591,7 +614,8 @@ def test_idle_timeout_closes_and_frees_the_slot(model, cache, store) -> None:
         bg.stop()
 
 
-def test_token_and_health(model, cache, store) -> None:
+@pytest.mark.realtime
+def test_token_and_health(model, cache, store, timing) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
 
@@ -624,7 +648,7 @@ def test_token_and_health(model, cache, store) -> None:
             await asyncio.sleep(0.3)
             stop.set()
             await task
-            witness.check(since)
+            witness.check(since, timing)
 
         run(main())
         h = health(bg)
@@ -634,6 +658,7 @@ def test_token_and_health(model, cache, store) -> None:
         assert err.value.code == 404
     finally:
         bg.stop()
+    timing.verdict()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -673,9 +698,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_eight_sessions_real_time() -> None:
+@pytest.mark.realtime
+def test_eight_sessions_real_time(timing) -> None:
     """8 conversations with 8 different characters on `npc-voice serve` (tiny model, one torch thread):
-    each client receives its NPC's audio at real-time rate, within 5 %, over 10 s."""
+    every start is answered and every frame arrives in order without a drop (whatever the load), at
+    real-time rate, within 5 %, over 10 s (timing)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "8",
                              "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING"],
@@ -750,9 +777,12 @@ def test_eight_sessions_real_time() -> None:
           f"{ {cid: n for cid, (n, _, _) in out.items()} }; tick p50 {after['tick_ms']['p50']} ms, "
           f"p99 {after['tick_ms']['p99']} ms, overruns {after['overruns'] - before['overruns']} in {ticks} ticks")
     busy = (f"engine tick p50 {after['tick_ms']['p50']} ms, {after['overruns'] - before['overruns']} overruns in "
-            f"{ticks} ticks, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: at 8 sessions the tick "
-            "needs ~65 ms of one core, so another job on this machine makes it miss real time")
+            f"{ticks} ticks: at 8 sessions the tick needs ~65 ms of one core, so another job on this machine "
+            "makes it miss real time")
+    assert sorted(out) == ids  # every start answered, every session ran to the end of the window
     for cid, (n, problems, indexes) in out.items():
         assert not problems, (cid, problems[:3], busy)
         assert indexes == list(range(len(indexes))), (cid, busy)  # no frame lost
-        assert 0.95 <= rates[cid] <= 1.05, (cid, n, expected, busy)
+    for cid, (n, _, _) in out.items():
+        timing.check(0.95 <= rates[cid] <= 1.05, f"{cid}: {n} frames of {expected:.0f} ({busy})")
+    timing.verdict()

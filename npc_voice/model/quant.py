@@ -1,6 +1,6 @@
 """Weight-only int8: the LM's matrices stored as int8 with one scale per output row.
 
-Halves the LM's memory (16.7 GB of bf16 weights -> 8.4 GB), so the 7B model and a few
+Halves the LM's memory (16.7 GB of bf16 weights -> 8.7 GB: tests/test_quant.py), so the 7B model and a few
 conversations fit a 24 GB consumer card. Each matrix is dequantized to the compute dtype when used
 (one layer at a time), so activations and the KV cache keep their precision.
 """
