@@ -97,8 +97,9 @@ def normalized_voice(samples: np.ndarray, mimi: Mimi) -> np.ndarray:
 def voice_from_samples(name: str, samples: np.ndarray, mimi: Mimi, normalized: bool = False) -> Voice:
     """A voice from 24 kHz mono float samples (loudness-normalised here unless `normalized`), cut
     into frames (the last one zero-padded) and encoded by Mimi in ONE batched pass over the whole
-    clip: the codes a fresh streaming encoder gives frame by frame, as the reference does (Mimi is
-    causal, so the zeros padding the clip to its bucket change no earlier frame)."""
+    clip, masked as streaming sees it (`Mimi.encode(as_streamed=True)`): the codes a fresh streaming
+    encoder gives frame by frame, as the reference does (Mimi is causal, so the zeros padding the clip
+    to its bucket change no earlier frame)."""
     if not normalized:
         samples = normalized_voice(samples, mimi)
     size = mimi.frame_size
@@ -106,7 +107,7 @@ def voice_from_samples(name: str, samples: np.ndarray, mimi: Mimi, normalized: b
     padded = np.zeros(voice_bucket_frames(frames) * size, dtype=np.float32)
     padded[: samples.shape[-1]] = samples
     device = mimi.downsample.conv.conv.conv.weight.device
-    codes = mimi.encode(torch.from_numpy(padded).to(device).view(1, 1, -1))[0, :, :frames]  # [K, F]
+    codes = mimi.encode(torch.from_numpy(padded).to(device).view(1, 1, -1), as_streamed=True)[0, :, :frames]  # [K, F]
     return Voice(name, codes=codes.T.cpu())
 
 

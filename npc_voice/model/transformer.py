@@ -209,15 +209,25 @@ class Transformer(nn.Module):
         self.spec, self.context, self.max_period = spec, context, max_period
         self.layers = nn.ModuleList(TransformerLayer(spec) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole sequence, no cache: x [B, T, C] -> [B, T, C]."""
+    def forward(self, x: torch.Tensor, streamed_chunk: int | None = None) -> torch.Tensor:
+        """Whole sequence, no cache: x [B, T, C] -> [B, T, C].
+
+        streamed_chunk: give exactly what streaming `streamed_chunk` steps at a time through a ring
+        cache of `context` rows gives. Once the ring is full, a chunk's writes evict keys that its own
+        earlier queries would still see (a query at p loses the keys older than the chunk's last
+        step minus the context): the reference streams Mimi 2 steps a frame, so a voice encoded
+        whole must see the keys each streamed step saw."""
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_tables(pos, self.spec.dim // self.spec.num_heads, self.max_period)
+        mask = visibility(pos, pos, self.context)  # [B, 1, T, T]
+        if streamed_chunk is not None and self.context is not None:
+            oldest = (pos // streamed_chunk + 1) * streamed_chunk - self.context  # [B, T]: oldest key kept
+            mask = mask & (pos[:, None, None, :] >= oldest[:, None, :, None])
         for layer in self.layers:
             q, k, v = layer.self_attn.project_in(layer.norm1(x))
             q, k = fused.rope_pair(q, k, cos, sin)
-            y = attend(q, k, v, pos, pos, self.context)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + layer._scale(1, layer.self_attn.project_out(y))
             x = layer.feed_forward(x)
         return x

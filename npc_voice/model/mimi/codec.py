@@ -74,8 +74,8 @@ class MimiTransformer(nn.Module):
             z = proj(z)
         return z.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project_out(self.transformer(self._project_in(x)))
+    def forward(self, x: torch.Tensor, streamed_chunk: int | None = None) -> torch.Tensor:
+        return self._project_out(self.transformer(self._project_in(x), streamed_chunk))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> TransformerState:
         return self.transformer.init_state(batch_size, device, dtype)
@@ -114,12 +114,14 @@ class Mimi(nn.Module):
 
     # ---- whole clip -------------------------------------------------------------------------
 
-    def encode(self, pcm: torch.Tensor) -> torch.Tensor:
+    def encode(self, pcm: torch.Tensor, as_streamed: bool = False) -> torch.Tensor:
         """pcm [B, 1, N] -> codes [B, K, ceil(N / frame_size)] (long); the clip is zero-padded on the
-        right to whole frames."""
+        right to whole frames. as_streamed: the codes `encode_step` gives frame by frame (they differ
+        from a whole-clip pass once the transformer's context is full: 10 s for the released Mimi)."""
         pad = -pcm.shape[-1] % self.frame_size
         x = nn.functional.pad(pcm.to(self._dtype), (0, pad))
-        latent = self.downsample(self.encoder_transformer(self.encoder(x)))  # [B, C, F]
+        chunk = self.config.downsample_stride if as_streamed else None  # transformer steps per frame
+        latent = self.downsample(self.encoder_transformer(self.encoder(x), chunk))  # [B, C, F]
         return self.quantizer.encode(latent, self.num_codebooks)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Prompt building in chunks (`npc_voice/engine/build.py`): the same prefix as the reference's one
+step per frame, for prompts shorter and longer than the context, and voices encoded in one pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from npc_voice.engine.build import PrefixBuilder, PromptRequest, build_prefix
+from npc_voice.engine.prompt import install_prefix, prompt_frames, special_codes, text_prompt_tokens, voice_from_samples
+from npc_voice.model.config import get_preset
+from npc_voice.model.generator import Generator
+from npc_voice.model.loading import random_model
+from test_engine import frame_by_frame, tone
+
+
+def small_context_model(context: int):
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, context=context),
+                              mimi=dataclasses.replace(cfg.mimi, transformer=dataclasses.replace(
+                                  cfg.mimi.transformer, context=8)))
+    return random_model(cfg, seed=11)
+
+
+@torch.no_grad()
+def test_voice_in_one_pass_gives_the_streamed_codes() -> None:
+    """Past the Mimi transformer's context (8 steps = 4 frames here, 10 s for the released Mimi) a
+    plain whole-clip pass differs from streaming; the masked pass does not."""
+    model = small_context_model(64)
+    mimi = model.mimi
+    samples = tone(1.5, 170)  # 19 frames: the encoder's ring wraps several times
+    batched = voice_from_samples("v", samples, mimi).codes  # [F, K]
+    from npc_voice.engine.prompt import normalized_voice
+
+    pcm = np.zeros(batched.shape[0] * mimi.frame_size, np.float32)
+    pcm[: samples.shape[0]] = normalized_voice(samples, mimi)
+    state = mimi.init_encoder_state(1)
+    frames = torch.from_numpy(pcm).view(1, 1, -1, mimi.frame_size)
+    streamed = torch.stack([mimi.encode_step(frames[:, :, f], state)[0] for f in range(frames.shape[2])])
+    assert torch.equal(batched, streamed)
+
+    # Before quantization (which hides small differences on random weights): the masked pass equals
+    # streaming and the plain pass does not, so the mask is what makes the codes equal.
+    state = mimi.init_encoder_state(1)
+    steps = []
+    for f in range(frames.shape[2]):
+        x = mimi.encoder.step(frames[:, :, f], state.seanet)
+        steps.append(mimi.downsample.step(mimi.encoder_transformer.step(x, state.transformer), state.downsample))
+    streamed_latent = torch.cat(steps, dim=-1)
+    seanet = mimi.encoder(torch.from_numpy(pcm).view(1, 1, -1))
+    masked = mimi.downsample(mimi.encoder_transformer(seanet, mimi.config.downsample_stride))
+    plain = mimi.downsample(mimi.encoder_transformer(seanet))
+    torch.testing.assert_close(masked, streamed_latent, rtol=1e-5, atol=1e-5)
+    assert (plain - streamed_latent).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_chunked_prefix_equals_frame_by_frame_even_past_the_context() -> None:
+    """A 60-frame prompt built 8 positions a chunk, with a 24-frame context: the slot's cache (the
+    last 24 positions in their ring rows), its ring and the logits that follow equal the reference's
+    one full step per frame, whose cache wraps."""
+    model = small_context_model(24)
+    gen = Generator(model.lm)
+    voice = voice_from_samples("v", tone(0.8, 220), model.mimi)
+    role = text_prompt_tokens(model, "You ferry travellers across the black river for a silver coin each.")
+    frames = prompt_frames(voice, role, special_codes(model.mimi), model)
+    F = frames.tokens.shape[1]
+    assert F > 2 * 24
+
+    slow = frame_by_frame(gen, frames.tokens, seed=3)
+    prefix = build_prefix(model, gen, frames, chunk=8)
+    assert prefix.length == F and prefix.keys.shape[2] == 24
+    fast = gen.init_state(2)
+    install_prefix(gen, fast, 0, prefix, seed=3)
+    for a, b in zip(fast.temporal.layers, slow.temporal.layers):
+        torch.testing.assert_close(a.keys[0, :, :24], b.keys[0, :, :24], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values[0, :, :24], b.values[0, :, :24], rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.tokens[0][fast.tokens[0] != -2], slow.tokens[0][fast.tokens[0] != -2])
+    probe = torch.full((2, 17, 1), 7, dtype=torch.long)
+    torch.testing.assert_close(model.lm.step_text(probe, fast.temporal, torch.tensor([True, False]))[1][0],
+                               model.lm.step_text(probe[:1], slow.temporal)[1][0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_builds_share_forwards_and_respect_the_budget() -> None:
+    """Two builds in two lanes advance in the same forwards; a zero budget runs nothing (until a
+    build has waited `max_wait_s`), and a run without a budget finishes everything."""
+    model = random_model("tiny", seed=2)
+    gen = Generator(model.lm)
+    builder = PrefixBuilder(model, gen, lanes=2, chunk=16, max_wait_s=60.0)
+    requests = [PromptRequest(f"k{i}", "v", text_prompt_tokens(model, "You bake bread. " * (i + 1)),
+                              samples=tone(1.0 + i, 200 + 50 * i)) for i in range(2)]
+    for r in requests:
+        builder.submit(r)
+    assert builder.run(0.0) == [] and builder.chunks_run == 0 and builder.pending == 2
+    done = builder.run(None)
+    assert sorted(r.key for r, _ in done) == ["k0", "k1"] and builder.pending == 0
+    lengths = [p.length for _, p in done]
+    assert builder.chunks_run == -(-max(lengths) // 16)  # in parallel, not one after the other
+    for request, prefix in done:  # each equals the same prompt built alone
+        voice = voice_from_samples("v", request.samples, model.mimi, normalized=True)
+        alone = build_prefix(model, gen, prompt_frames(voice, request.text_tokens, special_codes(model.mimi), model))
+        torch.testing.assert_close(prefix.keys, alone.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prefix.text_logits, alone.text_logits, rtol=1e-5, atol=1e-5)
