@@ -105,6 +105,7 @@ class PrefixBuilder:
         self._special: SpecialCodes | None = None
         self.chunk_cost, self.prepare_cost = Cost(0.005), Cost(0.005)
         self._last_progress = time.perf_counter()
+        self._starving = False
         self.chunks_run = 0
 
     @property
@@ -132,14 +133,22 @@ class PrefixBuilder:
         that finished (with their prefix, or the error that failed them)."""
         finished: list[tuple[PromptRequest, Prefix | BaseException]] = []
         start = time.perf_counter()
+        forced = False
 
         def fits(cost: Cost) -> bool:
+            nonlocal forced
             if budget_s is None:
                 return True
             now = time.perf_counter()
-            if now - self._last_progress > self.max_wait_s:  # starved: one operation anyway
+            if now - start + cost.estimate <= budget_s:
                 return True
-            return now - start + cost.estimate <= budget_s
+            # Starved (a machine too busy to leave room for an operation): once nothing moved for
+            # `max_wait_s`, one operation per call goes anyway until the builds are done, so new
+            # characters still start (late ticks are made up by the loop's catch-up).
+            if not forced and (self._starving or now - self._last_progress > self.max_wait_s):
+                forced = self._starving = True
+                return True
+            return False
 
         while True:
             lane = self._free_lane()
@@ -151,6 +160,7 @@ class PrefixBuilder:
                 self._timed(self.prepare_cost, self._prepare, job, lane, finished)
                 continue
             if not any(j is not None for j in self._lane_jobs):
+                self._starving = False  # nothing left to build
                 break
             if not fits(self.chunk_cost):
                 break
