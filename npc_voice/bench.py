@@ -263,7 +263,8 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
         raise loop.error
     # Where cached prompts live: installing one from pinned host memory vs from GPU memory.
     prefix = engine.cache.lookup(base.prompt_key())
-    placements = {"host": prefix.to("cpu", pin=device.type == "cuda"), "device": prefix.to(device)}
+    placements = {"host": prefix.to("cpu"), "pinned": prefix.to("cpu", pin=device.type == "cuda"),
+                  "device": prefix.to(device)}
     from .engine.prompt import install_prefix
 
     for where, p in placements.items():
@@ -277,7 +278,7 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
         store = []  # copying a freshly built prefix (on the GPU) there (a background thread does it)
         for _ in range(3):
             t = time.perf_counter()
-            placements["device"].to("cpu" if where == "host" else device, pin=where == "host" and device.type == "cuda")
+            placements["device"].to(device if where == "device" else "cpu", pin=where == "pinned" and device.type == "cuda")
             sync()
             store.append((time.perf_counter() - t) * 1000)
         rows.append({"what": "prefix_placement", "on": where, "prompt_frames": prefix.length,
