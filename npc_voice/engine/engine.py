@@ -376,7 +376,7 @@ class EngineLoop:
     """Runs `engine.tick()` every 80 ms on a background thread; records tick times."""
 
     def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3,
-                 build_margin: float = 0.012):
+                 build_margin: float = 0.005):
         self.engine, self.period, self.catch_up = engine, period, catch_up
         self.build_margin = build_margin  # seconds of each period kept free of builds (tick jitter)
         self.tick_ms: collections.deque[float] = collections.deque(maxlen=1000)
@@ -409,7 +409,7 @@ class EngineLoop:
                 deadline += self.period
                 # What is left of the period goes to installs and character builds, by whole
                 # operations whose measured cost fits before the next tick is due.
-                budget = deadline - time.perf_counter() - self.build_margin
+                budget = deadline - time.perf_counter() - self._margin()
                 if budget > 0 or self.engine.builds_pending:
                     self.engine.build(max(budget, 0.0))
             except BaseException as exc:  # keep the error for whoever runs the loop
@@ -425,6 +425,12 @@ class EngineLoop:
                     deadline = time.perf_counter()
             else:
                 self._stop.wait(delay)
+
+    def _margin(self) -> float:
+        """Seconds of the period kept free of builds: `build_margin` plus how much slower than
+        usual a tick has lately been (its p90 over p50: a machine with noisy ticks keeps more)."""
+        recent = list(itertools.islice(reversed(self.tick_ms), 50))
+        return self.build_margin + max(0.0, percentile(recent, 0.9) - percentile(recent, 0.5)) / 1000
 
     def percentile(self, q: float) -> float:
         return percentile(self.tick_ms, q)
