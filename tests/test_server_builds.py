@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from npc_voice.client import AudioFrame, NPCVoiceClient, inline_character
 from npc_voice.engine import Engine, Persona
+from npc_voice.engine.prompt import Voice
 from npc_voice.model.loading import random_model
 from npc_voice.protocol import Dropped, Ended, ErrorMsg
 
@@ -56,7 +58,7 @@ def test_a_failed_build_frees_its_slot_and_touches_nothing_else() -> None:
     engine.tick()
     broken = engine.open(Persona(role="You sell fish.", voice_samples=voice(1.0, 300)), seed=2)
     job = engine.builder._queue[0]
-    job.request.samples = np.zeros((2, 3), np.float32)  # a voice Mimi cannot encode: the build fails
+    job.request.voice = Voice("bad", codes=torch.zeros(3, 2, dtype=torch.long))  # 2 codebooks, not 8: it fails
     before = [t.clone() for t in engine.state.slot_view(live.slot)]
     events = engine.tick()
     assert [e.session_id for e in events] == [live.id]

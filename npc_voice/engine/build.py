@@ -48,7 +48,8 @@ class PromptRequest:
     name: str
     text_tokens: list[int]
     samples: np.ndarray | None = None  # loudness-normalised 24 kHz mono voice sample, or
-    preset: Voice | None = None  # a PersonaPlex preset voice
+    preset: Voice | None = None  # a PersonaPlex preset voice, or
+    voice: Voice | None = None  # the sample already encoded (`Engine.open` does it on its own thread)
 
 
 @dataclass
@@ -120,6 +121,10 @@ class PrefixBuilder:
         with self._lock:
             self._queue.append(_Job(request))
 
+    def reset_costs(self) -> None:
+        """Cost estimates from the last measurement of each operation only (after a warm-up)."""
+        self.chunk_cost, self.prepare_cost = Cost(self.chunk_cost.recent[-1]), Cost(self.prepare_cost.recent[-1])
+
     @property
     def pending(self) -> int:
         """Builds queued or in progress."""
@@ -185,8 +190,8 @@ class PrefixBuilder:
         request = job.request
         try:
             with fused.eager():
-                voice = request.preset or voice_from_samples(request.name, request.samples, self.model.mimi,
-                                                             normalized=True)
+                voice = request.preset or request.voice or voice_from_samples(
+                    request.name, request.samples, self.model.mimi, normalized=True)
                 job.frames = prompt_frames(voice, request.text_tokens, self.special, self.model)
                 job.x = prompt_embeddings(self.model, self.gen, job.frames)
         except Exception as exc:  # this character fails; nothing else is touched

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import sys
@@ -29,7 +30,7 @@ from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
-from .prompt import Prefix, install_prefix
+from .prompt import Prefix, install_prefix, voice_from_samples
 from .step import BatchedStep
 
 FRAME_SECONDS = 0.08
@@ -145,6 +146,7 @@ class Engine:
         self.step.warm_up()
         self.builder.warm_up(max_voice_frames=math.ceil(VOICE_MAX_S / FRAME_SECONDS))
         self.primed_decoder = self._primed_decoder()
+        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # voices
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
@@ -206,7 +208,46 @@ class Engine:
         with self._prepare_lock:
             key = persona.prompt_key()
             prefix = self.cache.lookup(key)
-            return (key, prefix) if prefix is not None else (persona.request(self.model), None)
+            if prefix is not None:
+                return key, prefix
+            return self._encoded(persona.request(self.model)), None
+
+    def _encoded(self, request: PromptRequest) -> PromptRequest:
+        """Encodes the request's voice sample here, in the caller's thread, on a CUDA stream of its
+        own: a stateless pass over the whole clip that takes the engine thread no time."""
+        if request.samples is not None:
+            stream = torch.cuda.stream(self._side_stream) if self._side_stream is not None else contextlib.nullcontext()
+            with stream, fused.eager(), torch.inference_mode():
+                request.voice = voice_from_samples(request.name, request.samples, self.model.mimi, normalized=True)
+            request.samples = None
+        return request
+
+    def warm_up_thread(self) -> None:
+        """Runs a whole character build and install twice on the calling thread (the engine
+        loop's, before its first tick): the CUDA libraries make their per-thread handles at a first
+        use, which would otherwise fall on the first conversation's build; the builder's cost
+        estimates start from the second, warm, run."""
+        rate = self.model.config.mimi.sample_rate
+        t = np.arange(int(5.0 * rate)) / rate
+        samples = (0.2 * np.sin(2 * np.pi * 150 * t)).astype(np.float32)
+        for _ in range(2):
+            request = PromptRequest("warm-up", "warm-up", self.model.tokenizer.encode("<system> " + "warm up " * 30),
+                                    samples=samples)
+            self.builder.submit(self._encoded(request))
+            prefix = None
+            for done, result in self.builder.run(None):
+                if done is request:
+                    prefix = result
+                else:  # a character opened before the loop started
+                    self._built(done, result)
+            if isinstance(prefix, BaseException):
+                raise prefix
+            with self._lock:
+                free = [i for i in range(self.slots) if self._owners[i] is None and self._sessions[i] is None]
+            if free:  # a free slot's state is overwritten by its next install anyway
+                with fused.eager():
+                    install_prefix(self.gen, self.state, free[0], prefix, 0)
+        self.builder.reset_costs()
 
     def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
               done: concurrent.futures.Future) -> None:
@@ -399,6 +440,11 @@ class EngineLoop:
             self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self.engine.warm_up_thread()
+        except BaseException as exc:
+            self.error = exc
+            raise
         deadline = time.perf_counter()
         while not self._stop.is_set():
             start = time.perf_counter()

@@ -9,6 +9,7 @@ few pure functions fuses each into one kernel. Only on CUDA and only once `enabl
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -26,23 +27,26 @@ def enable(on: bool = True) -> None:
         torch._dynamo.config.accumulated_recompile_limit = 4096
 
 
+_local = threading.local()
+
+
 @contextlib.contextmanager
 def eager() -> Iterator[None]:
-    """Plain PyTorch inside the block: for work whose shapes vary (a character's prompt, an
-    install), where compiling one specialisation per shape would cost seconds the first time."""
-    global _enabled
-    saved, _enabled = _enabled, False
+    """Plain PyTorch inside the block, in this thread: for work whose shapes vary (a character's
+    prompt, an install), where compiling one specialisation per shape would cost seconds the first
+    time."""
+    saved, _local.eager = getattr(_local, "eager", False), True
     try:
         yield
     finally:
-        _enabled = saved
+        _local.eager = saved
 
 
 def fusable(fn: F_) -> F_:
     compiled: list[Callable] = []
 
     def wrapper(*args, **kwargs):
-        if _enabled and args[0].is_cuda:
+        if _enabled and args[0].is_cuda and not getattr(_local, "eager", False):
             if not compiled:
                 compiled.append(torch.compile(fn, dynamic=False, fullgraph=True))
             return compiled[0](*args, **kwargs)
