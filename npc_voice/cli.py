@@ -41,7 +41,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_swap, bench_tick
+    from .bench import bench_tick
+    from .bench_live import bench_swap
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,15 +60,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"model {model.config.name} ({'random' if model.random_weights else model.source} weights), "
           f"device {first.device}, {first.dtype}, context {model.config.lm.context} frames, "
           f"{'CUDA graphs' if first.graphs else f'{first.threads} CPU thread(s)'}, {args.frames} ticks")
-    print(f"{'sessions':>8} {'KV rows':>8} {'tick p50':>9} {'tick p99':>9} {'x real time':>11} {'peak mem':>9}")
+    print(f"{'sessions':>8} {'KV rows':>8} {'attended':>8} {'tick p50':>9} {'tick p99':>9} {'tick max':>9} "
+          f"{'x real time':>11} {'memory':>9}")
     for r in rows:
-        print(f"{r.batch:>8} {r.window:>8} {r.tick_p50_ms:>7.2f}ms {r.tick_p99_ms:>7.2f}ms "
+        p99 = f"{r.tick_p99_ms:>7.2f}ms" if r.tick_p99_ms is not None else f"{'-':>9}"
+        print(f"{r.batch:>8} {r.fill:>8} {r.window:>8} {r.tick_p50_ms:>7.2f}ms {p99} {r.tick_max_ms:>7.2f}ms "
               f"{r.realtime_factor:>11.1f} {r.peak_memory_gb:>7.2f}GB")
+    print("(tick p99 needs 100 timed ticks: --frames; memory: GPU peak of the row, or the process's RSS on a CPU)")
     if swap is not None:
-        print(f"hot swap with {max(args.batch)} live sessions: prompt of {swap.prompt_frames} frames built in "
-              f"{swap.build_ms:.1f} ms (once per character), installed in {swap.install_p50_ms:.2f} ms p50 "
-              f"({swap.install_max_ms:.2f} ms max); tick including the swap {swap.tick_with_swap_ms:.2f} ms; "
-              f"peak memory {swap.peak_memory_gb:.2f} GB")
+        print(f"hot swap with {swap.sessions} live sessions ({swap.context_fill} KV rows each) in the real-time loop: "
+              f"a cached character ({swap.prompt_frames} frames) installed in {swap.cached_install_ms_p50:.2f} ms p50 "
+              f"({swap.cached_install_ms_max:.2f} max), a new one switched in {swap.uncached_switch_ms_p50:.0f} ms "
+              f"p50 ({swap.uncached_switch_ms_max:.0f} max); ticks meanwhile {swap.tick_ms_p50:.1f} ms p50, "
+              f"{swap.tick_ms_max:.1f} ms max, {swap.overruns} late, {swap.frame_index_skips} skipped frame "
+              f"indexes, live frames {swap.live_frames_min} of {swap.live_frames_expected:.0f}")
     return 0
 
 

@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from npc_voice.bench import bench_swap, bench_tick
+from npc_voice.bench import bench_tick
+from npc_voice.bench_live import bench_swap
 from npc_voice.engine.step import BatchedStep
 from npc_voice.model.config import get_preset
 from npc_voice.model.generator import Generator
@@ -85,7 +86,7 @@ def stage_many(sessions: int = 64, context: int = 1500) -> None:
 
 def stage_swap(sessions: int = 32) -> None:
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
-    emit(what="swap", sessions=sessions, **bench_swap(model, sessions, swaps=10).as_dict())
+    emit(what="swap", sessions=sessions, **bench_swap(model, sessions, swaps=5).as_dict())
     del model
     free()
 
@@ -204,7 +205,7 @@ def stage_parts() -> None:
 def stage_builds(lives=(32, 63), new: int = 8) -> None:
     """New uncached characters (8 at once, voices 3-10 s, roles 20-120 words) while `live`
     full-context conversations run in the real-time loop: ticks during the builds, first frames."""
-    from npc_voice.bench import bench_builds
+    from npc_voice.bench_live import bench_builds
 
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
     model.mimi.to(torch.bfloat16)  # the serving default on a GPU
