@@ -271,3 +271,21 @@ def test_a_slot_being_closed_can_be_reopened_before_the_next_tick(model: LoadedM
     second = engine.open(persona(), seed=3)  # no tick in between
     events = engine.tick()
     assert [e.session_id for e in events] == [second.id] and events[0].frame == 0
+
+
+def test_an_engine_uses_the_cache_it_is_given_and_writes_it_to_disk(model: LoadedModel, tmp_path) -> None:
+    """`npc-voice serve --prefix-cache DIR`: the engine builds into the (empty) cache it was given,
+    which writes the built prompt to DIR; a second engine on the same DIR reads it instead of building."""
+    from npc_voice.engine import PrefixCache
+
+    cache = PrefixCache(model, directory=tmp_path)
+    engine = Engine(model, slots=1, cache=cache)
+    assert engine.cache is cache
+    engine.open(persona(330), seed=1)
+    engine.tick()
+    cache.flush()
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1 and cache.misses == 1
+    again = Engine(model, slots=1, cache=PrefixCache(model, directory=tmp_path))
+    session = again.open(persona(330), seed=1)
+    assert session.started.done() is False and again.builder.pending == 0  # found on disk: nothing to build
+    assert [e.session_id for e in again.tick()] == [session.id] and again.cache.hits == 1
