@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -194,3 +201,42 @@ def pytest_collection_modifyitems(config, items) -> None:
              if "timing" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realtime")]
     if unjudged or stray:
         raise pytest.UsageError(f"realtime tests take the `timing` fixture and only they do: {unjudged + stray}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are too small to gain from threads, and a busy machine makes them much
+    slower: one torch thread for the module (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def serve_child(*args: str, timeout: float = 60.0) -> Iterator[tuple[int, Callable[[], dict]]]:
+    """A real `npc-voice serve` child process on a free 127.0.0.1 port (tiny model unless `args`
+    say otherwise), up and answering /health: yields (port, health()); terminated afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def health() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return json.load(r)
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                health()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.2)
+        yield port, health
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -19,12 +19,7 @@ TEXT_TOLERANCE = 0.03
 DEPTH_TOLERANCE = 0.04
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:

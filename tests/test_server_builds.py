@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +16,7 @@ from npc_voice.engine import Engine, Persona
 from npc_voice.engine.prompt import Voice
 from npc_voice.model.loading import random_model
 from npc_voice.protocol import Dropped, Ended, ErrorMsg
+from conftest import serve_child
 
 CAST = Path(__file__).resolve().parents[1] / "characters"
 RATE = 24_000
@@ -69,28 +65,12 @@ def test_a_failed_build_frees_its_slot_and_touches_nothing_else() -> None:
     assert [e.frame for e in engine.tick()] == [2]  # the live one went on, frame after frame
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.realtime
 def test_new_characters_never_stall_live_sessions(timing) -> None:
     """`npc-voice serve` (tiny, one torch thread) with 6 live sessions streaming at real time: 2 new
     inline characters started and one live session switched to a third new one. Every start and
     switch is answered, no frame index skips and nothing is dropped (whatever the load); every live
     session gets >= 98 % of the real-time frames meanwhile (timing)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "8",
-                             "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"ws://127.0.0.1:{port}/ws"
-
-    def health() -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return json.load(r)
-
     ids = sorted(p.name for p in CAST.iterdir() if (p / "character.toml").is_file())[:6]
     window = 8.0
 
@@ -150,19 +130,9 @@ def test_new_characters_never_stall_live_sessions(timing) -> None:
         await asyncio.gather(*tasks)
         return out, firsts, before, health()
 
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    with serve_child("--slots", "8", "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING") as (port, health):
+        url = f"ws://127.0.0.1:{port}/ws"
         out, firsts, before, after = asyncio.run(asyncio.wait_for(main(), 150))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     expected = window / 0.08
     busy = (f"tick p50 {after['tick_ms']['p50']} ms p99 {after['tick_ms']['p99']} ms, "
             f"{after['overruns'] - before['overruns']} overruns; first frames of the new ones {firsts}")
@@ -182,12 +152,6 @@ def test_first_time_starts_at_once_are_served_together(timing) -> None:
     """4 new inline characters started at the same moment on `npc-voice serve`: every start is
     answered, and they are built side by side, so no start waits for the others' builds (timing:
     the last answer within 0.5 s of the first)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "8",
-                             "--threads", "1", "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"ws://127.0.0.1:{port}/ws"
-
     async def one(k: int, t0: float, out: dict) -> None:
         async with NPCVoiceClient(url) as client:
             session = await client.start(inline_character(f"You are traveller {k}. " * (4 + 3 * k),
@@ -201,19 +165,9 @@ def test_first_time_starts_at_once_are_served_together(timing) -> None:
         await asyncio.gather(*(one(k, t0, out) for k in range(4)))
         return out
 
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    with serve_child("--slots", "8", "--threads", "1", "--log-level", "WARNING") as (port, _):
+        url = f"ws://127.0.0.1:{port}/ws"
         answered = asyncio.run(asyncio.wait_for(main(), 120))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     print(f"first-time starts answered after (s): { {k: round(v, 2) for k, v in sorted(answered.items())} }")
     assert sorted(answered) == [0, 1, 2, 3]
     spread = max(answered.values()) - min(answered.values())
