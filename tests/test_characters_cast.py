@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from npc_voice.characters import Character, CharacterStore, shipped_characters_dir
 from npc_voice.cli import main

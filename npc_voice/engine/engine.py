@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import itertools
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -202,7 +201,7 @@ class Engine:
 
     def _prepare(self, persona: Persona) -> tuple[PromptRequest | str, Prefix | None]:
         """(the cache key, its prefix) when cached; else (what building it needs, None). Callers
-        prepare in parallel (8 at once measured on an H200: ticks unchanged)."""
+        prepare in parallel (8 at once beside 63 live sessions on an H200: no tick late)."""
         key = persona.prompt_key()
         prefix = self.cache.lookup(key)
         if prefix is not None:
@@ -319,8 +318,8 @@ class Engine:
             waiting = self._waiting.pop(request.key, [])
             for session, persona, wanted, done in waiting:
                 if isinstance(result, BaseException):
-                    if session.wanted == wanted and session.frames_out == 0 and self._sessions[session.slot] is not session:
-                        # an open whose character failed: its slot is free again
+                    if self._sessions[session.slot] is not session:  # an open whose character failed:
+                        # its slot is free again (a failed switch keeps the current character)
                         if self._owners[session.slot] is session:
                             self._owners[session.slot] = None
                         session.closed = True
@@ -408,72 +407,3 @@ class Engine:
             if s.listener is not None:
                 s.listener(event)
         return events
-
-
-class EngineLoop:
-    """Runs `engine.tick()` every 80 ms on a background thread; records tick times."""
-
-    def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3,
-                 build_margin: float = 0.005):
-        self.engine, self.period, self.catch_up = engine, period, catch_up
-        self.build_margin = build_margin  # seconds of each period kept free of builds (tick jitter)
-        self.tick_ms: collections.deque[float] = collections.deque(maxlen=1000)
-        self.overruns = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> EngineLoop:
-        # A thread waiting for the GIL gets it after at most this long: keeps the engine thread's
-        # launches prompt while other threads (the server, voice decoding) run Python.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
-        self._thread = threading.Thread(target=self._run, name="npc-voice-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            self.engine.warm_up_thread()
-        except BaseException as exc:
-            self.error = exc
-            raise
-        deadline = time.perf_counter()
-        while not self._stop.is_set():
-            start = time.perf_counter()
-            try:
-                self.engine.tick(builds=False)
-                elapsed = time.perf_counter() - start
-                self.tick_ms.append(elapsed * 1000)
-                deadline += self.period
-                # What is left of the period goes to installs and character builds, by whole
-                # operations whose measured cost fits before the next tick is due.
-                budget = deadline - time.perf_counter() - self._margin()
-                if budget > 0 or self.engine.builds_pending:
-                    self.engine.build(max(budget, 0.0))
-            except BaseException as exc:  # keep the error for whoever runs the loop
-                self.error = exc
-                raise
-            delay = deadline - time.perf_counter()
-            if delay < 0:
-                self.overruns += 1
-                # A late tick is made up by the next ones (back to back) while the lag stays under
-                # `catch_up` periods; past that the schedule restarts from now (frames are late,
-                # not lost: clients' jitter buffers absorb a short burst).
-                if -delay > self.catch_up * self.period:
-                    deadline = time.perf_counter()
-            else:
-                self._stop.wait(delay)
-
-    def _margin(self) -> float:
-        """Seconds of the period kept free of builds: `build_margin` plus how much slower than
-        usual a tick has lately been (its p90 over p50: a machine with noisy ticks keeps more)."""
-        recent = list(itertools.islice(reversed(self.tick_ms), 50))
-        return self.build_margin + max(0.0, percentile(recent, 0.9) - percentile(recent, 0.5)) / 1000
-
-    def percentile(self, q: float) -> float:
-        return percentile(self.tick_ms, q)
