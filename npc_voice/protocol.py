@@ -102,11 +102,12 @@ DEFAULT_LIMITS = Limits()
 
 # --- client -> server -------------------------------------------------------------------------
 
-Ref = Union[Annotated[str, Field(max_length=64)], Annotated[int, Field(strict=True)], None]  # echoed in replies
+Ref = Union[Annotated[str, Field(max_length=64)], int, None]  # echoed in replies
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a JSON integer is an integer (not "7", 7.0 or true), a string is a string (not 7)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class InlineVoice(_Msg):

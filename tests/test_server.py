@@ -87,6 +87,50 @@ def test_parse_client_messages() -> None:
     assert info.value.ref == "r1"
 
 
+def test_fields_have_strict_json_types() -> None:
+    """Integers are JSON integers (not "7", 7.0 or true), strings are strings: no coercion on any field
+    of any client message (docs/protocol.md: wrong fields are `invalid_message`)."""
+    inline = {"role": "A guard.", "name": "Guard", "voice": {"preset": "NATF2"}}
+    valid = [
+        {"type": "start", "character": "innkeeper", "sample_rate": 48000, "protocol": 1, "seed": 7, "ref": 1},
+        {"type": "start", "character": inline | {"voice": {"preset": "NATF2"}}, "seed": 0, "ref": "r"},
+        {"type": "start", "character": {"role": "A guard.", "voice": {"wav_base64": "UklGRg=="}, "name": "npc"},
+         "seed": 2**31 - 1},
+        {"type": "switch", "character": inline, "ref": 2}, {"type": "switch", "character": "smith"},
+        {"type": "say", "text": "Halt!", "ref": "x"}, {"type": "end", "ref": -3}, {"type": "end"},
+    ]
+    for obj in valid:
+        dumped = parse_client_text(json.dumps(obj)).model_dump(exclude_none=True)
+        assert {k: dumped[k] for k in obj} == obj, obj  # every value as sent, with its JSON type
+    wrong = {  # field -> values of the wrong JSON type
+        "sample_rate": ["24000", 24000.0, True, None, [24000]], "protocol": ["1", 1.0, True, {"v": 1}],
+        "seed": ["7", 7.0, True, False, [7]], "ref": [True, 1.5, [1], {"r": 1}],
+    }
+    for field, values in wrong.items():
+        for value in values:
+            if field == "sample_rate" and value is None:
+                continue  # an explicit null is the default for optional fields... except sample_rate
+            obj = {"type": "start", "character": "innkeeper", field: value}
+            assert code_of(json.dumps(obj)) == "invalid_message", obj
+    for bad in (7, True, None, ["innkeeper"]):
+        assert code_of(json.dumps({"type": "start", "character": bad})) == "invalid_message", bad
+        assert code_of(json.dumps({"type": "switch", "character": bad})) == "invalid_message", bad
+        assert code_of(json.dumps({"type": "say", "text": bad})) == "invalid_message", bad
+        for key in ("role", "name"):
+            assert code_of(json.dumps({"type": "start", "character": inline | {key: bad}})) == "invalid_message"
+        for key in ("preset", "wav_base64"):
+            if bad is not None:
+                voice = {key: bad}
+                assert code_of(json.dumps({"type": "start", "character": inline | {"voice": voice}})) == \
+                    "invalid_message", voice
+    for msg in ({"type": "switch", "character": "x", "ref": True}, {"type": "say", "text": "x", "ref": 2.5},
+                {"type": "end", "ref": False}):
+        assert code_of(json.dumps(msg)) == "invalid_message", msg
+    with pytest.raises(ProtocolError) as info:  # the error still carries a well-typed ref
+        parse_client_text('{"type": "start", "character": "x", "seed": "7", "ref": "r2"}')
+    assert info.value.code.value == "invalid_message" and info.value.ref == "r2" and "seed" in info.value.message
+
+
 def test_audio_messages() -> None:
     pcm = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
     assert np.array_equal(parse_client_audio(pcm.tobytes()), pcm)
