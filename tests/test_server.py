@@ -131,6 +131,49 @@ def test_fields_have_strict_json_types() -> None:
     assert info.value.code.value == "invalid_message" and info.value.ref == "r2" and "seed" in info.value.message
 
 
+def test_hostile_json_is_refused_with_its_code() -> None:
+    """Deep nesting and huge integers get `bad_json` / `invalid_message` (a ProtocolError), never a
+    RecursionError or ValueError from the decoder, and quickly."""
+    from npc_voice.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH
+
+    deep = 100_000
+    t0 = time.perf_counter()
+    assert code_of("[" * deep + "]" * deep) == "bad_json"
+    assert code_of('{"type": "say", "text": "x", "extra": ' + '{"a": ' * deep + "1" + "}" * deep + "}") == "bad_json"
+    assert code_of('{"type": "end", "ref": ' + "[" * deep) == "bad_json"  # unterminated too
+    # the limit itself: MAX_JSON_DEPTH levels parse (and are refused for their fields), one more does not
+    nested = lambda n: "[" * (n - 1) + "1" + "]" * (n - 1)  # noqa: E731 - n levels with the outer object
+    assert code_of('{"type": "end", "ref": ' + nested(MAX_JSON_DEPTH) + "}") == "invalid_message"
+    assert code_of('{"type": "end", "ref": ' + nested(MAX_JSON_DEPTH + 1) + "}") == "bad_json"
+    # brackets inside strings are text, not nesting (also after escaped quotes and backslashes)
+    text = '[{ \\" ' * 100 + "\\"
+    msg = parse_client_text(json.dumps({"type": "say", "text": text[:900], "ref": "[[[[{{{{"}))
+    assert isinstance(msg, Say) and msg.text == text[:900] and msg.ref == "[[[[{{{{"
+    role = "[laughs] {sighs} " * 300
+    msg = parse_client_text(json.dumps({"type": "start", "character": {"role": role, "voice": {"preset": "X"}}}))
+    assert msg.character.role == role
+    # many escaped quotes after brackets: still linear (a naive string regex is quadratic here)
+    assert code_of("[" * 20 + '"' + '\\"' * 500_000) == "bad_json"
+
+    for field in ("seed", "sample_rate", "protocol", "ref"):
+        for digits in ("9" * 5000, "-" + "9" * 5000, "1" * (MAX_INT_DIGITS + 1)):
+            with pytest.raises(ProtocolError) as info:
+                parse_client_text(f'{{"type": "start", "character": "x", "{field}": {digits}, "ref": "r"}}'
+                                  if field != "ref" else f'{{"type": "start", "character": "x", "ref": {digits}}}')
+            assert info.value.code.value == "invalid_message" and field in info.value.message, info.value.message
+            assert "digits" in info.value.message
+            assert info.value.ref == ("r" if field != "ref" else None)
+    assert code_of('{"type": "say", "text": ' + "7" * 5000 + "}") == "invalid_message"
+    assert code_of('{"type": "start", "character": "x", "seed": 1e99999}') == "invalid_message"  # inf
+    big_ref = int("9" * MAX_INT_DIGITS)
+    assert parse_client_text(f'{{"type": "end", "ref": {big_ref}}}').ref == big_ref  # the longest integer allowed
+    # strings are Unicode: a lone surrogate escape is refused, and not echoed back as a ref
+    with pytest.raises(ProtocolError) as info:
+        parse_client_text('{"type": "say", "text": "a\\ud800b", "ref": "\\udc00"}')
+    assert info.value.code.value == "invalid_message" and info.value.ref is None
+    assert time.perf_counter() - t0 < 5.0, "hostile JSON took too long"
+
+
 def test_audio_messages() -> None:
     pcm = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
     assert np.array_equal(parse_client_audio(pcm.tobytes()), pcm)
@@ -508,6 +551,39 @@ def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundSer
 
     run(main())
     timing.verdict()
+
+
+def test_hostile_json_gets_its_code_and_the_connection_goes_on(server: BackgroundServer) -> None:
+    """Deep nesting, a 5000-digit seed and wrongly typed fields are answered with their error codes
+    (they closed the connection with 1011 before); the same connection then starts and ends a session."""
+    from websockets.asyncio.client import connect
+
+    wait_idle(server)
+
+    async def main() -> None:
+        async with connect(server.url, compression=None) as ws:
+            await expect(ws, "hello")
+            await ws.send("[" * 100_000 + "]" * 100_000)
+            await expect(ws, "error", "bad_json", fatal=False)
+            await ws.send('{"type": "start", "character": "innkeeper", "ref": 5, "x": ' + "{" * 100_000)
+            await expect(ws, "error", "bad_json", fatal=False)
+            await ws.send('{"type": "start", "character": "innkeeper", "seed": ' + "9" * 5000 + ', "ref": "s"}')
+            await expect(ws, "error", "invalid_message", fatal=False, ref="s")
+            for field, value in (("sample_rate", '"24000"'), ("seed", '"7"'), ("seed", "true"), ("protocol", "1.0")):
+                await ws.send(f'{{"type": "start", "character": "innkeeper", "{field}": {value}, "ref": 9}}')
+                error = await expect(ws, "error", "invalid_message", ref=9)
+                assert field in error["message"], error
+            await ws.send('{"type": "start", "character": "innkeeper", "seed": 7, "ref": "ok"}')
+            started = await expect(ws, "started", ref="ok")
+            frame, pcm = decode_audio_frame(await asyncio.wait_for(_next_binary(ws), 10))
+            assert frame == 0 and pcm.size == 1920
+            await ws.send('{"type": "say", "text": "x", "ref": ' + "1" * 5000 + "}")
+            await expect(ws, "error", "invalid_message")
+            await ws.send('{"type": "end", "ref": 3}')
+            await expect(ws, "ended", session=started["session"], reason="client", ref=3)
+
+    run(main())
+    assert health(server)["status"] == "ok"
 
 
 async def _next_binary(ws) -> bytes:
