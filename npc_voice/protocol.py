@@ -115,7 +115,7 @@ class InlineVoice(_Msg):
     """Exactly one of: a WAV/FLAC/OGG sample in base64, or the name of a preset voice on the server."""
 
     wav_base64: str | None = None
-    preset: str | None = Field(default=None, max_length=64)
+    preset: str | None = None  # its length and form are checked as the character's (invalid_character)
 
     @model_validator(mode="after")
     def _one_voice(self) -> InlineVoice:
@@ -125,11 +125,12 @@ class InlineVoice(_Msg):
 
 
 class InlineCharacter(_Msg):
-    """A character defined by the client: a role prompt and a voice."""
+    """A character defined by the client: a role prompt and a voice. The schema only checks types:
+    the values (an empty role, a bad preset name, ...) are the character's rules, `invalid_character`."""
 
-    role: str = Field(min_length=1)
+    role: str
     voice: InlineVoice
-    name: str = Field(default="npc", min_length=1)
+    name: str = "npc"
 
 
 CharacterSpec = Union[str, InlineCharacter]  # a stored character's id, or an inline character
@@ -199,12 +200,18 @@ def _check_character_limits(spec: CharacterSpec, limits: Limits, ref: Any) -> No
             raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"character ids have 1-{limits.max_id_chars} characters",
                                 ref=ref)
         return
+    if not spec.role.strip():
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, "the role is empty: write who the NPC is and what it "
+                            "knows", ref=ref)
     if len(spec.role) > limits.max_role_chars:
         raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the role has {len(spec.role)} characters; the limit is "
                             f"{limits.max_role_chars}", ref=ref)
-    if len(spec.name) > limits.max_name_chars:
-        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the name has more than {limits.max_name_chars} characters",
-                            ref=ref)
+    if not spec.name.strip() or len(spec.name) > limits.max_name_chars:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the name has 1-{limits.max_name_chars} characters", ref=ref)
+    preset = spec.voice.preset
+    if preset is not None and not 0 < len(preset) <= limits.max_id_chars:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"voice.preset: preset names have 1-{limits.max_id_chars} "
+                            "characters", ref=ref)
     b64 = spec.voice.wav_base64
     if b64 is not None and len(b64) * 3 // 4 > limits.max_voice_bytes + 3:
         raise ProtocolError(ErrorCode.VOICE_TOO_LARGE, f"the inline voice is about {len(b64) * 3 // 4} bytes; the "

@@ -174,6 +174,31 @@ def test_hostile_json_is_refused_with_its_code() -> None:
     assert time.perf_counter() - t0 < 5.0, "hostile JSON took too long"
 
 
+def test_inline_character_values_are_invalid_character() -> None:
+    """docs/protocol.md: a character that cannot be used (an empty or too long role, a bad preset
+    name, ...) is `invalid_character`; only the message's shape (types, missing or unknown fields,
+    not exactly one voice) is `invalid_message`."""
+    def inline(**change):
+        character = {"role": "A guard.", "name": "Guard", "voice": {"preset": "NATF2"}} | change
+        return [json.dumps({"type": kind, "character": character}) for kind in ("start", "switch")]
+
+    for texts, code in (
+        (inline(role=""), "invalid_character"), (inline(role="  \n "), "invalid_character"),
+        (inline(role="x" * (DEFAULT_LIMITS.max_role_chars + 1)), "invalid_character"),
+        (inline(name=""), "invalid_character"), (inline(name=" "), "invalid_character"),
+        (inline(name="n" * (DEFAULT_LIMITS.max_name_chars + 1)), "invalid_character"),
+        (inline(voice={"preset": ""}), "invalid_character"), (inline(voice={"preset": "P" * 65}), "invalid_character"),
+        (inline(role=None), "invalid_message"), (inline(role=["x"]), "invalid_message"),
+        (inline(voice={}), "invalid_message"), (inline(voice={"preset": "A", "wav_base64": "AAAA"}), "invalid_message"),
+        (inline(voice={"preset": "A", "pitch": 2}), "invalid_message"), (inline(mood="grim"), "invalid_message"),
+    ):
+        for text in texts:
+            assert code_of(text) == code, text
+    with pytest.raises(ProtocolError) as info:  # the reply names the problem and keeps the ref
+        parse_client_text(json.dumps({"type": "start", "character": {"role": "", "voice": {"preset": "A"}}, "ref": 4}))
+    assert "role is empty" in info.value.message and info.value.ref == 4
+
+
 def test_audio_messages() -> None:
     pcm = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
     assert np.array_equal(parse_client_audio(pcm.tobytes()), pcm)
@@ -573,6 +598,8 @@ def test_hostile_json_gets_its_code_and_the_connection_goes_on(server: Backgroun
                 await ws.send(f'{{"type": "start", "character": "innkeeper", "{field}": {value}, "ref": 9}}')
                 error = await expect(ws, "error", "invalid_message", ref=9)
                 assert field in error["message"], error
+            await ws.send('{"type": "start", "character": {"role": "", "voice": {"preset": "NATF2"}}, "ref": 1}')
+            await expect(ws, "error", "invalid_character", ref=1)  # as the doc says (was invalid_message)
             await ws.send('{"type": "start", "character": "innkeeper", "seed": 7, "ref": "ok"}')
             started = await expect(ws, "started", ref="ok")
             frame, pcm = decode_audio_frame(await asyncio.wait_for(_next_binary(ws), 10))
