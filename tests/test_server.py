@@ -613,6 +613,35 @@ def test_hostile_json_gets_its_code_and_the_connection_goes_on(server: Backgroun
     assert health(server)["status"] == "ok"
 
 
+def test_invalid_utf8_text_closes_with_1007_as_documented(server: BackgroundServer) -> None:
+    """RFC 6455 makes a text frame that is not UTF-8 fail the connection: the websocket library
+    closes it with 1007 before the server sees the message (docs/protocol.md lists the code). Only
+    that connection: the session on another one goes on."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    wait_idle(server)
+    assert "1007" in (REPO / "docs" / "protocol.md").read_text()
+
+    async def main() -> None:
+        async with connect(server.url, compression=None) as other:
+            await expect(other, "hello")
+            await other.send('{"type": "start", "character": "innkeeper"}')
+            await expect(other, "started")
+            async with connect(server.url, compression=None) as ws:
+                await expect(ws, "hello")
+                with pytest.raises(ConnectionClosedError) as info:
+                    await ws.send(b'{"type": "say", "text": "\xff\xfe"}', text=True)
+                    await recv_json(ws)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1007
+            frames = [decode_audio_frame(await asyncio.wait_for(_next_binary(other), 10))[0] for _ in range(3)]
+            assert frames == sorted(frames) and len(set(frames)) == 3
+            await other.send('{"type": "end"}')
+            await expect(other, "ended", reason="client")
+
+    run(main())
+
+
 async def _next_binary(ws) -> bytes:
     while True:
         data = await ws.recv()
