@@ -642,6 +642,54 @@ def test_invalid_utf8_text_closes_with_1007_as_documented(server: BackgroundServ
     run(main())
 
 
+def test_role_longer_than_a_short_context_starts_and_speaks(store) -> None:
+    """`--context 16`: a role whose prompt is many times the context (it closed the connection with
+    1011 before the engine accepted such prompts) starts, speaks a `say` line and ends, over more
+    frames than the context, with every frame in order and no error."""
+    import dataclasses
+
+    from npc_voice.engine.prompt import text_prompt_tokens
+    from npc_voice.model.config import get_preset
+
+    context = 16
+    cfg = get_preset("tiny")
+    short = random_model(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, context=context)), seed=5)
+    assert short.config.lm.context == context
+    role = ("You are the ferryman of the black river. You speak little, you ask every traveller for a silver "
+            "coin before they board, and you remember every face you have carried across. ") * 4
+    assert len(text_prompt_tokens(short, role)) > 4 * context  # the voice's frames come on top
+    line = "Pay the ferryman, traveller!"
+    bg = BackgroundServer(Engine(short, slots=1), ServerConfig(port=0), store).start()
+    try:
+        async def main() -> None:
+            async with NPCVoiceClient(bg.url) as client:
+                session = await client.start(inline_character(role, tone(2.2, 190), name="Ferryman"), seed=3)
+                assert session.character == "Ferryman"
+                events: list = []
+                await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= 3, events)(session)
+                await session.say(line)
+                last = 4 + 3 * 16 + context  # the line's tokens one every third frame, then past the context again
+                await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= last, events)(session)
+                ended = await session.end()
+                assert ended.reason == "client" and ended.frames > last > 3 * context
+                audio = [e for e in events if isinstance(e, AudioFrame)]
+                assert [a.frame for a in audio] == list(range(len(audio)))
+                assert all(a.pcm.shape == (1920,) for a in audio)
+                assert not [e for e in events if isinstance(e, (ErrorMsg, Dropped))]
+                spoken = "".join(e.text for e in events if isinstance(e, Text))
+                assert line in spoken, spoken
+                # the connection is still open and usable: a second start on it works
+                again = await client.start(inline_character(role, tone(2.2, 190), name="Ferryman"))
+                await again.end()
+
+        run(main())
+        assert health(bg)["status"] == "ok" and bg.server.loop_error is None
+        built = list(bg.server.engine.cache._entries.values())  # the prompt the engine built and used
+        assert len(built) == 1 and built[0].length > 4 * context and built[0].keys.shape[2] == context
+    finally:
+        bg.stop()
+
+
 async def _next_binary(ws) -> bytes:
     while True:
         data = await ws.recv()
