@@ -690,6 +690,35 @@ def test_role_longer_than_a_short_context_starts_and_speaks(store) -> None:
         bg.stop()
 
 
+def test_a_server_fault_on_a_message_is_internal_error_not_1011(server: BackgroundServer, monkeypatch) -> None:
+    """A message that trips a bug in the server (here: the engine's `say` raises) is answered with
+    `internal_error` (not fatal) instead of closing the connection with 1011; the session goes on."""
+    from websockets.asyncio.client import connect
+
+    wait_idle(server)
+
+    def broken_say(session, text):
+        raise RuntimeError("a bug in say")
+
+    async def main() -> None:
+        async with connect(server.url, compression=None) as ws:
+            await expect(ws, "hello")
+            await ws.send('{"type": "start", "character": "innkeeper"}')
+            started = await expect(ws, "started")
+            monkeypatch.setattr(server.server.engine, "say", broken_say)
+            await ws.send('{"type": "say", "text": "hello"}')
+            error = await expect(ws, "error", "internal_error", fatal=False)
+            assert "a bug in say" in error["message"]
+            monkeypatch.undo()
+            await ws.send('{"type": "say", "text": "hello"}')
+            frames = [decode_audio_frame(await asyncio.wait_for(_next_binary(ws), 10))[0] for _ in range(3)]
+            assert len(set(frames)) == 3
+            await ws.send('{"type": "end", "ref": 1}')
+            await expect(ws, "ended", session=started["session"], reason="client", ref=1)
+
+    run(main())
+
+
 async def _next_binary(ws) -> bytes:
     while True:
         data = await ws.recv()
