@@ -237,7 +237,7 @@ class _LongInt:
 
 
 def _parse_int(text: str) -> int | _LongInt:
-    return int(text) if len(text) <= MAX_INT_DIGITS else _LongInt(text)
+    return int(text) if len(text) - text.startswith("-") <= MAX_INT_DIGITS else _LongInt(text)
 
 
 def _json_depth(text: str) -> int:

@@ -167,6 +167,7 @@ def test_hostile_json_is_refused_with_its_code() -> None:
     assert code_of('{"type": "start", "character": "x", "seed": 1e99999}') == "invalid_message"  # inf
     big_ref = int("9" * MAX_INT_DIGITS)
     assert parse_client_text(f'{{"type": "end", "ref": {big_ref}}}').ref == big_ref  # the longest integer allowed
+    assert parse_client_text(f'{{"type": "end", "ref": -{big_ref}}}').ref == -big_ref  # the sign is no digit
     # strings are Unicode: a lone surrogate escape is refused, and not echoed back as a ref
     with pytest.raises(ProtocolError) as info:
         parse_client_text('{"type": "say", "text": "a\\ud800b", "ref": "\\udc00"}')
