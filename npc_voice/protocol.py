@@ -21,6 +21,7 @@ import binascii
 import enum
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -102,18 +103,19 @@ DEFAULT_LIMITS = Limits()
 
 # --- client -> server -------------------------------------------------------------------------
 
-Ref = Union[Annotated[str, Field(max_length=64)], Annotated[int, Field(strict=True)], None]  # echoed in replies
+Ref = Union[Annotated[str, Field(max_length=64)], int, None]  # echoed in replies
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a JSON integer is an integer (not "7", 7.0 or true), a string is a string (not 7)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class InlineVoice(_Msg):
     """Exactly one of: a WAV/FLAC/OGG sample in base64, or the name of a preset voice on the server."""
 
     wav_base64: str | None = None
-    preset: str | None = Field(default=None, max_length=64)
+    preset: str | None = None  # its length and form are checked as the character's (invalid_character)
 
     @model_validator(mode="after")
     def _one_voice(self) -> InlineVoice:
@@ -123,11 +125,12 @@ class InlineVoice(_Msg):
 
 
 class InlineCharacter(_Msg):
-    """A character defined by the client: a role prompt and a voice."""
+    """A character defined by the client: a role prompt and a voice. The schema only checks types:
+    the values (an empty role, a bad preset name, ...) are the character's rules, `invalid_character`."""
 
-    role: str = Field(min_length=1)
+    role: str
     voice: InlineVoice
-    name: str = Field(default="npc", min_length=1)
+    name: str = "npc"
 
 
 CharacterSpec = Union[str, InlineCharacter]  # a stored character's id, or an inline character
@@ -181,6 +184,8 @@ def _first_error(exc: ValidationError) -> str:
     for err in errors:
         where = _loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        if isinstance(err.get("input"), _LongInt):
+            msg = f"an integer of {err['input'].digits} digits; integers have at most {MAX_INT_DIGITS}"
         line = f"{where}: {msg}" if where else msg
         if line not in seen:
             seen.add(line)
@@ -195,16 +200,81 @@ def _check_character_limits(spec: CharacterSpec, limits: Limits, ref: Any) -> No
             raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"character ids have 1-{limits.max_id_chars} characters",
                                 ref=ref)
         return
+    if not spec.role.strip():
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, "the role is empty: write who the NPC is and what it "
+                            "knows", ref=ref)
     if len(spec.role) > limits.max_role_chars:
         raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the role has {len(spec.role)} characters; the limit is "
                             f"{limits.max_role_chars}", ref=ref)
-    if len(spec.name) > limits.max_name_chars:
-        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the name has more than {limits.max_name_chars} characters",
-                            ref=ref)
+    if not spec.name.strip() or len(spec.name) > limits.max_name_chars:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"the name has 1-{limits.max_name_chars} characters", ref=ref)
+    preset = spec.voice.preset
+    if preset is not None and not 0 < len(preset) <= limits.max_id_chars:
+        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"voice.preset: preset names have 1-{limits.max_id_chars} "
+                            "characters", ref=ref)
     b64 = spec.voice.wav_base64
     if b64 is not None and len(b64) * 3 // 4 > limits.max_voice_bytes + 3:
         raise ProtocolError(ErrorCode.VOICE_TOO_LARGE, f"the inline voice is about {len(b64) * 3 // 4} bytes; the "
                             f"limit is {limits.max_voice_bytes} bytes (send a 3-10 s sample)", ref=ref)
+
+
+MAX_JSON_DEPTH = 16  # client messages nest 3 levels (start > character > voice)
+MAX_INT_DIGITS = 64  # longer JSON integers are refused before Python converts them (quadratic time)
+# A JSON string, or an unterminated one up to the end: possessive, so a text of many escaped quotes
+# is cut in one linear pass (a plain pattern retries from every quote: quadratic).
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.S)
+_OPENERS, _CLOSERS = b"[{", b"]}"
+
+
+class _LongInt:
+    """A JSON integer of more than `MAX_INT_DIGITS` digits, left unconverted: no field accepts it."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    return int(text) if len(text) - text.startswith("-") <= MAX_INT_DIGITS else _LongInt(text)
+
+
+def _json_depth(text: str) -> int:
+    """How deep a JSON text nests its arrays and objects (brackets inside strings do not count).
+
+    Linear, with no Python loop over characters: strings are cut out by one regex, the brackets left
+    are counted with numpy. On an invalid text the figure may be off past the first error, where the
+    decoder stops anyway."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the limit (the common case: no scan at all)
+    bare = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), dtype=np.uint8)
+    steps = np.zeros(bare.shape[0], dtype=np.int32)
+    for ch in _OPENERS:
+        steps[bare == ch] = 1
+    for ch in _CLOSERS:
+        steps[bare == ch] = -1
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _load_json(data: str | bytes) -> Any:
+    """`json.loads` that refuses with `bad_json`, before decoding, a text nested deeper than
+    `MAX_JSON_DEPTH` (the decoder recurses per level: RecursionError), and leaves integers over
+    `MAX_INT_DIGITS` digits unconverted (Python refuses over 4300: ValueError), so that no field
+    accepts them (`invalid_message`)."""
+    try:
+        text = data if isinstance(data, str) else data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"not valid UTF-8: {exc}") from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # a safety net: the checks above should prevent these
+        raise ProtocolError(ErrorCode.BAD_JSON, f"JSON this server cannot read: {str(exc)[:200]}") from None
 
 
 def parse_client_text(data: str | bytes, limits: Limits = DEFAULT_LIMITS) -> ClientMessage:
@@ -213,14 +283,16 @@ def parse_client_text(data: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Cli
     if size > limits.max_text_bytes:
         raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE, f"a text message of {size} bytes; the limit is "
                             f"{limits.max_text_bytes} bytes")
-    try:
-        obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
+    obj = _load_json(data)
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, f"expected a JSON object, got {type(obj).__name__}")
-    ref = obj.get("ref")
+    ref = obj.get("ref")  # echoed in the error only when it is a valid ref
     ref = ref if isinstance(ref, (str, int)) and not isinstance(ref, bool) and len(str(ref)) <= 64 else None
+    if isinstance(ref, str) and not ref.isascii():
+        try:
+            ref.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" escaped in the JSON)
+            ref = None
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, 'every message needs a string "type"', ref=ref)

@@ -464,6 +464,10 @@ class Connection:
                         self._on_audio(message)
                 except ProtocolError as exc:
                     self.send(exc.to_message())
+                except Exception as exc:  # our fault, not the client's: said and logged, never a 1011 close
+                    log.exception("a client message failed")
+                    self.send(ErrorMsg(code=ErrorCode.INTERNAL_ERROR.value,
+                                       message=f"the server failed on this message: {exc!r}"[:500]))
         except ConnectionClosed:
             pass
         finally:

@@ -87,6 +87,119 @@ def test_parse_client_messages() -> None:
     assert info.value.ref == "r1"
 
 
+def test_fields_have_strict_json_types() -> None:
+    """Integers are JSON integers (not "7", 7.0 or true), strings are strings: no coercion on any field
+    of any client message (docs/protocol.md: wrong fields are `invalid_message`)."""
+    inline = {"role": "A guard.", "name": "Guard", "voice": {"preset": "NATF2"}}
+    valid = [
+        {"type": "start", "character": "innkeeper", "sample_rate": 48000, "protocol": 1, "seed": 7, "ref": 1},
+        {"type": "start", "character": inline | {"voice": {"preset": "NATF2"}}, "seed": 0, "ref": "r"},
+        {"type": "start", "character": {"role": "A guard.", "voice": {"wav_base64": "UklGRg=="}, "name": "npc"},
+         "seed": 2**31 - 1},
+        {"type": "switch", "character": inline, "ref": 2}, {"type": "switch", "character": "smith"},
+        {"type": "say", "text": "Halt!", "ref": "x"}, {"type": "end", "ref": -3}, {"type": "end"},
+    ]
+    for obj in valid:
+        dumped = parse_client_text(json.dumps(obj)).model_dump(exclude_none=True)
+        assert {k: dumped[k] for k in obj} == obj, obj  # every value as sent, with its JSON type
+    wrong = {  # field -> values of the wrong JSON type
+        "sample_rate": ["24000", 24000.0, True, None, [24000]], "protocol": ["1", 1.0, True, {"v": 1}],
+        "seed": ["7", 7.0, True, False, [7]], "ref": [True, 1.5, [1], {"r": 1}],
+    }
+    for field, values in wrong.items():
+        for value in values:
+            if field == "sample_rate" and value is None:
+                continue  # an explicit null is the default for optional fields... except sample_rate
+            obj = {"type": "start", "character": "innkeeper", field: value}
+            assert code_of(json.dumps(obj)) == "invalid_message", obj
+    for bad in (7, True, None, ["innkeeper"]):
+        assert code_of(json.dumps({"type": "start", "character": bad})) == "invalid_message", bad
+        assert code_of(json.dumps({"type": "switch", "character": bad})) == "invalid_message", bad
+        assert code_of(json.dumps({"type": "say", "text": bad})) == "invalid_message", bad
+        for key in ("role", "name"):
+            assert code_of(json.dumps({"type": "start", "character": inline | {key: bad}})) == "invalid_message"
+        for key in ("preset", "wav_base64"):
+            if bad is not None:
+                voice = {key: bad}
+                assert code_of(json.dumps({"type": "start", "character": inline | {"voice": voice}})) == \
+                    "invalid_message", voice
+    for msg in ({"type": "switch", "character": "x", "ref": True}, {"type": "say", "text": "x", "ref": 2.5},
+                {"type": "end", "ref": False}):
+        assert code_of(json.dumps(msg)) == "invalid_message", msg
+    with pytest.raises(ProtocolError) as info:  # the error still carries a well-typed ref
+        parse_client_text('{"type": "start", "character": "x", "seed": "7", "ref": "r2"}')
+    assert info.value.code.value == "invalid_message" and info.value.ref == "r2" and "seed" in info.value.message
+
+
+def test_hostile_json_is_refused_with_its_code() -> None:
+    """Deep nesting and huge integers get `bad_json` / `invalid_message` (a ProtocolError), never a
+    RecursionError or ValueError from the decoder, and quickly."""
+    from npc_voice.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH
+
+    deep = 100_000
+    t0 = time.perf_counter()
+    assert code_of("[" * deep + "]" * deep) == "bad_json"
+    assert code_of('{"type": "say", "text": "x", "extra": ' + '{"a": ' * deep + "1" + "}" * deep + "}") == "bad_json"
+    assert code_of('{"type": "end", "ref": ' + "[" * deep) == "bad_json"  # unterminated too
+    # the limit itself: MAX_JSON_DEPTH levels parse (and are refused for their fields), one more does not
+    nested = lambda n: "[" * (n - 1) + "1" + "]" * (n - 1)  # noqa: E731 - n levels with the outer object
+    assert code_of('{"type": "end", "ref": ' + nested(MAX_JSON_DEPTH) + "}") == "invalid_message"
+    assert code_of('{"type": "end", "ref": ' + nested(MAX_JSON_DEPTH + 1) + "}") == "bad_json"
+    # brackets inside strings are text, not nesting (also after escaped quotes and backslashes)
+    text = '[{ \\" ' * 100 + "\\"
+    msg = parse_client_text(json.dumps({"type": "say", "text": text[:900], "ref": "[[[[{{{{"}))
+    assert isinstance(msg, Say) and msg.text == text[:900] and msg.ref == "[[[[{{{{"
+    role = "[laughs] {sighs} " * 300
+    msg = parse_client_text(json.dumps({"type": "start", "character": {"role": role, "voice": {"preset": "X"}}}))
+    assert msg.character.role == role
+    # many escaped quotes after brackets: still linear (a naive string regex is quadratic here)
+    assert code_of("[" * 20 + '"' + '\\"' * 500_000) == "bad_json"
+
+    for field in ("seed", "sample_rate", "protocol", "ref"):
+        for digits in ("9" * 5000, "-" + "9" * 5000, "1" * (MAX_INT_DIGITS + 1)):
+            with pytest.raises(ProtocolError) as info:
+                parse_client_text(f'{{"type": "start", "character": "x", "{field}": {digits}, "ref": "r"}}'
+                                  if field != "ref" else f'{{"type": "start", "character": "x", "ref": {digits}}}')
+            assert info.value.code.value == "invalid_message" and field in info.value.message, info.value.message
+            assert "digits" in info.value.message
+            assert info.value.ref == ("r" if field != "ref" else None)
+    assert code_of('{"type": "say", "text": ' + "7" * 5000 + "}") == "invalid_message"
+    assert code_of('{"type": "start", "character": "x", "seed": 1e99999}') == "invalid_message"  # inf
+    big_ref = int("9" * MAX_INT_DIGITS)
+    assert parse_client_text(f'{{"type": "end", "ref": {big_ref}}}').ref == big_ref  # the longest integer allowed
+    assert parse_client_text(f'{{"type": "end", "ref": -{big_ref}}}').ref == -big_ref  # the sign is no digit
+    # strings are Unicode: a lone surrogate escape is refused, and not echoed back as a ref
+    with pytest.raises(ProtocolError) as info:
+        parse_client_text('{"type": "say", "text": "a\\ud800b", "ref": "\\udc00"}')
+    assert info.value.code.value == "invalid_message" and info.value.ref is None
+    assert time.perf_counter() - t0 < 5.0, "hostile JSON took too long"
+
+
+def test_inline_character_values_are_invalid_character() -> None:
+    """docs/protocol.md: a character that cannot be used (an empty or too long role, a bad preset
+    name, ...) is `invalid_character`; only the message's shape (types, missing or unknown fields,
+    not exactly one voice) is `invalid_message`."""
+    def inline(**change):
+        character = {"role": "A guard.", "name": "Guard", "voice": {"preset": "NATF2"}} | change
+        return [json.dumps({"type": kind, "character": character}) for kind in ("start", "switch")]
+
+    for texts, code in (
+        (inline(role=""), "invalid_character"), (inline(role="  \n "), "invalid_character"),
+        (inline(role="x" * (DEFAULT_LIMITS.max_role_chars + 1)), "invalid_character"),
+        (inline(name=""), "invalid_character"), (inline(name=" "), "invalid_character"),
+        (inline(name="n" * (DEFAULT_LIMITS.max_name_chars + 1)), "invalid_character"),
+        (inline(voice={"preset": ""}), "invalid_character"), (inline(voice={"preset": "P" * 65}), "invalid_character"),
+        (inline(role=None), "invalid_message"), (inline(role=["x"]), "invalid_message"),
+        (inline(voice={}), "invalid_message"), (inline(voice={"preset": "A", "wav_base64": "AAAA"}), "invalid_message"),
+        (inline(voice={"preset": "A", "pitch": 2}), "invalid_message"), (inline(mood="grim"), "invalid_message"),
+    ):
+        for text in texts:
+            assert code_of(text) == code, text
+    with pytest.raises(ProtocolError) as info:  # the reply names the problem and keeps the ref
+        parse_client_text(json.dumps({"type": "start", "character": {"role": "", "voice": {"preset": "A"}}, "ref": 4}))
+    assert "role is empty" in info.value.message and info.value.ref == 4
+
+
 def test_audio_messages() -> None:
     pcm = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
     assert np.array_equal(parse_client_audio(pcm.tobytes()), pcm)
@@ -464,6 +577,147 @@ def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundSer
 
     run(main())
     timing.verdict()
+
+
+def test_hostile_json_gets_its_code_and_the_connection_goes_on(server: BackgroundServer) -> None:
+    """Deep nesting, a 5000-digit seed and wrongly typed fields are answered with their error codes
+    (they closed the connection with 1011 before); the same connection then starts and ends a session."""
+    from websockets.asyncio.client import connect
+
+    wait_idle(server)
+
+    async def main() -> None:
+        async with connect(server.url, compression=None) as ws:
+            await expect(ws, "hello")
+            await ws.send("[" * 100_000 + "]" * 100_000)
+            await expect(ws, "error", "bad_json", fatal=False)
+            await ws.send('{"type": "start", "character": "innkeeper", "ref": 5, "x": ' + "{" * 100_000)
+            await expect(ws, "error", "bad_json", fatal=False)
+            await ws.send('{"type": "start", "character": "innkeeper", "seed": ' + "9" * 5000 + ', "ref": "s"}')
+            await expect(ws, "error", "invalid_message", fatal=False, ref="s")
+            for field, value in (("sample_rate", '"24000"'), ("seed", '"7"'), ("seed", "true"), ("protocol", "1.0")):
+                await ws.send(f'{{"type": "start", "character": "innkeeper", "{field}": {value}, "ref": 9}}')
+                error = await expect(ws, "error", "invalid_message", ref=9)
+                assert field in error["message"], error
+            await ws.send('{"type": "start", "character": {"role": "", "voice": {"preset": "NATF2"}}, "ref": 1}')
+            await expect(ws, "error", "invalid_character", ref=1)  # as the doc says (was invalid_message)
+            await ws.send('{"type": "start", "character": "innkeeper", "seed": 7, "ref": "ok"}')
+            started = await expect(ws, "started", ref="ok")
+            frame, pcm = decode_audio_frame(await asyncio.wait_for(_next_binary(ws), 10))
+            assert frame == 0 and pcm.size == 1920
+            await ws.send('{"type": "say", "text": "x", "ref": ' + "1" * 5000 + "}")
+            await expect(ws, "error", "invalid_message")
+            await ws.send('{"type": "end", "ref": 3}')
+            await expect(ws, "ended", session=started["session"], reason="client", ref=3)
+
+    run(main())
+    assert health(server)["status"] == "ok"
+
+
+def test_invalid_utf8_text_closes_with_1007_as_documented(server: BackgroundServer) -> None:
+    """RFC 6455 makes a text frame that is not UTF-8 fail the connection: the websocket library
+    closes it with 1007 before the server sees the message (docs/protocol.md lists the code). Only
+    that connection: the session on another one goes on."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    wait_idle(server)
+    assert "1007" in (REPO / "docs" / "protocol.md").read_text()
+
+    async def main() -> None:
+        async with connect(server.url, compression=None) as other:
+            await expect(other, "hello")
+            await other.send('{"type": "start", "character": "innkeeper"}')
+            await expect(other, "started")
+            async with connect(server.url, compression=None) as ws:
+                await expect(ws, "hello")
+                with pytest.raises(ConnectionClosedError) as info:
+                    await ws.send(b'{"type": "say", "text": "\xff\xfe"}', text=True)
+                    await recv_json(ws)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1007
+            frames = [decode_audio_frame(await asyncio.wait_for(_next_binary(other), 10))[0] for _ in range(3)]
+            assert frames == sorted(frames) and len(set(frames)) == 3
+            await other.send('{"type": "end"}')
+            await expect(other, "ended", reason="client")
+
+    run(main())
+
+
+def test_role_longer_than_a_short_context_starts_and_speaks(store) -> None:
+    """`--context 16`: a role whose prompt is many times the context (it closed the connection with
+    1011 before the engine accepted such prompts) starts, speaks a `say` line and ends, over more
+    frames than the context, with every frame in order and no error."""
+    import dataclasses
+
+    from npc_voice.engine.prompt import text_prompt_tokens
+    from npc_voice.model.config import get_preset
+
+    context = 16
+    cfg = get_preset("tiny")
+    short = random_model(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, context=context)), seed=5)
+    assert short.config.lm.context == context
+    role = ("You are the ferryman of the black river. You speak little, you ask every traveller for a silver "
+            "coin before they board, and you remember every face you have carried across. ") * 4
+    assert len(text_prompt_tokens(short, role)) > 4 * context  # the voice's frames come on top
+    line = "Pay the ferryman, traveller!"
+    bg = BackgroundServer(Engine(short, slots=1), ServerConfig(port=0), store).start()
+    try:
+        async def main() -> None:
+            async with NPCVoiceClient(bg.url) as client:
+                session = await client.start(inline_character(role, tone(2.2, 190), name="Ferryman"), seed=3)
+                assert session.character == "Ferryman"
+                events: list = []
+                await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= 3, events)(session)
+                await session.say(line)
+                last = 4 + 3 * 16 + context  # the line's tokens one every third frame, then past the context again
+                await collect_until(lambda e: isinstance(e, AudioFrame) and e.frame >= last, events)(session)
+                ended = await session.end()
+                assert ended.reason == "client" and ended.frames > last > 3 * context
+                audio = [e for e in events if isinstance(e, AudioFrame)]
+                assert [a.frame for a in audio] == list(range(len(audio)))
+                assert all(a.pcm.shape == (1920,) for a in audio)
+                assert not [e for e in events if isinstance(e, (ErrorMsg, Dropped))]
+                spoken = "".join(e.text for e in events if isinstance(e, Text))
+                assert line in spoken, spoken
+                # the connection is still open and usable: a second start on it works
+                again = await client.start(inline_character(role, tone(2.2, 190), name="Ferryman"))
+                await again.end()
+
+        run(main())
+        assert health(bg)["status"] == "ok" and bg.server.loop_error is None
+        built = list(bg.server.engine.cache._entries.values())  # the prompt the engine built and used
+        assert len(built) == 1 and built[0].length > 4 * context and built[0].keys.shape[2] == context
+    finally:
+        bg.stop()
+
+
+def test_a_server_fault_on_a_message_is_internal_error_not_1011(server: BackgroundServer, monkeypatch) -> None:
+    """A message that trips a bug in the server (here: the engine's `say` raises) is answered with
+    `internal_error` (not fatal) instead of closing the connection with 1011; the session goes on."""
+    from websockets.asyncio.client import connect
+
+    wait_idle(server)
+
+    def broken_say(session, text):
+        raise RuntimeError("a bug in say")
+
+    async def main() -> None:
+        async with connect(server.url, compression=None) as ws:
+            await expect(ws, "hello")
+            await ws.send('{"type": "start", "character": "innkeeper"}')
+            started = await expect(ws, "started")
+            monkeypatch.setattr(server.server.engine, "say", broken_say)
+            await ws.send('{"type": "say", "text": "hello"}')
+            error = await expect(ws, "error", "internal_error", fatal=False)
+            assert "a bug in say" in error["message"]
+            monkeypatch.undo()
+            await ws.send('{"type": "say", "text": "hello"}')
+            frames = [decode_audio_frame(await asyncio.wait_for(_next_binary(ws), 10))[0] for _ in range(3)]
+            assert len(set(frames)) == 3
+            await ws.send('{"type": "end", "ref": 1}')
+            await expect(ws, "ended", session=started["session"], reason="client", ref=1)
+
+    run(main())
 
 
 async def _next_binary(ws) -> bytes:
