@@ -441,6 +441,7 @@ class Connection:
         self.outbox = Outbox(asyncio.get_running_loop(), self.config.out_audio_frames, self.config.out_events)
         self.link: SessionLink | None = None
         self.last_rx = time.monotonic()
+        self.handling = False  # a message is being handled (a start may wait for a build): the idle timer waits
         self.closed = False
         self._close_with: tuple[int, str] | None = None
         self._last_report = 0.0
@@ -460,6 +461,7 @@ class Connection:
         try:
             async for message in self.ws:
                 self.last_rx = time.monotonic()
+                self.handling = True
                 try:
                     if isinstance(message, str):
                         await self._on_text(message)
@@ -467,6 +469,9 @@ class Connection:
                         self._on_audio(message)
                 except ProtocolError as exc:
                     self.send(exc.to_message())
+                finally:  # nothing is read while a message is handled: that time is not the client's idling
+                    self.handling = False
+                    self.last_rx = time.monotonic()
         except ConnectionClosed:
             pass
         finally:
@@ -532,7 +537,7 @@ class Connection:
         timeout = self.config.idle_timeout
         while True:
             idle = time.monotonic() - self.last_rx
-            if idle >= timeout:
+            if idle >= timeout and not self.handling:
                 self.send(ErrorMsg(code=ErrorCode.IDLE_TIMEOUT.value, fatal=True,
                                    message=f"nothing received for {timeout:g} s: closing (send audio, silence "
                                    "included, while a session is live)"))

@@ -614,6 +614,38 @@ def test_idle_timeout_closes_and_frees_the_slot(model, cache, store) -> None:
         bg.stop()
 
 
+
+def test_idle_timeout_always_sends_ended_before_closing(model, cache, store) -> None:
+    """10 tries with a 0.3 s idle timeout, each with a character never built before (its build takes
+    about as long as the timeout): the build's time is not the client's idling (nothing is read while a
+    start is handled), so every try gets `started`, then `error` idle_timeout and `ended`, then close 1008."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    bg = make_server(model, cache, store, slots=1, idle_timeout=0.3)
+    try:
+        async def one(i: int) -> tuple[list[str], int | None]:
+            seen = []
+            async with connect(bg.url, compression=None) as ws:
+                await ws.send(json.dumps({"type": "start", "character": inline_character(
+                    f"You are ferryman number {i}.", tone(2.2, 150 + 11 * i))}))
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        message = await ws.recv()
+                        if isinstance(message, str):
+                            msg = json.loads(message)
+                            if msg["type"] not in ("text", "state"):
+                                seen.append(f"{msg['type']}:{msg.get('code') or msg.get('reason') or ''}")
+                return seen, ws.close_code
+
+        for i in range(10):
+            seen, code = run(one(i), timeout=30)
+            assert (seen, code) == (["hello:", "started:", "error:idle_timeout", "ended:idle_timeout"], 1008), i
+            wait_idle(bg)  # the slot is free again
+    finally:
+        bg.stop()
+
+
 @pytest.mark.realtime
 def test_token_and_health(model, cache, store, timing) -> None:
     from websockets.asyncio.client import connect
