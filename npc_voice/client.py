@@ -12,6 +12,10 @@
 One connection holds one session at a time (start another after `end`). Events are kept in a
 bounded queue per session: a consumer that falls far behind loses the oldest audio frames first
 (`session.dropped_events` counts them).
+
+The client plays nothing itself; a program that plays the NPC's frames schedules them with a
+`PlayoutClock` (frame n at t0 + n * 80 ms on its own clock, re-anchored when the server's schedule
+shifts, so that a server hiccup never becomes lasting latency: docs/protocol.md, "Playout").
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from .protocol import (
 )
 
 __all__ = [
-    "AudioFrame", "ClientSession", "Dropped", "Ended", "ErrorMsg", "NPCVoiceClient", "NPCVoiceError", "State",
-    "Switched", "Text", "inline_character",
+    "AudioFrame", "ClientSession", "Dropped", "Ended", "ErrorMsg", "NPCVoiceClient", "NPCVoiceError", "PlayoutClock",
+    "State", "Switched", "Text", "inline_character",
 ]
 
 
@@ -65,6 +69,69 @@ class AudioFrame:
 
 
 Event = AudioFrame | Text | State | Switched | Dropped | ErrorMsg | Ended
+
+
+class PlayoutClock:
+    """When to play each NPC frame, on the client's own clock (seconds, e.g. `time.monotonic()`).
+
+    Frame n plays at `t0 + n * 80 ms`; the first frame anchors t0 `buffer_s` (the jitter buffer)
+    after its arrival. `place(frame, now)` is called as each frame arrives and re-anchors when the
+    server's schedule has shifted, so a hiccup costs one glitch, never lasting latency:
+    - a frame that arrives after its play time (later than the jitter buffer allows: the server fell
+      behind and restarted its schedule) moves t0 later, so that it plays `buffer_s` from now; the
+      player plays silence up to there (one gap) instead of every later frame being late;
+    - frames that keep arriving more than `slack_s` earlier than the jitter buffer needs, for
+      `settle_s` (after a catch-up burst the buffer holds more than it should) move t0 earlier by
+      whole frames: `place` returns that number of frames, which the player skips (drops the oldest
+      it holds) to get back to `buffer_s` of latency. A momentary burst changes nothing.
+    """
+
+    def __init__(self, buffer_s: float = 0.15, slack_s: float = FRAME_SECONDS, settle_s: float = 1.0):
+        self.buffer_s, self.slack_s, self.settle_s = buffer_s, slack_s, settle_s
+        self.t0: float | None = None
+        self.late_resyncs = self.early_resyncs = self.skipped_frames = 0
+        self._early_since: float | None = None
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (arrival, ahead) of early frames
+
+    def due(self, frame: int) -> float:
+        """When frame `frame` plays (after a `place`)."""
+        assert self.t0 is not None, "no frame placed yet"
+        return self.t0 + frame * FRAME_SECONDS
+
+    def reset(self) -> None:
+        """A new session, or the player starts over (an underrun): the next frame anchors again."""
+        self.t0, self._early_since = None, None
+        self._recent.clear()
+
+    def place(self, frame: int, now: float) -> int:
+        """Frame `frame` arrived at `now`: re-anchors if needed; returns the frames to skip (0 mostly)."""
+        if self.t0 is None or now > self.due(frame):
+            if self.t0 is not None:
+                self.late_resyncs += 1
+            self.t0 = now + self.buffer_s - frame * FRAME_SECONDS
+            self._early_since = None
+            self._recent.clear()
+            return 0
+        ahead = self.due(frame) - now - self.buffer_s  # beyond what the jitter buffer needs
+        if ahead <= self.slack_s:
+            self._early_since = None
+            self._recent.clear()
+            return 0
+        if self._early_since is None:
+            self._early_since = now
+        self._recent.append((now, ahead))
+        while self._recent[0][0] < now - self.settle_s:
+            self._recent.popleft()
+        if now - self._early_since < self.settle_s:
+            return 0
+        skip = int(min(a for _, a in self._recent) / FRAME_SECONDS + 1e-9)
+        if skip:
+            self.t0 -= skip * FRAME_SECONDS
+            self.early_resyncs += 1
+            self.skipped_frames += skip
+        self._early_since = None
+        self._recent.clear()
+        return skip
 
 
 def inline_character(role: str, voice: bytes | str | Path | np.ndarray | None = None, *, preset: str | None = None,

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -440,6 +441,7 @@ class Connection:
         self.outbox = Outbox(asyncio.get_running_loop(), self.config.out_audio_frames, self.config.out_events)
         self.link: SessionLink | None = None
         self.last_rx = time.monotonic()
+        self.handling = False  # a message is being handled (a start may wait for a build): the idle timer waits
         self.closed = False
         self._close_with: tuple[int, str] | None = None
         self._last_report = 0.0
@@ -454,9 +456,12 @@ class Connection:
         self.outbox.put_json(Hello(server=f"npc-voice {_pkg_version}", max_audio_bytes=self.limits.max_audio_bytes,
                                    max_text_bytes=self.limits.max_text_bytes,
                                    idle_timeout_s=self.config.idle_timeout).encode())
+        if self.server.closing:  # accepted just before the server began to stop
+            self.shut_down()
         try:
             async for message in self.ws:
                 self.last_rx = time.monotonic()
+                self.handling = True
                 try:
                     if isinstance(message, str):
                         await self._on_text(message)
@@ -468,6 +473,9 @@ class Connection:
                     log.exception("a client message failed")
                     self.send(ErrorMsg(code=ErrorCode.INTERNAL_ERROR.value,
                                        message=f"the server failed on this message: {exc!r}"[:500]))
+                finally:  # nothing is read while a message is handled: that time is not the client's idling
+                    self.handling = False
+                    self.last_rx = time.monotonic()
         except ConnectionClosed:
             pass
         finally:
@@ -479,6 +487,12 @@ class Connection:
 
     def send(self, msg: Any) -> None:
         self.outbox.put_json(msg.encode())
+
+    def shut_down(self) -> None:
+        """The server is stopping: `shutting_down` (fatal), `ended` for a live session, close 1001."""
+        self.send(ErrorMsg(code=ErrorCode.SHUTTING_DOWN.value, message="the server is shutting down", fatal=True))
+        self.end_session(ErrorCode.SHUTTING_DOWN.value)
+        self.close_after_flush(1001, ErrorCode.SHUTTING_DOWN.value)
 
     def close_after_flush(self, code: int, reason: str) -> None:
         """Sends what is queued, then closes; a client that does not read is cut off after the grace time."""
@@ -527,7 +541,7 @@ class Connection:
         timeout = self.config.idle_timeout
         while True:
             idle = time.monotonic() - self.last_rx
-            if idle >= timeout:
+            if idle >= timeout and not self.handling:
                 self.send(ErrorMsg(code=ErrorCode.IDLE_TIMEOUT.value, fatal=True,
                                    message=f"nothing received for {timeout:g} s: closing (send audio, silence "
                                    "included, while a session is live)"))
@@ -592,6 +606,8 @@ class Connection:
         self.link = link
         if self.closed:  # the client left while its character was being prepared
             self.end_session(None)
+        elif self._close_with is not None:  # the server is closing this connection (shutting down)
+            self.end_session(self._close_with[1])
 
     async def _switch(self, msg: Switch) -> None:
         link = self.link
@@ -718,11 +734,14 @@ class NPCVoiceServer:
         if self._monitor is not None:
             self._monitor.cancel()
         for conn in list(self.manager.connections):
-            conn.send(ErrorMsg(code=ErrorCode.SHUTTING_DOWN.value, message="the server is shutting down", fatal=True))
-            conn.end_session("shutting_down")
-            conn.close_after_flush(1001, ErrorCode.SHUTTING_DOWN.value)
+            conn.shut_down()
+        # The grace period: each connection sends what it has queued and closes (1001); meanwhile the
+        # listener stays open and answers handshakes with HTTP 503 `shutting_down`, /health `stopping`.
+        deadline = time.monotonic() + self.config.close_grace_s + 1
+        while self.manager.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self._server is not None:
-            self._server.close(close_connections=False)
+            self._server.close()  # a connection still open now is closed with 1001
             try:
                 await asyncio.wait_for(self._server.wait_closed(), self.config.close_grace_s + 1)
             except asyncio.TimeoutError:
@@ -961,7 +980,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"npc-voice serve: {where} ({engine.slots} slots, model {model.config.name} on {model.device}, "
                   f"characters: {getattr(store, 'root', 'none')}, token: {'yes' if args.token else 'no'}); "
                   f"health: http://{args.host}:{server.port}{HEALTH_PATH}", file=sys.stderr, flush=True)
-            await server.serve_forever()
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):  # both: a graceful stop (NPCVoiceServer.stop)
+                try:
+                    asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+                except (NotImplementedError, AttributeError):  # pragma: no cover - Windows: Ctrl-C stops at once
+                    pass
+            await stop.wait()
+            print("npc-voice serve: shutting down", file=sys.stderr, flush=True)
 
     try:
         asyncio.run(main())

@@ -154,6 +154,22 @@ def test_playback_jitter_buffer() -> None:
         pygame.quit()
 
 
+
+def test_playback_resyncs_after_a_server_hiccup() -> None:
+    """The server stalls 0.4 s, then catches up in a burst and goes on at its old schedule: the
+    burst would leave 0.4 s more in the jitter buffer for the rest of the conversation; the playout
+    clock sees frames keep arriving that early and the oldest 5 pending frames are skipped, once."""
+    pb = Playback(prebuffer=2, max_queued_s=60.0)  # no mixer: nothing plays, `pending` shows what was kept
+    stall = 25 * 0.08 + 0.4
+    arrivals = ([(n, n * 0.08) for n in range(25)] + [(n, stall) for n in range(25, 30)]
+                + [(n, n * 0.08) for n in range(30, 60)])
+    frame = np.zeros(1920, np.int16)
+    for n, now in arrivals:
+        pb.push(n, frame, now=now)
+    assert pb.clock.late_resyncs == 1 and pb.skipped == 5 and len(pb.pending) == 60 - 5
+    assert pb.dropped == 0 and pb.silence_frames == 0
+
+
 def test_playback_converts_to_the_device_format() -> None:
     pygame.mixer.pre_init(44_100, -16, 2, 512)  # a device that would not take 24 kHz mono
     pygame.init()

@@ -868,6 +868,38 @@ def test_idle_timeout_closes_and_frees_the_slot(model, cache, store) -> None:
         bg.stop()
 
 
+
+def test_idle_timeout_always_sends_ended_before_closing(model, cache, store) -> None:
+    """10 tries with a 0.3 s idle timeout, each with a character never built before (its build takes
+    about as long as the timeout): the build's time is not the client's idling (nothing is read while a
+    start is handled), so every try gets `started`, then `error` idle_timeout and `ended`, then close 1008."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    bg = make_server(model, cache, store, slots=1, idle_timeout=0.3)
+    try:
+        async def one(i: int) -> tuple[list[str], int | None]:
+            seen = []
+            async with connect(bg.url, compression=None) as ws:
+                await ws.send(json.dumps({"type": "start", "character": inline_character(
+                    f"You are ferryman number {i}.", tone(2.2, 150 + 11 * i))}))
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        message = await ws.recv()
+                        if isinstance(message, str):
+                            msg = json.loads(message)
+                            if msg["type"] not in ("text", "state"):
+                                seen.append(f"{msg['type']}:{msg.get('code') or msg.get('reason') or ''}")
+                return seen, ws.close_code
+
+        for i in range(10):
+            seen, code = run(one(i), timeout=30)
+            assert (seen, code) == (["hello:", "started:", "error:idle_timeout", "ended:idle_timeout"], 1008), i
+            wait_idle(bg)  # the slot is free again
+    finally:
+        bg.stop()
+
+
 @pytest.mark.realtime
 def test_token_and_health(model, cache, store, timing) -> None:
     from websockets.asyncio.client import connect
@@ -1040,3 +1072,83 @@ def test_eight_sessions_real_time(timing) -> None:
     for cid, (n, _, _) in out.items():
         timing.check(0.95 <= rates[cid] <= 1.05, f"{cid}: {n} frames of {expected:.0f} ({busy})")
     timing.verdict()
+
+
+# --- shutdown (the server as its own process, real signals) ----------------------------------------
+
+
+def _serve(port: int, *extra: str) -> subprocess.Popen:
+    """`npc-voice serve` on the tiny model as a child process (this checkout's code), up once /health answers."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "2",
+                             "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"npc-voice serve did not start: {proc.communicate()[0]}")
+            time.sleep(0.2)
+
+
+def _silent_websocket(port: int) -> socket.socket:
+    """A websocket client that completes the handshake and then reads nothing, nor answers the close:
+    the server keeps it for its grace period (close_grace_s), the window this test looks into."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_shuts_down_gracefully_on_a_signal(sig: str) -> None:
+    """SIGTERM or SIGINT to `npc-voice serve`: a live session gets `error` shutting_down (fatal), then
+    `ended` (reason shutting_down), then close 1001; while the server waits for its last connection
+    to close, a handshake gets HTTP 503 `shutting_down` and /health says `stopping`; then it exits 0."""
+    import signal
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    port = _free_port()
+    proc = _serve(port)
+    url = f"ws://127.0.0.1:{port}/ws"
+    try:
+        async def main() -> None:
+            async with NPCVoiceClient(url) as client:
+                session = await client.start("innkeeper")
+                assert isinstance(await session.next_event(timeout=10), (AudioFrame, Text, State))  # live
+                silent = _silent_websocket(port)
+                proc.send_signal(getattr(signal, sig))
+                events = [e async for e in session.events() if not isinstance(e, (AudioFrame, Text, State))]
+                assert [type(e) for e in events] == [ErrorMsg, Ended], events
+                assert events[0].code == "shutting_down" and events[0].fatal
+                assert events[1].reason == "shutting_down" and events[1].session == session.id
+                await asyncio.wait_for(client._reader, 5)  # the server closes the connection
+                assert client.ws.close_code == 1001
+                assert proc.poll() is None  # still in its grace period (the silent client)
+                with pytest.raises(InvalidStatus) as info:
+                    await connect(url)
+                assert info.value.response.status_code == 503
+                assert json.loads(info.value.response.body)["code"] == "shutting_down"
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                assert err.value.code == 503 and json.load(err.value)["status"] == "stopping"
+                silent.close()
+
+        run(main(), timeout=60)
+        assert proc.wait(timeout=20) == 0
+        output = proc.stdout.read()
+        assert "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -332,7 +332,7 @@ class Game:
             return  # audio or words of a conversation the player already left
         elif event.kind == "audio":
             conv.audio_frames += 1
-            self.playback.push(event.frame, event.pcm)
+            self.playback.push(event.frame, event.pcm, now=event.at)
         elif event.kind == "text":
             conv.text_events += 1
             conv.subtitles = (conv.subtitles + event.text)[-400:]

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import collections
 import queue
+import time
 from typing import Any
 
 import numpy as np
+
+from npc_voice.client import PlayoutClock
 
 RATE = 24_000
 FRAME_S = 0.08
@@ -22,6 +25,12 @@ class Playback:
     on the channel (`Channel.queue`). When more than `max_queued_s` waits, the oldest frames are
     dropped (counted in `dropped`): latency stays bounded. A gap in the frame numbers (frames the
     server dropped) is filled with silence; an underrun waits for the prebuffer again.
+
+    A `PlayoutClock` (frame n at t0 + n * 80 ms on this machine's clock) re-syncs after a server
+    hiccup: frames that arrive late re-anchor it (the underrun is the one gap), and when frames keep
+    arriving earlier than the buffer needs (a catch-up burst left it deep) the oldest pending frames
+    are skipped (counted in `skipped`), so the NPC is never left answering late for the rest of the
+    conversation.
     """
 
     def __init__(self, prebuffer: int = 2, max_queued_s: float = 0.5):
@@ -37,7 +46,8 @@ class Playback:
             self.channel = pygame.mixer.Channel(0)
         self.playing = False
         self.next_frame: int | None = None
-        self.received = self.queued = self.dropped = self.silence_frames = self.underruns = 0
+        self.clock = PlayoutClock(buffer_s=prebuffer * FRAME_S)
+        self.received = self.queued = self.dropped = self.silence_frames = self.underruns = self.skipped = 0
 
     @property
     def pending_s(self) -> float:
@@ -57,8 +67,13 @@ class Playback:
             x = np.repeat(x[:, None], channels, axis=1)
         return self.pygame.mixer.Sound(buffer=np.ascontiguousarray(x).tobytes())
 
-    def push(self, frame: int, pcm: np.ndarray) -> None:
+    def push(self, frame: int, pcm: np.ndarray, now: float | None = None) -> None:
+        """Frame `frame` arrived (at `now`, `time.monotonic()` by default)."""
         self.received += 1
+        skip = self.clock.place(frame, time.monotonic() if now is None else now)
+        for _ in range(min(skip, len(self.pending))):  # re-sync: the buffer held more than it should
+            self.pending.popleft()
+            self.skipped += 1
         if self.next_frame is not None and frame > self.next_frame:
             gap = min(frame - self.next_frame, int(self.max_queued_s / FRAME_S))
             for _ in range(gap):
@@ -86,6 +101,7 @@ class Playback:
             if not self.pending:
                 self.playing = False
                 self.underruns += 1
+                self.clock.reset()  # playback starts over: the next frame anchors the clock
                 return
             self.channel.play(self.pending.popleft())
             self.queued += 1
@@ -97,6 +113,7 @@ class Playback:
         self.pending.clear()
         self.playing = False
         self.next_frame = None
+        self.clock.reset()
         if self.channel is not None:
             self.channel.stop()
 

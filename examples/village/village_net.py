@@ -37,6 +37,7 @@ class NetEvent:
     pcm: np.ndarray | None = None
     text: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)  # when it arrived (audio is scheduled from it)
 
 
 class VoiceLink:
