@@ -375,7 +375,9 @@ class Backend:
         files: list[str] = []
         if self.audio_dir is not None and self.audio_dir.is_dir():
             for p in sorted(self.audio_dir.rglob("*")):
-                if p.suffix.lower() in (".wav", ".flac", ".ogg") and p.is_file():
+                # only what audio_file accepts: a link whose target lies outside the folder is left out
+                if p.suffix.lower() in (".wav", ".flac", ".ogg") and p.is_file() \
+                        and p.resolve().is_relative_to(self.audio_dir):
                     files.append(str(p.relative_to(self.audio_dir)))
                     if len(files) >= 200:
                         break

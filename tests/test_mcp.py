@@ -82,6 +82,7 @@ def folders(tmp_path_factory):
     (audio / "garbage.wav").write_bytes(b"RIFF not really a wav file")
     (outside / "secret.wav").write_bytes(wav(tone(2.5)))
     (audio / "escape.wav").symlink_to(outside / "secret.wav")  # a link inside pointing outside
+    (audio / "alias.wav").symlink_to(audio / "hello.wav")  # a link that stays inside
     return {"root": root, "characters": chars, "audio": audio, "outside": outside}
 
 
@@ -134,6 +135,8 @@ def test_listing_prompt_and_resources(backend, ferryman) -> None:
             assert json.loads(resource.contents[0].text)["name"] == "Charon"
             voices = (await client.call_tool("list_voices", {})).structured_content
             assert "hello.wav" in voices["audio_folder"]["files"] and "NATF2" in voices["presets"]["known_names"]
+            # offered: what audio_file accepts (a link staying inside), never a link out of the folder
+            assert "alias.wav" in voices["audio_folder"]["files"] and "escape.wav" not in voices["audio_folder"]["files"]
             assert voices["character_voices"] == {"ferryman": "voice.wav"}
             status = (await client.call_tool("server_status", {})).structured_content
             assert status["mode"] == "embedded" and "RANDOM weights" in status["warning"]
