@@ -433,6 +433,21 @@ def test_audio_output_file_and_none(backend, folders, ferryman) -> None:
 
     run(refused())
 
+    # a replies folder that is a symlink leading out of the audio folder: refused, nothing written there
+    audio, elsewhere = folders["root"] / "audio-linked", folders["root"] / "elsewhere"
+    audio.mkdir()
+    elsewhere.mkdir()
+    (audio / "replies").symlink_to(elsewhere)
+    linked = Backend(Settings(characters=folders["characters"], audio_dir=audio), model=backend.model())
+
+    async def escape():
+        async with Client(build_server(linked)) as client:
+            result = await client.call_tool("say", {"character": ferryman, "text": "Hi.", "audio_output": "file"})
+            assert "leads outside the audio folder" in error_text(result)
+            assert linked.records == {} and list(elsewhere.iterdir()) == []
+
+    run(escape())
+
 
 def test_say(backend, ferryman) -> None:
     """The NPC speaks a given line: the line is in its text stream, its voice comes back."""
