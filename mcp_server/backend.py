@@ -44,6 +44,9 @@ log = logging.getLogger("mcp_server")
 FRAME = frame_samples(RATE)  # 80 ms at 24 kHz
 TICKS_PER_HOP = 5  # engine ticks per worker-thread hop: progress and cancellation are checked between hops
 MAX_AUDIO_BYTES = 16 << 20  # decoded base64 audio
+SEED_MAX = 2**31 - 2  # every tool's seed maximum (a scene's second NPC takes seed + 1; the protocol's limit is 2**31 - 1)
+SAY_TAIL_FRAMES = 13  # frames after a said line's last token (about a second)
+REPLIES_DIR = "replies"  # audio_output="file" writes <audio folder>/replies/<session>.wav
 
 Progress = Callable[[float, float, str], Awaitable[None]]
 
@@ -123,8 +126,9 @@ class Record:
     """A conversation this MCP server ran or handed out."""
 
     id: str
-    kind: str  # "player", "talk", "scene"
+    kind: str  # "player", "talk", "say", "scene"
     characters: list[str]
+    speakers: list[str] | None = None  # who words are attributed to (a character with itself: "id (A)", "id (B)")
     status: str = "running"  # running, finished, ended (stopped early by end_session), cancelled, failed, open
     created: float = field(default_factory=time.time)
     seconds: float = 0.0
@@ -139,11 +143,15 @@ class Record:
         for w in self.words:
             by_speaker.setdefault(w["speaker"], []).append(w["word"])
         out: dict[str, Any] = {
-            "session": self.id, "kind": self.kind, "characters": self.characters, "status": self.status,
+            "session": self.id, "kind": self.kind, "characters": self.characters,
+            "speakers": self.speakers or list(dict.fromkeys(self.characters)), "status": self.status,
             "seconds": round(self.seconds, 2),
             "text": {speaker: " ".join(ws) for speaker, ws in by_speaker.items()},
             "words": self.words,
         }
+        if self.kind == "say":
+            out["note"] = ("the NPC was given the line (forced into its text stream, one token every 3 frames) and "
+                           "heard silence; the words are what its text stream carried")
         if self.kind == "talk":
             out["note"] = "only the NPC's words are transcribed (the input clip is not run through speech recognition)"
         if self.kind == "player":
@@ -173,6 +181,11 @@ def words_of(frames: list[tuple[int, str]], speaker: str, total_frames: int) -> 
     events = [FrameEvent(speaker, f, None, 0, texts[f]) for f in sorted(texts)]  # type: ignore[arg-type]
     return [{"speaker": speaker, "word": w.word, "start": round(w.start, 2), "end": round(w.end, 2)}
             for w in words_from_frames(events).words]
+
+
+def scene_speakers(a: str, b: str) -> list[str]:
+    """The names a scene's words are attributed to: the ids, or "id (A)" and "id (B)" for a character with itself."""
+    return [f"{a} (A)", f"{b} (B)"] if a == b else [a, b]
 
 
 def merge_words(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -375,7 +388,9 @@ class Backend:
         files: list[str] = []
         if self.audio_dir is not None and self.audio_dir.is_dir():
             for p in sorted(self.audio_dir.rglob("*")):
-                if p.suffix.lower() in (".wav", ".flac", ".ogg") and p.is_file():
+                # only what audio_file accepts: a link whose target lies outside the folder is left out
+                if p.suffix.lower() in (".wav", ".flac", ".ogg") and p.is_file() \
+                        and p.resolve().is_relative_to(self.audio_dir):
                     files.append(str(p.relative_to(self.audio_dir)))
                     if len(files) >= 200:
                         break
@@ -389,6 +404,51 @@ class Backend:
                              "no audio folder configured (--audio-dir): send voices as voice_base64"},
             "character_voices": {c.id: c.voice for c in self.store.list()},
         }
+
+    # --- say: the NPC speaks a given line ------------------------------------------------------------
+
+    def line_of(self, character: str, text: str | None, line: str | None) -> str:
+        """The line to say: `text`, or the character's named scripted line `line`."""
+        if (text is None) == (line is None):
+            raise UserError("give exactly one of text (the words to say) or line (the name of one of the "
+                            "character's scripted lines, e.g. greeting; get_character lists them)")
+        if line is not None:
+            lines = self.character(character).lines
+            if line not in lines:
+                raise UserError(f"character {character!r} has no line {line!r} (its lines: "
+                                f"{', '.join(lines) or 'none'}); update_character adds lines")
+            text = lines[line]
+        text = (text or "").strip()
+        if not text:
+            raise UserError("the line is empty: give the words the NPC should say")
+        return text
+
+    def say_seconds(self, text: str) -> float:
+        """How long saying `text` takes: one token every 3 frames, plus about a second to finish."""
+        tokenizer = self._model.tokenizer if self._model is not None else self.store.tokenizer
+        tokens = len(tokenizer.encode(" " + text)) if tokenizer is not None else math.ceil(len(text) / 3)
+        return min((tokens * 3 + SAY_TAIL_FRAMES) * FRAME_S, self.settings.max_clip_s)
+
+    # --- reply audio as a file --------------------------------------------------------------------
+
+    def replies_dir(self) -> Path:
+        """`<audio folder>/replies`, where replies are written with audio_output="file"."""
+        if self.audio_dir is None:
+            raise UserError('audio_output="file" needs an audio folder: start this MCP server with --audio-dir DIR '
+                            '(or use audio_output="inline" or "none")')
+        folder = self.audio_dir / REPLIES_DIR
+        if not folder.resolve().is_relative_to(self.audio_dir):
+            raise UserError(f"refused: {folder} leads outside the audio folder (a symlink?)")
+        return folder
+
+    def write_reply(self, record: Record, samples: np.ndarray) -> Path:
+        folder = self.replies_dir()
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{record.id}.wav"
+        tmp = folder / f".{record.id}.{secrets.token_hex(4)}.tmp"
+        tmp.write_bytes(wav_bytes(samples))
+        tmp.replace(path)
+        return path
 
     # --- status -----------------------------------------------------------------------------------
 
@@ -472,14 +532,16 @@ class Backend:
 
     # --- (b) talk: a clip in, the NPC's reply out ---------------------------------------------------
 
-    async def talk(self, character: str, clip: np.ndarray, seed: int, progress: Progress) -> tuple[Record, np.ndarray]:
+    async def talk(self, character: str, clip: np.ndarray, seed: int, progress: Progress,
+                   say: str | None = None) -> tuple[Record, np.ndarray]:
+        """The NPC hears `clip` (and, with `say`, is given that line at the start) -> its side, as long as the clip."""
         persona = self.persona(character) if self.settings.mode == "embedded" else None
-        record = self.new_record("talk", [character])
+        record = self.new_record("say" if say is not None else "talk", [character])
         try:
             if self.settings.mode == "embedded":
-                out = await self._talk_embedded(record, persona, clip, seed, progress)
+                out = await self._talk_embedded(record, persona, clip, seed, progress, say)
             else:
-                out = await self._talk_remote(record, character, clip, seed, progress)
+                out = await self._talk_remote(record, character, clip, seed, progress, say)
         except BaseException as exc:
             _fail(record, exc)
             raise
@@ -487,7 +549,7 @@ class Backend:
         return record, out
 
     async def _talk_embedded(self, record: Record, persona: Any, clip: np.ndarray, seed: int,
-                             progress: Progress) -> np.ndarray:
+                             progress: Progress, say: str | None = None) -> np.ndarray:
         frames = math.ceil(clip.shape[0] / FRAME)
         padded = np.zeros(frames * FRAME, dtype=np.float32)
         padded[: clip.shape[0]] = clip
@@ -495,6 +557,8 @@ class Backend:
         try:
             engine = await self._engine_ready(progress, frames)
             session = await anyio.to_thread.run_sync(_open, engine, persona, seed)
+            if say is not None:
+                engine.say(session, say)
             pcm: list[np.ndarray] = []
             texts: list[tuple[int, str]] = []
             try:
@@ -519,7 +583,7 @@ class Backend:
         return out
 
     async def _talk_remote(self, record: Record, character: str, clip: np.ndarray, seed: int,
-                           progress: Progress) -> np.ndarray:
+                           progress: Progress, say: str | None = None) -> np.ndarray:
         from npc_voice.client import AudioFrame, Ended, Text
 
         frames = math.ceil(clip.shape[0] / FRAME)
@@ -529,6 +593,8 @@ class Backend:
         texts: list[tuple[int, str]] = []
         async with _remote_client(self.settings) as client:
             session = await self._remote_start(client, character, seed)
+            if say is not None:
+                await session.say(say)
             ahead = min(frames, 12)  # about 1 s queued ahead; the server buffers up to 2 s
             await session.send_audio(padded[: ahead * FRAME])
             sent, got = ahead, 0
@@ -594,18 +660,20 @@ class Backend:
         if self.settings.mode == "embedded":
             pa, pb = self.persona(a), self.persona(b)
         record = self.new_record("scene", [a, b])
+        record.speakers = scene_speakers(a, b)
+        names = (record.speakers[0], record.speakers[1])
         try:
             if self.settings.mode == "embedded":
-                stereo = await self._scene_embedded(record, (a, b), (pa, pb), frames, seed, progress)
+                stereo = await self._scene_embedded(record, names, (pa, pb), frames, seed, progress)
             else:
-                stereo = await self._scene_remote(record, (a, b), frames, seed, progress)
+                stereo = await self._scene_remote(record, (a, b), names, frames, seed, progress)
         except BaseException as exc:
             _fail(record, exc)
             raise
         _finish(record)
         return record, stereo
 
-    async def _scene_embedded(self, record: Record, ids: tuple[str, str], personas: tuple[Any, Any], frames: int,
+    async def _scene_embedded(self, record: Record, names: tuple[str, str], personas: tuple[Any, Any], frames: int,
                               seed: int, progress: Progress) -> np.ndarray:
         lock = await self._acquire_engine()
         try:
@@ -635,7 +703,7 @@ class Backend:
                             text_b.append((ev_b.frame, ev_b.text))
                     done += n
                     record.seconds = done * FRAME_S
-                    record.words = merge_words(words_of(text_a, ids[0], done), words_of(text_b, ids[1], done))
+                    record.words = merge_words(words_of(text_a, names[0], done), words_of(text_b, names[1], done))
                     await progress(done, frames, f"{record.seconds:.2f} of {frames * FRAME_S:.2f} s")
             finally:
                 _close(engine, sa, sb)
@@ -645,8 +713,8 @@ class Backend:
             return np.zeros((0, 2), np.float32)
         return np.stack([np.concatenate(out_a), np.concatenate(out_b)], axis=1)
 
-    async def _scene_remote(self, record: Record, ids: tuple[str, str], frames: int, seed: int,
-                            progress: Progress) -> np.ndarray:
+    async def _scene_remote(self, record: Record, ids: tuple[str, str], names: tuple[str, str], frames: int,
+                            seed: int, progress: Progress) -> np.ndarray:
         """Two websocket sessions on the remote server; each NPC frame received is sent as the
         other's input (real time: the server paces both)."""
         from npc_voice.client import AudioFrame, Ended, Text
@@ -699,7 +767,7 @@ class Backend:
                     await _end_remote(sb, texts[1])
         n = min(min(got), frames)
         record.seconds = n * FRAME_S
-        record.words = merge_words(words_of(texts[0], ids[0], n), words_of(texts[1], ids[1], n))
+        record.words = merge_words(words_of(texts[0], names[0], n), words_of(texts[1], names[1], n))
         return out[: n * FRAME]
 
 

@@ -44,7 +44,9 @@ def read_audio(source: str | Path | bytes | BinaryIO) -> Audio:
     try:
         samples, rate = soundfile.read(data, dtype="float32", always_2d=True)  # [frames, channels]
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioError(f"cannot read {name}: {exc} (expected WAV, FLAC or OGG)") from None
+        # libsndfile's own words, without the repr of a file object ("Error opening <_io.BytesIO ...>")
+        detail = getattr(exc, "error_string", None) or str(exc)
+        raise AudioError(f"cannot read {name}: {detail} (expected WAV, FLAC or OGG)") from None
     except FileNotFoundError:
         raise AudioError(f"cannot read {name}: no such file") from None
     if samples.shape[0] == 0:

@@ -412,6 +412,41 @@ def test_paths_never_leave_the_store(store: CharacterStore, voice: Path, tmp_pat
         store.load("teacher").to_persona(store)
 
 
+def test_a_voice_symlinked_out_of_the_store_is_an_error(store: CharacterStore, voice: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """Listing and validation report what use refuses: a voice.wav that is a symlink leading outside its folder
+    (a symlink to a readable, valid sample, so only the link itself is wrong)."""
+    from npc_voice.cli import main
+
+    store.create(make(), voice)
+    store.create(make("guard", name="Tomas"), voice)
+    assert store.validate("teacher").ok and store.validate("guard").ok
+    target = store.folder("teacher") / VOICE_FILE
+    target.unlink()
+    os.symlink(voice, target)
+    report = store.validate("teacher")
+    assert not report.ok and "symlink leading outside" in str(report.errors[0])
+    assert report.voice_seconds is None  # the file behind the link is not read
+    broken = dict(store.entries())["teacher"]
+    assert isinstance(broken, CharacterError) and "symlink leading outside" in str(broken)
+    assert [c.id for c in store.list()] == ["guard"]
+    assert store.validate("guard").ok  # a character with its own voice.wav is untouched
+    args = ["--characters", str(store.root)]
+    assert main(["characters", "validate", *args]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED teacher" in out and "symlink leading outside" in out and "1 of 2" in out
+    assert main(["characters", "list", *args]) == 0
+    out = capsys.readouterr().out
+    assert "BROKEN" in out and "symlink leading outside" in out
+    # a symlink whose target is another file of the folder is refused at use too
+    target.unlink()
+    (store.folder("teacher") / "other.wav").write_bytes(voice.read_bytes())
+    os.symlink("other.wav", target)
+    assert not store.validate("teacher").ok and isinstance(dict(store.entries())["teacher"], CharacterError)
+    with pytest.raises(CharacterError, match="leads outside"):
+        store.load("teacher").to_persona(store)
+
+
 # --- to_persona -----------------------------------------------------------------------------------
 
 

@@ -82,6 +82,7 @@ def folders(tmp_path_factory):
     (audio / "garbage.wav").write_bytes(b"RIFF not really a wav file")
     (outside / "secret.wav").write_bytes(wav(tone(2.5)))
     (audio / "escape.wav").symlink_to(outside / "secret.wav")  # a link inside pointing outside
+    (audio / "alias.wav").symlink_to(audio / "hello.wav")  # a link that stays inside
     return {"root": root, "characters": chars, "audio": audio, "outside": outside}
 
 
@@ -134,6 +135,8 @@ def test_listing_prompt_and_resources(backend, ferryman) -> None:
             assert json.loads(resource.contents[0].text)["name"] == "Charon"
             voices = (await client.call_tool("list_voices", {})).structured_content
             assert "hello.wav" in voices["audio_folder"]["files"] and "NATF2" in voices["presets"]["known_names"]
+            # offered: what audio_file accepts (a link staying inside), never a link out of the folder
+            assert "alias.wav" in voices["audio_folder"]["files"] and "escape.wav" not in voices["audio_folder"]["files"]
             assert voices["character_voices"] == {"ferryman": "voice.wav"}
             status = (await client.call_tool("server_status", {})).structured_content
             assert status["mode"] == "embedded" and "RANDOM weights" in status["warning"]
@@ -211,6 +214,63 @@ def test_audio_files_refused_without_an_allowed_folder(model, folders) -> None:
     run(go())
 
 
+# --- what the tools say about themselves -------------------------------------------------------------
+
+SEED_MAX = 2**31 - 2  # one maximum for every seed (a scene's second NPC takes seed + 1)
+READ_ONLY = {"list_characters", "get_character", "list_voices", "get_transcript", "server_status"}
+DESTRUCTIVE = {"update_character", "delete_character", "end_session"}
+CONVERSATIONS = {"start_player_session", "talk_to_character", "say", "run_scene"}
+
+
+def package_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def check_tool_list(tools, *, remote: bool = False) -> None:
+    """Annotations, input limits and output schemas as published in tools/list."""
+    by_name = {t.name: t for t in tools}
+    assert READ_ONLY | DESTRUCTIVE | CONVERSATIONS | {"create_character"} <= set(by_name)
+    for name, tool in by_name.items():
+        hints = tool.annotations
+        assert hints is not None and hints.title, name
+        assert hints.read_only_hint is (name in READ_ONLY), name
+        assert hints.destructive_hint is (name in DESTRUCTIVE), name
+        assert hints.idempotent_hint is (name in READ_ONLY | DESTRUCTIVE and name != "server_status"), name
+        # only what talks to another npc-voice serve reaches outside this server
+        reaches_out = remote and name in CONVERSATIONS | {"end_session", "server_status"}
+        assert hints.open_world_hint is reaches_out, name
+        assert tool.output_schema is not None and tool.output_schema["type"] == "object", name
+        assert tool.output_schema.get("properties"), name  # fields spelled out, not a bare object
+    props = {name: t.input_schema["properties"] for name, t in by_name.items()}
+    for name in ("talk_to_character", "say", "run_scene"):
+        assert props[name]["seed"]["minimum"] == 0 and props[name]["seed"]["maximum"] == SEED_MAX, name
+        assert props[name]["audio_output"]["enum"] == ["inline", "file", "none"], name
+        reply = by_name[name].output_schema
+        assert {"session", "words", "speakers", "audio", "audio_output", "transcript_uri"} <= set(reply["required"])
+        assert {"audio_file", "audio_path"} <= set(reply["properties"]), name
+    assert props["run_scene"]["seconds"]["exclusiveMinimum"] == 0 and props["run_scene"]["seconds"]["maximum"] == 120
+    assert props["say"]["seconds"]["anyOf"][0]["maximum"] == 60 and props["say"]["text"]["anyOf"][0]["maxLength"] == 1000
+    assert props["start_player_session"]["sample_rate"]["enum"] == [16000, 24000, 48000]
+    for name in ("create_character", "update_character"):
+        t = props[name]["text_temperature"]["anyOf"][0]
+        assert (t["minimum"], t["maximum"]) == (0, 2), name
+    listed = by_name["list_characters"].output_schema
+    assert set(listed["required"]) == {"characters", "broken", "folder"}
+
+
+def test_tools_describe_themselves(backend) -> None:
+    async def go(server):
+        async with Client(server) as client:
+            assert client.server_info.name == "npc-voice" and client.server_info.version == package_version()
+            return (await client.list_tools()).tools
+
+    check_tool_list(run(go(build_server(backend))))
+    remote = Backend(Settings(characters=backend.store.root, server_url="ws://127.0.0.1:9"))
+    check_tool_list(run(go(build_server(remote))), remote=True)
+
+
 # --- conversations (embedded engine) ----------------------------------------------------------------
 
 
@@ -277,6 +337,158 @@ def test_talk_errors(backend, ferryman) -> None:
                 lock.release()
 
     run(go())
+
+
+def test_plain_errors(backend, ferryman) -> None:
+    """Arguments outside the published limits, and unreadable audio, are refused in plain words."""
+    raw = ("validation error for", "type=", "pydantic", "<_io", "object at 0x", "Arguments\n")
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            async def refused(tool: str, args: dict) -> str:
+                text = error_text(await client.call_tool(tool, args))
+                assert not any(r in text for r in raw), text
+                return text
+
+            clip = b64(wav(tone(1.0)))
+            assert "seed must be at least 0 (got -1)" in await refused(
+                "talk_to_character", {"character": ferryman, "audio_base64": clip, "seed": -1})
+            assert f"seed must be at most {SEED_MAX} (got {SEED_MAX + 1})" in await refused(
+                "run_scene", {"character_a": ferryman, "character_b": ferryman, "seed": SEED_MAX + 1})
+            assert 'seconds must be a number (got "soon")' in await refused(
+                "run_scene", {"character_a": ferryman, "character_b": ferryman, "seconds": "soon"})
+            assert "seconds must be above 0" in await refused(
+                "run_scene", {"character_a": ferryman, "character_b": ferryman, "seconds": 0})
+            assert "sample_rate must be 16000, 24000 or 48000 (got 22050)" in await refused(
+                "start_player_session", {"character": ferryman, "sample_rate": 22050})
+            text = await refused("create_character", {"id": "x"})
+            assert "name is required" in text and "role is required" in text
+            assert "text_temperature must be at most 2" in await refused(
+                "update_character", {"id": ferryman, "text_temperature": 3})
+            assert "audio_output must be 'inline', 'file' or 'none'" in await refused(
+                "talk_to_character", {"character": ferryman, "audio_base64": clip, "audio_output": "mp3"})
+            assert "text must be at most 1000 characters" in await refused("say", {"character": ferryman,
+                                                                                    "text": "a" * 1001})
+            # audio that is not audio: the reason, not the repr of a buffer
+            text = await refused("talk_to_character", {"character": ferryman, "audio_base64": b64(b"\x00garbage" * 40)})
+            assert "unreadable audio: cannot read audio data: Format not recognised" in text
+            text = await refused("create_character", {"id": "x", "name": "X", "role": ROLE,
+                                                      "voice_base64": b64(b"\x00garbage" * 40)})
+            assert "cannot read audio data: Format not recognised" in text
+            assert "x" not in backend.store
+
+    run(go())
+
+
+def test_audio_output_file_and_none(backend, folders, ferryman) -> None:
+    """A reply without inline base64: written to <audio folder>/replies (its path returned) or left out."""
+    clip = tone(1.0, 300.0, seed=4)
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            args = {"character": ferryman, "audio_base64": b64(wav(clip)), "seed": 2}
+            inline = await client.call_tool("talk_to_character", args)
+            assert inline.structured_content["audio_output"] == "inline"
+            assert [c.type for c in inline.content] == ["text", "audio"]
+            expected, _ = decode_wav(inline.content[1])
+
+            written = await client.call_tool("talk_to_character", args | {"audio_output": "file"})
+            assert not written.is_error, written.content[0].text
+            summary = written.structured_content
+            assert [c.type for c in written.content] == ["text"]  # no base64 anywhere
+            assert summary["audio_file"] == f"replies/{summary['session']}.wav"
+            path = folders["audio"] / summary["audio_file"]
+            assert summary["audio_path"] == str(path) and json.loads(written.content[0].text) == summary
+            samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+            assert rate == RATE and np.array_equal(samples, expected)  # the same seed: the same reply
+            assert len(written.content[0].text) < 20_000
+            # the written reply is a file of the allowed folder: usable as another call's audio_file
+            again = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                 "audio_file": summary["audio_file"]})
+            assert not again.is_error and again.structured_content["seconds"] == pytest.approx(1.04)
+
+            before = sorted((folders["audio"] / "replies").iterdir())
+            bare = await client.call_tool("talk_to_character", args | {"audio_output": "none"})
+            assert not bare.is_error and [c.type for c in bare.content] == ["text"]
+            assert bare.structured_content["audio_output"] == "none" and "audio_file" not in bare.structured_content
+            assert bare.structured_content["words"] == inline.structured_content["words"]
+            assert sorted((folders["audio"] / "replies").iterdir()) == before  # nothing written
+
+            scene = await client.call_tool("run_scene", {"character_a": ferryman, "character_b": ferryman,
+                                                         "seconds": 0.4, "audio_output": "file"})
+            stereo, _ = soundfile.read(folders["audio"] / scene.structured_content["audio_file"], always_2d=True)
+            assert stereo.shape == (5 * 1920, 2)
+
+    run(go())
+
+    # without an audio folder: refused before anything runs
+    no_folder = Backend(Settings(characters=folders["characters"]), model=backend.model())
+
+    async def refused():
+        async with Client(build_server(no_folder)) as client:
+            result = await client.call_tool("talk_to_character", {"character": ferryman, "audio_output": "file",
+                                                                  "audio_base64": b64(wav(clip))})
+            assert "needs an audio folder" in error_text(result) and "--audio-dir" in error_text(result)
+            assert no_folder.records == {}
+
+    run(refused())
+
+    # a replies folder that is a symlink leading out of the audio folder: refused, nothing written there
+    audio, elsewhere = folders["root"] / "audio-linked", folders["root"] / "elsewhere"
+    audio.mkdir()
+    elsewhere.mkdir()
+    (audio / "replies").symlink_to(elsewhere)
+    linked = Backend(Settings(characters=folders["characters"], audio_dir=audio), model=backend.model())
+
+    async def escape():
+        async with Client(build_server(linked)) as client:
+            result = await client.call_tool("say", {"character": ferryman, "text": "Hi.", "audio_output": "file"})
+            assert "leads outside the audio folder" in error_text(result)
+            assert linked.records == {} and list(elsewhere.iterdir()) == []
+
+    run(escape())
+
+
+def test_say(backend, ferryman) -> None:
+    """The NPC speaks a given line: the line is in its text stream, its voice comes back."""
+    tokenizer = backend.model().tokenizer
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            line = "Pay the ferryman."
+            result = await client.call_tool("say", {"character": ferryman, "text": line, "seed": 5})
+            assert not result.is_error, result.content[0].text
+            summary = result.structured_content
+            assert summary["kind"] == "say" and summary["status"] == "finished" and summary["characters"] == [ferryman]
+            frames = len(tokenizer.encode(" " + line)) * 3 + 13  # a token every 3 frames, then about a second
+            assert summary["seconds"] == pytest.approx(frames * 0.08)
+            said = "".join(w["word"] for w in summary["words"])
+            assert "Paytheferryman." in said
+            samples, rate = decode_wav([c for c in result.content if c.type == "audio"][0])
+            assert rate == RATE and samples.shape == (frames * 1920, 1) and np.abs(samples).max() > 0
+
+            # a scripted line of the character, for a given time, transcript only
+            greeting = await client.call_tool("say", {"character": ferryman, "line": "greeting", "seconds": 2.4,
+                                                      "audio_output": "none"})
+            assert not greeting.is_error, greeting.content[0].text
+            assert greeting.structured_content["seconds"] == pytest.approx(2.4)
+            assert "Acoin," in "".join(w["word"] for w in greeting.structured_content["words"])
+            assert [c.type for c in greeting.content] == ["text"]
+            # without the line, the same seed says something else: the line comes from `say`, not chance
+            plain = await client.call_tool("talk_to_character", {"character": ferryman, "seed": 5,
+                                                                 "audio_base64": b64(wav(np.zeros(frames * 1920)))})
+            assert "Paytheferryman." not in "".join(w["word"] for w in plain.structured_content["words"])
+
+            assert "exactly one of text" in error_text(await client.call_tool("say", {"character": ferryman}))
+            assert "exactly one of text" in error_text(await client.call_tool(
+                "say", {"character": ferryman, "text": "Hi.", "line": "greeting"}))
+            text = error_text(await client.call_tool("say", {"character": ferryman, "line": "farewell"}))
+            assert "no line 'farewell'" in text and "greeting" in text
+            assert "unknown character 'ghost'" in error_text(await client.call_tool(
+                "say", {"character": "ghost", "text": "Boo."}))
+
+    run(go())
+    assert backend.engine().sessions == []
 
 
 def test_scene(backend, ferryman, monkeypatch) -> None:
@@ -352,6 +564,30 @@ def test_scene(backend, ferryman, monkeypatch) -> None:
 
     run(go())
     assert backend.engine().sessions == []
+
+
+def test_scene_of_a_character_with_itself(backend, ferryman) -> None:
+    """Its two sides are named apart in the words, the text and the audio description."""
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            result = await client.call_tool("run_scene", {"character_a": ferryman, "character_b": ferryman,
+                                                          "seconds": 1.2, "seed": 1})
+            assert not result.is_error, result.content[0].text
+            summary = result.structured_content
+            sides = [f"{ferryman} (A)", f"{ferryman} (B)"]
+            assert summary["characters"] == [ferryman, ferryman] and summary["speakers"] == sides
+            assert {w["speaker"] for w in summary["words"]} == set(sides) and set(summary["text"]) == set(sides)
+            assert summary["text"][sides[0]] != summary["text"][sides[1]]
+            assert f"left = {sides[0]}, right = {sides[1]}" in summary["audio"]
+            resource = json.loads((await client.read_resource(f"transcript://{summary['session']}")).contents[0].text)
+            assert resource["speakers"] == sides and resource["words"] == summary["words"]
+            # two characters keep their ids
+            other = (await client.call_tool("run_scene", {"character_a": ferryman, "character_b": "traveller",
+                                                          "seconds": 0.4})).structured_content
+            assert other["speakers"] == [ferryman, "traveller"]
+
+    run(go())
 
 
 def test_cancel_and_end_session(backend, ferryman) -> None:
@@ -470,6 +706,13 @@ def test_remote_server(model, folders, ferryman) -> None:
                 samples, _ = decode_wav([c for c in scene.content if c.type == "audio"][0])
                 assert samples.shape == (13 * 1920, 2)  # ceil(1.0 s / 80 ms) frames
                 assert scene.structured_content["status"] == "finished"
+                sides = [f"{ferryman} (A)", f"{ferryman} (B)"]  # a character with itself, named apart
+                assert scene.structured_content["speakers"] == sides
+                assert {w["speaker"] for w in scene.structured_content["words"]} <= set(sides)
+                said = await client.call_tool("say", {"character": ferryman, "text": "A coin.", "audio_output": "none"})
+                assert not said.is_error, said.content[0].text
+                assert said.structured_content["kind"] == "say" and said.structured_content["status"] == "finished"
+                assert "Acoin." in "".join(w["word"] for w in said.structured_content["words"])
                 # every slot taken by games: server busy
                 async with NPCVoiceClient(bg.url, token) as g1, NPCVoiceClient(bg.url, token) as g2:
                     await g1.start(character=ferryman)
@@ -516,8 +759,10 @@ def test_stdio_subprocess(folders, tmp_path) -> None:
 
     async def go():
         async with Client(params, read_timeout_seconds=90) as client:
-            tools = {t.name for t in (await client.list_tools()).tools}
-            assert "talk_to_character" in tools
+            assert client.server_info.version == package_version()
+            listed = (await client.list_tools()).tools
+            check_tool_list(listed)
+            assert "talk_to_character" in {t.name for t in listed}
             created = await client.call_tool("create_character", {
                 "id": "miller", "name": "Old Miller", "role": "You are the miller of Mossbrook. Your name is Hob.",
                 "voice_base64": b64(wav(tone(2.2, 200.0)))})
@@ -525,6 +770,12 @@ def test_stdio_subprocess(folders, tmp_path) -> None:
             refused = await client.call_tool("create_character", {"id": "x", "name": "X", "role": ROLE,
                                                                   "voice_file": str(folders["outside"] / "secret.wav")})
             assert "outside the allowed audio folder" in error_text(refused)
+            assert "seed must be at least 0 (got -1)" in error_text(await client.call_tool(
+                "talk_to_character", {"character": "miller", "audio_file": "hello.wav", "seed": -1}))
+            said = await client.call_tool("say", {"character": "miller", "text": "Flour.", "audio_output": "file"})
+            assert not said.is_error, said.content[0].text
+            assert [c.type for c in said.content] == ["text"]
+            assert (folders["audio"] / said.structured_content["audio_file"]).is_file()
             result = await client.call_tool("talk_to_character", {"character": "miller", "audio_file": "hello.wav"})
             assert not result.is_error, result.content[0].text
             samples, rate = decode_wav([c for c in result.content if c.type == "audio"][0])
@@ -583,6 +834,10 @@ def test_streamable_http(folders, tmp_path) -> None:
 
         async def go():
             async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                assert client.server_info.version == package_version()
+                check_tool_list((await client.list_tools()).tools)
+                assert "sample_rate must be 16000, 24000 or 48000 (got 8000)" in error_text(await client.call_tool(
+                    "start_player_session", {"character": "x", "sample_rate": 8000}))
                 listed = await client.call_tool("list_characters", {})
                 assert listed.structured_content["characters"] == []
                 assert "unknown character" in error_text(await client.call_tool("get_character", {"id": "x"}))

@@ -11,6 +11,7 @@ Two levels of checking:
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import threading
@@ -403,6 +404,12 @@ def check_voice_audio(samples: np.ndarray, rate: int, where: str = "voice") -> l
     return problems
 
 
+def _stays_in(path: Path, folder: Path) -> bool:
+    """Whether `path`, symlinks followed, is still the file of that name directly in `folder` (the store's rule)."""
+    resolved = path.resolve()
+    return resolved.parent == folder.resolve() and resolved.name == path.name
+
+
 def check_character(character: Character, folder: Path | None, *, tokenizer: TokenizerLike | None = None,
                     presets_dir: Path | None = None, context_frames: int = CONTEXT_FRAMES) -> Report:
     """Everything that can be said about a (schema-valid) character: the role's token count, its voice
@@ -422,7 +429,11 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
     voice_frames = None
     if not character.uses_preset:
         path = folder / VOICE_FILE if folder is not None else None
-        if path is None or not path.is_file():
+        if path is not None and path.is_symlink() and not _stays_in(path, folder):
+            problems.append(Problem("error", "voice", f"{VOICE_FILE} is a symlink leading outside the character's "
+                                    f"folder (to {os.path.realpath(path)}): using it is refused; import the sample "
+                                    f"with `npc-voice characters create {character.id} --force --voice FILE`"))
+        elif path is None or not path.is_file():
             problems.append(Problem("error", "voice", f"no {VOICE_FILE} in the character's folder: import a sample "
                                     f"with `npc-voice characters create {character.id} --force --voice FILE` or set a "
                                     "preset, e.g. voice = \"NATF2\""))

@@ -187,14 +187,29 @@ class CharacterStore:
         return len(self.ids())
 
     def entries(self) -> list[tuple[str, Character | CharacterError]]:
-        """Every character folder, with its character or what is wrong with it."""
+        """Every character folder, with its character or what is wrong with it (a `voice.wav` that is a
+        symlink leading out of its folder counts as broken: using it is refused)."""
         out: list[tuple[str, Character | CharacterError]] = []
         for id in self.ids():
             try:
-                out.append((id, self.load(id)))
+                character = self.load(id)
+                if not character.uses_preset:
+                    self._voice_stays_inside(self._existing(id), id)
+                out.append((id, character))
             except CharacterError as exc:
                 out.append((id, exc))
         return out
+
+    def _voice_stays_inside(self, folder: Path, id: str) -> None:
+        """Raises CharacterError when `<folder>/voice.wav` exists but is a link leading elsewhere."""
+        path = folder / VOICE_FILE
+        if path.is_symlink() or path.exists():
+            try:
+                self._inside(path, folder)
+            except CharacterError:
+                raise CharacterError(f"{VOICE_FILE} of {id!r} is a symlink leading outside its folder "
+                                     f"({path} -> {os.path.realpath(path)}): refused; import the sample with "
+                                     f"`npc-voice characters create {id} --force --voice FILE`", id) from None
 
     def list(self, tag: str | None = None) -> list[Character]:
         """The characters that load (broken ones are left out: see `entries`), optionally by tag."""
