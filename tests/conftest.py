@@ -240,3 +240,19 @@ def serve_child(*args: str, timeout: float = 60.0) -> Iterator[tuple[int, Callab
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+async def stream_silence(session, start=None) -> None:
+    """Sends a client session 80 ms of silence every 80 ms, at real time, once `start` (an
+    asyncio.Event, if given) is set; runs until cancelled."""
+    import asyncio
+
+    import numpy as np
+
+    if start is not None:
+        await start.wait()
+    t0, i = time.monotonic(), 0
+    while True:
+        await session.send_audio(np.zeros(1920, np.int16))
+        i += 1
+        await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))

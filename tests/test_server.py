@@ -31,6 +31,7 @@ from npc_voice.protocol import (
 from npc_voice.server import (
     BackgroundServer, InputConverter, Outbox, OutputFramer, ServerConfig, check_bind, resolve_character,
 )
+from conftest import serve_child, stream_silence
 
 REPO = Path(__file__).resolve().parents[1]
 CAST = REPO / "characters"
@@ -989,25 +990,9 @@ def test_eight_sessions_real_time(timing) -> None:
     """8 conversations with 8 different characters on `npc-voice serve` (tiny model, one torch thread):
     every start is answered and every frame arrives in order without a drop (whatever the load), at
     real-time rate, within 5 %, over 10 s (timing)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "8",
-                             "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"ws://127.0.0.1:{port}/ws"
-
-    def get_health() -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return json.load(r)
-
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get_health()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-                time.sleep(0.2)
+    with serve_child("--slots", "8", "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING") \
+            as (port, get_health):
+        url = f"ws://127.0.0.1:{port}/ws"
         ids = sorted(p.name for p in CAST.iterdir() if (p / "character.toml").is_file())[:8]
         assert len(ids) == 8
         window = 10.0
@@ -1016,15 +1001,8 @@ def test_eight_sessions_real_time(timing) -> None:
             async with NPCVoiceClient(url) as client:
                 session = await client.start(cid)
 
-                async def feed() -> None:
-                    await go.wait()  # silence until then: the engine hears nothing while prompts are built
-                    t0, i = time.monotonic(), 0
-                    while True:
-                        await session.send_audio(np.zeros(1920, np.int16))
-                        i += 1
-                        await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
-
-                feeder = asyncio.create_task(feed())
+                # silence from `go` on: the engine hears nothing while the prompts are built
+                feeder = asyncio.create_task(stream_silence(session, go))
                 arrivals, problems = [], []
                 async for event in session.events():
                     now = time.monotonic()
@@ -1053,9 +1031,6 @@ def test_eight_sessions_real_time(timing) -> None:
             return out, before, get_health()
 
         out, before, after = run(main(), timeout=150)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     expected = window / 0.08
     rates = {cid: n / expected for cid, (n, _, _) in out.items()}
     ticks = after["ticks"] - before["ticks"]

@@ -16,7 +16,7 @@ from npc_voice.engine import Engine, Persona
 from npc_voice.engine.prompt import Voice
 from npc_voice.model.loading import random_model
 from npc_voice.protocol import Dropped, Ended, ErrorMsg
-from conftest import serve_child
+from conftest import serve_child, stream_silence
 
 CAST = Path(__file__).resolve().parents[1] / "characters"
 RATE = 24_000
@@ -78,14 +78,7 @@ def test_new_characters_never_stall_live_sessions(timing) -> None:
         async with NPCVoiceClient(url) as client:
             session = await client.start(cid)
 
-            async def feed() -> None:
-                t0, i = time.monotonic(), 0
-                while True:
-                    await session.send_audio(np.zeros(1920, np.int16))
-                    i += 1
-                    await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
-
-            feeder = asyncio.create_task(feed())
+            feeder = asyncio.create_task(stream_silence(session))
             switched = None
             arrivals, problems = [], []
             async for event in session.events():  # read from the start: no backlog to drain later
