@@ -22,15 +22,21 @@ class EngineLoop:
         self.tick_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self.overruns = 0
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def start(self) -> EngineLoop:
+        """Starts the loop's thread and returns once the thread is warmed up
+        (`Engine.warm_up_thread`); the first tick follows at once."""
         # A thread waiting for the GIL gets it after at most this long: keeps the engine thread's
         # launches prompt while other threads (the server, voice decoding) run Python.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._thread = threading.Thread(target=self._run, name="npc-voice-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()  # the thread's warm-up is done: the first tick is due now
+        if self.error is not None:
+            raise self.error
         return self
 
     def stop(self) -> None:
@@ -44,6 +50,8 @@ class EngineLoop:
         except BaseException as exc:
             self.error = exc
             raise
+        finally:
+            self._ready.set()
         deadline = time.perf_counter()
         while not self._stop.is_set():
             start = time.perf_counter()
