@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ class _Job:
     frames: PromptFrames | None = None
     x: torch.Tensor | None = None  # [F, dim] input embeddings of every prompt position
     done: int = 0  # positions already run
-    submitted: float = field(default_factory=time.perf_counter)
 
     @property
     def length(self) -> int:
@@ -165,7 +164,8 @@ class PrefixBuilder:
                 self._timed(self.prepare_cost, self._prepare, job, lane, finished)
                 continue
             if not any(j is not None for j in self._lane_jobs):
-                self._starving = False  # nothing left to build
+                self._starving = False  # nothing left to build: waiting counts from now on
+                self._last_progress = time.perf_counter()
                 break
             if not fits(self.chunk_cost):
                 break
@@ -186,7 +186,8 @@ class PrefixBuilder:
 
     @torch.inference_mode()
     def _prepare(self, job: _Job, lane: int, finished: list) -> None:
-        """The job's voice codes (one batched Mimi pass), prompt frames and input embeddings."""
+        """The job's prompt frames and input embeddings (and its voice codes, in one batched Mimi
+        pass, unless the caller encoded them already)."""
         request = job.request
         try:
             with fused.eager():
