@@ -96,11 +96,11 @@ DEFAULT_CACHE_MB = 4096  # built prompts kept in memory (about 37 characters of 
 class PrefixCache:
     """Built prompt prefixes: in memory (LRU, bounded in bytes) and optionally on disk (keyed by the
     persona's prompt hash and the weights' fingerprint). On a GPU they stay in GPU memory by default
-    (`on="device"`: where they are built, installed in ~10 ms at 7B), or go to host memory
+    (`on="device"`: where they are built, installed in ~6 ms at 7B), or go to host memory
     (`on="host"`: leaves GPU memory to conversation slots; a background thread copies each new one
-    there, and installing it copies it back). Host copies are pageable, not pinned: pinning memory
-    while the engine runs stalls its ticks (measured on an H200: ticks of 170 ms), and a pinned copy
-    saves only a few milliseconds per install. Thread-safe; disk writes happen on a background
+    there, and installing it copies it back, ~15 ms). Host copies are pageable, not pinned: pinning
+    memory while the engine runs stalled its ticks (H200: up to 428 ms), for a gain of a few
+    milliseconds per install (docs/performance.md). Thread-safe; disk writes happen on a background
     thread, never on the engine's."""
 
     def __init__(self, model: LoadedModel, generator: Generator | None = None, max_bytes: int = DEFAULT_CACHE_MB << 20,
@@ -111,7 +111,6 @@ class PrefixCache:
         self.max_bytes, self.on = max_bytes, on
         self.directory = Path(directory) / weights_fingerprint(model) if directory else None
         self._device = model.device if on == "device" else torch.device("cpu")
-        self._pin = False
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -136,16 +135,16 @@ class PrefixCache:
 
     def store(self, key: str, prefix: Prefix) -> Prefix:
         """Keeps a freshly built prefix as it is (on the GPU, where it was built, for its first
-        installs); copying it to pinned host memory and writing it to disk happen on a background
-        thread, off the engine's. Returns the prefix."""
+        installs); copying it to host memory (`on="host"`) and writing it to disk happen on a
+        background thread, off the engine's. Returns the prefix."""
         with self._lock:
             self._put(key, prefix)
         self._writer.submit(self._settle, key, prefix)
         return prefix
 
     def _settle(self, key: str, prefix: Prefix) -> None:
-        if self._device != prefix.keys.device or self._pin:
-            moved = prefix.to(self._device, pin=self._pin)
+        if self._device != prefix.keys.device:
+            moved = prefix.to(self._device)
             with self._lock:
                 if self._entries.get(key) is prefix:
                     self._put(key, moved)
@@ -170,7 +169,7 @@ class PrefixCache:
         return prefix
 
     def _keep(self, key: str, prefix: Prefix) -> Prefix:
-        prefix = prefix.to(self._device, pin=self._pin)
+        prefix = prefix.to(self._device)
         with self._lock:
             self._put(key, prefix)
         return prefix
