@@ -84,6 +84,17 @@ class PersonaPlexLM(nn.Module):
         self.depformer = DepthTransformer(cfg)
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the LM lives, read from a norm's weight: int8 never quantizes norms, while an int8
+        linear's `weight` dequantizes its whole matrix to answer."""
+        return self.out_norm.alpha.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations and the KV cache), read like `device`."""
+        return self.out_norm.alpha.dtype
+
     # --- temporal transformer -------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sum of the stream embeddings: tokens [B, 17, T] -> [B, T, dim]."""
