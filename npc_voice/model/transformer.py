@@ -5,6 +5,10 @@ Parameter names follow the reference checkpoints (`self_attn.in_proj_weight`, `s
 so a checkpoint loads with no renaming. Layers with weights per step (the depth transformer) keep
 their projections stacked along dim 0, exactly as the checkpoint stores them.
 
+Each layer has one body, `TransformerLayer.forward` (norm, projections, attention, feed-forward);
+the attention proper is the caller's: masked over the whole sequence (`Transformer.forward`), over
+a ring cache (`Transformer.step`) or over one frame's steps (the depth transformer).
+
 Streaming keeps a ring KV cache per layer in fixed-shape tensors with the slot first; positions are
 per slot, so slots advance, reset and skip steps independently.
 """
@@ -170,9 +174,8 @@ class TransformerLayer(nn.Module):
         self.norm1 = make_norm(spec.norm, spec.dim, spec.norm_eps)
         self.norm2 = make_norm(spec.norm, spec.dim, spec.norm_eps)
         if spec.ffn == "gated_silu":
-            n = max(spec.steps, 1)
             if spec.steps:
-                self.gating = nn.ModuleList(GatedFFN(spec.dim, spec.hidden) for _ in range(n))
+                self.gating = nn.ModuleList(GatedFFN(spec.dim, spec.hidden) for _ in range(spec.steps))
             else:
                 self.gating = GatedFFN(spec.dim, spec.hidden)
         else:
