@@ -3,11 +3,15 @@ and the LM's weight memory is about halved against bf16."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from npc_voice.model.config import get_preset
+from npc_voice.model.generator import Generator
 from npc_voice.model.lm import PersonaPlexLM
 from npc_voice.model.loading import random_model
 from npc_voice.model.quant import Int8Linear, Int8Weight, quantize_int8_, weight_bytes
@@ -83,3 +87,52 @@ def test_int8_7b_weight_memory() -> None:
     assert before == pytest.approx(16.74e9, rel=1e-3)
     assert after == pytest.approx(8.71e9, rel=1e-3)
     assert 0.5 < after / before < 0.53  # about halved: embeddings and norms stay bf16
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every tensor operation run inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_int8_device_and_dtype_dequantize_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LoadedModel.device` and `.dtype` (asked per session, per engine and by /health) read a norm's
+    weight: under int8 no matrix is dequantized to answer, no tensor operation runs, and a read
+    costs what a property costs. The generator finds its device and dtype the same way."""
+    q = random_model("tiny", seed=1, dtype=torch.bfloat16, int8=True)
+    dequantized: list[str] = []
+
+    def counting(name: str):
+        original = getattr(Int8Weight, name)
+
+        def wrapper(self, *args):
+            dequantized.append(name)
+            return original(self, *args)
+        return wrapper
+
+    monkeypatch.setattr(Int8Weight, "forward", counting("forward"))
+    monkeypatch.setattr(Int8Weight, "rows", counting("rows"))
+    assert q.lm.text_linear.weight.dtype == torch.bfloat16 and dequantized == ["forward"]  # the counter counts
+    dequantized.clear()
+
+    with RecordOps() as recorded:
+        device, dtype = q.device, q.dtype
+    assert (device, dtype) == (torch.device("cpu"), torch.bfloat16)
+    assert recorded.ops == [] and dequantized == []
+
+    gen = Generator(q.lm)
+    state = gen.init_state(2)
+    assert state.temporal.layers[0].keys.dtype == torch.bfloat16 and dequantized == []
+
+    reads = 10_000
+    start = time.perf_counter()
+    for _ in range(reads):
+        _ = q.device, q.dtype
+    per_read = (time.perf_counter() - start) / reads
+    assert per_read < 50e-6, per_read  # a few attribute lookups: ~1 us (dequantizing the 7B text head: ~260 MB)

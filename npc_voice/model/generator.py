@@ -84,7 +84,7 @@ class Generator:
         self.num_user = cfg.n_q - self.num_agent
         self.depth_steps = min(cfg.dep_q, self.num_agent)
         self.ring = cfg.max_delay + 2
-        device = lm.text_linear.weight.device
+        device = lm.device
         # Made once: creating tensors from Python data inside a step would copy from the host,
         # which a CUDA graph cannot capture.
         self.delays = torch.tensor(cfg.delays, device=device)
@@ -92,8 +92,7 @@ class Generator:
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> GeneratorState:
-        ref = self.lm.text_linear.weight
-        device = device or ref.device
+        device = device or self.lm.device
         long = dict(dtype=torch.long, device=device)
         d = Sampling()
         sampling = SamplingParams(
@@ -106,7 +105,7 @@ class Generator:
         return GeneratorState(
             torch.zeros(batch_size, **long),
             torch.full((batch_size, self.cfg.num_codebooks, self.ring), UNGENERATED, **long),
-            self.lm.init_state(batch_size, device, dtype or ref.dtype),
+            self.lm.init_state(batch_size, device, dtype or self.lm.dtype),
             sampling,
         )
 

@@ -9,12 +9,14 @@ other, each conditioned on the previous one. Parameter names are the checkpoint'
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .transformer import LayerSpec, RMSNorm, Transformer, TransformerState, attend
+from .transformer import LayerSpec, RMSNorm, Transformer, TransformerState
 
 
 class ZeroableEmbedding(nn.Embedding):
@@ -45,28 +47,23 @@ class DepthTransformer(Transformer):
     def step_codebook(self, k: int, x: torch.Tensor, scratch: list[torch.Tensor]) -> torch.Tensor:
         """Runs depth step `k` (a Python int, so each step is its own static graph): x [B, 1, C]."""
         for layer, kv in zip(self.layers, scratch):
-            q, key, value = layer.self_attn.project_in(layer.norm1(x), step=k)
-            kv[0, :, :, k : k + 1] = key
-            kv[1, :, :, k : k + 1] = value
-            y = F.scaled_dot_product_attention(q, kv[0, :, :, : k + 1], kv[1, :, :, : k + 1])
-            x = x + layer.self_attn.project_out(y, step=k)
-            x = layer.feed_forward(x, step=k)
+            x = layer(x, partial(_attend_step, kv, k), step=k)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """All steps of many frames at once (teacher forcing): x [N, K, C] -> [N, K, C]."""
+        """All steps of many frames (teacher forcing): x [N, K, C] -> [N, K, C]. Step k sees steps
+        <= k only, so running the steps in order is the causal pass; each has its own weights."""
         N, K, _ = x.shape
-        pos = torch.arange(K, device=x.device).expand(N, K)
-        # A causal pass with per-step weights: project each step with its own weights, then attend.
-        h = x
-        for layer in self.layers:
-            normed = layer.norm1(h)
-            qkv = [layer.self_attn.project_in(normed[:, k : k + 1], step=k) for k in range(K)]
-            q, key, value = (torch.cat([t[i] for t in qkv], dim=2) for i in range(3))  # [N, H, K, D]
-            y = attend(q, key, value, pos, pos, context=None)
-            h = h + torch.cat([layer.self_attn.project_out(y[:, :, k : k + 1], step=k) for k in range(K)], dim=1)
-            h = torch.cat([layer.feed_forward(h[:, k : k + 1], step=k) for k in range(K)], dim=1)
-        return h
+        scratch = self.init_scratch(N, x.device, x.dtype)
+        return torch.cat([self.step_codebook(k, x[:, k : k + 1], scratch) for k in range(K)], dim=1)
+
+
+def _attend_step(kv: torch.Tensor, k: int, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Attention of depth step k ([B, H, 1, D] each) over steps 0..k, keeping its key and value in
+    kv [2, B, H, dep_q, D]."""
+    kv[0, :, :, k : k + 1] = key
+    kv[1, :, :, k : k + 1] = value
+    return F.scaled_dot_product_attention(q, kv[0, :, :, : k + 1], kv[1, :, :, : k + 1])
 
 
 class PersonaPlexLM(nn.Module):
@@ -86,6 +83,17 @@ class PersonaPlexLM(nn.Module):
         self.depformer_text_emb = ZeroableEmbedding(cfg.text_card + 1, cfg.depformer_dim)
         self.depformer = DepthTransformer(cfg)
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LM lives, read from a norm's weight: int8 never quantizes norms, while an int8
+        linear's `weight` dequantizes its whole matrix to answer."""
+        return self.out_norm.alpha.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations and the KV cache), read like `device`."""
+        return self.out_norm.alpha.dtype
 
     # --- temporal transformer -------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.lm.text_linear.weight.device
+        """The LM's device; cheap under int8 too (asked per session and by /health)."""
+        return self.lm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LM's compute dtype; cheap under int8 too (unlike `lm.text_linear.weight.dtype`)."""
+        return self.lm.dtype
 
     @property
     def random_weights(self) -> bool:

@@ -40,6 +40,7 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The dequantized matrix: a full-width temporary, so not for asking a device or dtype."""
         return self.w()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

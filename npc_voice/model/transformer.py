@@ -5,6 +5,10 @@ Parameter names follow the reference checkpoints (`self_attn.in_proj_weight`, `s
 so a checkpoint loads with no renaming. Layers with weights per step (the depth transformer) keep
 their projections stacked along dim 0, exactly as the checkpoint stores them.
 
+Each layer has one body, `TransformerLayer.forward` (norm, projections, attention, feed-forward);
+the attention proper is the caller's: masked over the whole sequence (`Transformer.forward`), over
+a ring cache (`Transformer.step`) or over one frame's steps (the depth transformer).
+
 Streaming keeps a ring KV cache per layer in fixed-shape tensors with the slot first; positions are
 per slot, so slots advance, reset and skip steps independently.
 """
@@ -12,7 +16,9 @@ per slot, so slots advance, reset and skip steps independently.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -24,6 +30,7 @@ from .streaming import StreamState, state_field
 
 NormKind = Literal["rms_f32", "layer"]
 FFNKind = Literal["gated_silu", "gelu"]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v [B, H, T, D] -> [B, H, T, D]
 
 
 class RMSNorm(nn.Module):
@@ -84,12 +91,6 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, context: int | None,
     if always_valid is not None:
         visible |= always_valid[:, None, :]
     return visible[:, None]
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-           context: int | None, always_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of queries at `q_pos` over keys at `k_pos` (see `visibility`)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visibility(q_pos, k_pos, context, always_valid))
 
 
 @dataclass
@@ -174,9 +175,8 @@ class TransformerLayer(nn.Module):
         self.norm1 = make_norm(spec.norm, spec.dim, spec.norm_eps)
         self.norm2 = make_norm(spec.norm, spec.dim, spec.norm_eps)
         if spec.ffn == "gated_silu":
-            n = max(spec.steps, 1)
             if spec.steps:
-                self.gating = nn.ModuleList(GatedFFN(spec.dim, spec.hidden) for _ in range(n))
+                self.gating = nn.ModuleList(GatedFFN(spec.dim, spec.hidden) for _ in range(spec.steps))
             else:
                 self.gating = GatedFFN(spec.dim, spec.hidden)
         else:
@@ -186,19 +186,24 @@ class TransformerLayer(nn.Module):
             self.layer_scale_1 = LayerScale(spec.dim, spec.layer_scale)
             self.layer_scale_2 = LayerScale(spec.dim, spec.layer_scale)
 
+    def forward(self, x: torch.Tensor, attend: Attend, step: int = 0) -> torch.Tensor:
+        """The layer's one body: x [B, T, C] -> [B, T, C].
+
+        attend(q, k, v), each [B, H, T, D] -> [B, H, T, D]: the attention proper (positions, masks,
+        caches), which each caller owns. step: the weights of that step (depth transformer)."""
+        q, k, v = self.self_attn.project_in(self.norm1(x), step)  # [B, H, T, D]
+        x = x + self._scale(1, self.self_attn.project_out(attend(q, k, v), step))  # [B, T, C]
+        return x + self._scale(2, self._mlp(self.norm2(x), step))  # [B, T, C]
+
+    def _mlp(self, h: torch.Tensor, step: int) -> torch.Tensor:
+        if self.spec.ffn == "gated_silu":
+            return (self.gating[step] if self.spec.steps else self.gating)(h)
+        return self.linear2(F.gelu(self.linear1(h)))
+
     def _scale(self, which: int, update: torch.Tensor) -> torch.Tensor:
         if self.spec.layer_scale is None:
             return update
         return (self.layer_scale_1 if which == 1 else self.layer_scale_2)(update)
-
-    def feed_forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        h = self.norm2(x)
-        if self.spec.ffn == "gated_silu":
-            gating = self.gating[step] if self.spec.steps else self.gating
-            update = gating(h)
-        else:
-            update = self.linear2(F.gelu(self.linear1(h)))
-        return x + self._scale(2, update)
 
 
 class Transformer(nn.Module):
@@ -224,12 +229,13 @@ class Transformer(nn.Module):
         if streamed_chunk is not None and self.context is not None:
             oldest = (pos // streamed_chunk + 1) * streamed_chunk - self.context  # [B, T]: oldest key kept
             mask = mask & (pos[:, None, None, :] >= oldest[:, None, :, None])
-        for layer in self.layers:
-            q, k, v = layer.self_attn.project_in(layer.norm1(x))
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k = fused.rope_pair(q, k, cos, sin)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = x + layer._scale(1, layer.self_attn.project_out(y))
-            x = layer.feed_forward(x)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        for layer in self.layers:
+            x = layer(x, attend)
         return x
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
@@ -275,14 +281,16 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(q_pos, self.spec.dim // self.spec.num_heads, self.max_period)
         visible = visibility(q_pos, k_pos, self.context, always)
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-        for layer, cache in zip(self.layers, state.layers):
-            q, k, v = layer.self_attn.project_in(layer.norm1(x))
+
+        def attend(cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k = fused.rope_pair(q, k, cos, sin)
             _write_rows(cache.keys, rows, k)
             _write_rows(cache.values, rows, v)
-            y = F.scaled_dot_product_attention(q, cache.keys[:, :, :window], cache.values[:, :, :window], attn_mask=bias)
-            x = x + layer._scale(1, layer.self_attn.project_out(y))
-            x = layer.feed_forward(x)
+            return F.scaled_dot_product_attention(q, cache.keys[:, :, :window], cache.values[:, :, :window],
+                                                  attn_mask=bias)
+
+        for layer, cache in zip(self.layers, state.layers):
+            x = layer(x, partial(attend, cache))
         state.position.copy_(end)
         return x
 
