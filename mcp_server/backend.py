@@ -36,7 +36,9 @@ import anyio
 import numpy as np
 
 from npc_voice.audio import AudioError, float_to_pcm16, load_mono
-from npc_voice.characters import KNOWN_PRESETS, Character, CharacterError, CharacterStore, default_characters_dir
+from npc_voice.characters import (
+    KNOWN_PRESETS, Character, CharacterError, ResolveError, installed_presets, open_store, resolve_persona,
+)
 from npc_voice.protocol import FRAME_SECONDS as FRAME_S, MODEL_RATE as RATE, frame_samples
 
 log = logging.getLogger("mcp_server")
@@ -200,8 +202,7 @@ class Backend:
 
     def __init__(self, settings: Settings, model: Any = None):
         self.settings = settings
-        root = settings.characters if settings.characters is not None else default_characters_dir()
-        self.store = CharacterStore(root, presets_dir=settings.voices, create=True)
+        self.store = open_store(settings.characters, settings.voices, create=True)
         self.audio_dir = Path(settings.audio_dir).resolve() if settings.audio_dir is not None else None
         self._model = model
         self._model_lock = threading.Lock()
@@ -322,21 +323,24 @@ class Backend:
 
     # --- characters -------------------------------------------------------------------------------
 
+    def _unknown(self, id: str) -> UserError:
+        known = ", ".join(self.store.ids()) or "none"
+        return UserError(f"unknown character {id!r} (known: {known}); list_characters shows them")
+
     def character(self, id: str) -> Character:
         if id not in self.store:
-            known = ", ".join(self.store.ids()) or "none"
-            raise UserError(f"unknown character {id!r} (known: {known}); list_characters shows them")
+            raise self._unknown(id)
         try:
             return self.store.load(id)
         except CharacterError as exc:
             raise UserError(f"character {id!r} is broken: {exc}") from None
 
     def persona(self, id: str) -> Any:
-        character = self.character(id)
+        """The engine's Persona of stored character `id` (`resolve_persona`, as the server's)."""
         try:
-            return character.to_persona(self.store)
-        except CharacterError as exc:
-            raise UserError(str(exc)) from None
+            return resolve_persona(self.store, id)[0]
+        except ResolveError as exc:
+            raise (self._unknown(id) if exc.code == "unknown_character" else UserError(exc.message)) from None
 
     def audio_file(self, path: str) -> Path:
         """A path inside the allowed audio folder (symlinks resolved), else UserError."""
@@ -384,7 +388,7 @@ class Backend:
 
     def voices(self) -> dict[str, Any]:
         presets_dir = self.store.presets_dir
-        installed = sorted(p.stem for p in presets_dir.glob("*.pt")) if presets_dir.is_dir() else []
+        installed = installed_presets(presets_dir)
         files: list[str] = []
         if self.audio_dir is not None and self.audio_dir.is_dir():
             for p in sorted(self.audio_dir.rglob("*")):

@@ -30,13 +30,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .audio import AudioError, float_to_pcm16, load_mono, pcm16_to_float
+from .audio import float_to_pcm16, pcm16_to_float
+from .characters import ResolveError, open_store, resolve_persona
 from .engine import Engine, EngineFull, EngineLoop, FrameEvent, Persona, Session
 from .engine.engine import percentile
 from .engine.persona import DEFAULT_CACHE_MB
@@ -44,7 +44,6 @@ from .protocol import (
     FRAME_SECONDS, HEALTH_PATH, MODEL_RATE, PROTOCOL_VERSION, WS_PATH, ClientMessage, Dropped, End, Ended,
     ErrorCode, ErrorMsg, Hello, InlineCharacter, Limits, ProtocolError, Say, SpeechState, Start, Started, State,
     Switch, Switched, Text, encode_audio_frame, frame_samples, parse_client_audio, parse_client_text,
-    decode_inline_voice,
 )
 
 log = logging.getLogger("npc_voice.server")
@@ -107,73 +106,16 @@ def check_bind(host: str, token: str | None) -> None:
                          "non-loopback bind (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)")
 
 
-# --- characters: the one place that knows the character store ------------------------------------
+# --- characters: npc_voice.characters.resolve, its errors as the protocol's -----------------------
 
 
 def resolve_character(store: Any, spec: str | InlineCharacter, limits: Limits) -> tuple[Persona, str]:
-    """A start/switch `character` -> (the engine's Persona, a label for `started`/`switched`).
-
-    A string is a stored character's id: it goes through the store's id validation (`store.load`, a
-    slug that stays inside its folder) and never reaches the file system otherwise. An inline
-    character is validated with the same schema (`Character`); its voice is a base64 WAV decoded in
-    memory, or a preset name the store resolves in its presets folder.
-    """
-    from .characters import ID_PATTERN, Character, CharacterError
-    from .characters.model import VOICE_MAX_S, check_voice_audio
-
-    if isinstance(spec, str):
-        if store is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"no character {spec[:64]!r}: this server has no "
-                                "characters folder (start it with --characters DIR) - send an inline character")
-        if not ID_PATTERN.match(spec) or spec not in store:
-            raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"no character {spec[:64]!r} on this server")
-        try:
-            character = store.load(spec)
-            return character.to_persona(store), character.id
-        except CharacterError as exc:
-            raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"character {spec!r} cannot be used: {exc}") from None
-    data = {"id": "inline", "name": spec.name, "role": spec.role}
-    if spec.voice.preset is not None:
-        data["voice"] = spec.voice.preset
+    """A start/switch `character` -> (the engine's Persona, a label for `started`/`switched`):
+    `resolve_persona`, its `ResolveError` sent as the `ProtocolError` of the same code and message."""
     try:
-        character = Character.parse(data, tokenizer=getattr(store, "tokenizer", None))
-    except CharacterError as exc:
-        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline character: {exc}") from None
-    if spec.voice.preset is not None:
-        if store is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_VOICE, "this server has no preset voices (no characters folder)")
-        try:
-            return character.to_persona(store), character.name
-        except CharacterError:
-            raise ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no preset voice {spec.voice.preset!r} on this server") \
-                from None
-    raw = decode_inline_voice(spec.voice, limits)
-    try:
-        samples = load_mono(raw, MODEL_RATE, mode="first")
-    except AudioError as exc:
-        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline voice: {exc}") from None
-    seconds = samples.shape[0] / MODEL_RATE
-    if seconds > min(limits.max_voice_seconds, VOICE_MAX_S):
-        raise ProtocolError(ErrorCode.VOICE_TOO_LARGE, f"the inline voice is {seconds:.1f} s long; the limit is "
-                            f"{min(limits.max_voice_seconds, VOICE_MAX_S):.0f} s (3-10 s is best)")
-    errors = [p for p in check_voice_audio(samples, MODEL_RATE) if p.level == "error"]
-    if errors:
-        raise ProtocolError(ErrorCode.INVALID_CHARACTER, f"inline voice: {errors[0].message}")
-    persona = Persona(role=character.role, voice_samples=samples, name=character.name,
-                      sampling=character.to_sampling())
-    return persona, character.name
-
-
-def open_store(characters: str | Path | None, voices: str | Path | None = None) -> Any:
-    """The character store of `serve` (None when there is no folder)."""
-    from .characters import CharacterStore, default_characters_dir
-
-    root = Path(characters) if characters is not None else default_characters_dir()
-    if not root.is_dir():
-        if characters is not None:
-            raise ValueError(f"no characters folder at {root}")
-        return None
-    return CharacterStore(root, presets_dir=voices)
+        return resolve_persona(store, spec, limits)
+    except ResolveError as exc:
+        raise ProtocolError(exc.code, exc.message) from None
 
 
 # --- audio conversion -----------------------------------------------------------------------------

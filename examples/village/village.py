@@ -116,9 +116,10 @@ def start_local_server(characters: str | None = None, weights: str | None = None
     """An npc-voice server on this process (its own thread), on 127.0.0.1 and a free port."""
     import torch
 
+    from npc_voice.characters import open_store
     from npc_voice.engine import Engine
     from npc_voice.model.loading import load_model
-    from npc_voice.server import BackgroundServer, ServerConfig, open_store
+    from npc_voice.server import BackgroundServer, ServerConfig
 
     if weights is None:
         print("village: starting an in-process npc-voice server with the tiny built-in model "

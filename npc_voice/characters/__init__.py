@@ -8,11 +8,13 @@ from .model import (
     CONTEXT_FRAMES, ID_PATTERN, KNOWN_PRESETS, ROLE_TOKENS_MAX, ROLE_TOKENS_WARN, Character, CharacterError,
     Problem, Report, SamplingSettings, check_character, role_tokens,
 )
-from .store import CharacterStore, default_presets_dir, import_voice
+from .store import CharacterStore, default_presets_dir, import_voice, open_store
 from .paths import default_characters_dir, shipped_characters_dir
+from .resolve import ResolveError, find_preset, installed_presets, resolve_persona
 
 __all__ = [
     "CONTEXT_FRAMES", "ID_PATTERN", "KNOWN_PRESETS", "ROLE_TOKENS_MAX", "ROLE_TOKENS_WARN", "Character",
-    "CharacterError", "CharacterStore", "Problem", "Report", "SamplingSettings", "check_character",
-    "default_characters_dir", "default_presets_dir", "import_voice", "role_tokens", "shipped_characters_dir",
+    "CharacterError", "CharacterStore", "Problem", "Report", "ResolveError", "SamplingSettings", "check_character",
+    "default_characters_dir", "default_presets_dir", "find_preset", "import_voice", "installed_presets", "open_store",
+    "resolve_persona", "role_tokens", "shipped_characters_dir",
 ]

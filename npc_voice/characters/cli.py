@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..protocol import ErrorCode
 from .model import CHARACTER_FILE, PRESET_PATTERN, VOICE_FILE, Character, CharacterError, Report
 from .paths import default_characters_dir
-from .store import CharacterStore
+from .resolve import ResolveError, preset_path, resolve_persona
+from .store import CharacterStore, open_store
 
 SPM_NAME = "tokenizer_spm_32k_3.model"  # the text tokenizer in a PersonaPlex weights folder
 
@@ -26,11 +28,14 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
                    "$NPC_VOICE_VOICES, else voices/ beside the characters folder")
 
 
-def open_store(args: argparse.Namespace, *, create: bool = False, tokenizer: Any = None,
-               presets_dir: Path | str | None = None) -> CharacterStore:
-    root = Path(args.characters) if getattr(args, "characters", None) else default_characters_dir()
-    return CharacterStore(root, presets_dir=getattr(args, "voices", None) or presets_dir, tokenizer=tokenizer,
-                          create=create)
+def store_of(args: argparse.Namespace, *, create: bool = False, tokenizer: Any = None,
+             weights: Path | str | None = None) -> CharacterStore:
+    """`open_store` of `--characters` and `--voices`; a missing folder is an error."""
+    store = open_store(getattr(args, "characters", None), getattr(args, "voices", None), create=create,
+                       tokenizer=tokenizer, weights=weights)
+    if store is None:
+        raise CharacterError(f"no characters folder at {default_characters_dir()}: create it, or pass --characters DIR")
+    return store
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -59,7 +64,7 @@ def _print_report(report: Report, label: str | None = None) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = store_of(args)
     rows = []
     for id, entry in store.entries():
         if isinstance(entry, CharacterError):
@@ -85,7 +90,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = open_store(args, tokenizer=_tokenizer(args))
+    store = store_of(args, tokenizer=_tokenizer(args))
     if args.toml:
         print(store.read_toml(args.id), end="")
         return 0
@@ -98,7 +103,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if character.description:
         print(f"  {character.description}")
     voice = store.folder(character.id) / VOICE_FILE if not character.uses_preset else \
-        store.presets_dir / f"{character.voice}.pt"
+        preset_path(store.presets_dir, character.voice)
     print(f"voice:    {character.voice}  ->  {voice}")
     if character.tags:
         print(f"tags:     {', '.join(character.tags)}")
@@ -121,7 +126,7 @@ def _read_text_arg(value: str | None, file: str | None) -> str | None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    store = open_store(args, create=True, tokenizer=_tokenizer(args))
+    store = store_of(args, create=True, tokenizer=_tokenizer(args))
     store.folder(args.id)  # refuses an unsafe id before anything else
     if not args.force and args.id in store:
         raise CharacterError(f"character {args.id!r} already exists in {store.root}: choose another id, or add "
@@ -173,7 +178,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    store = open_store(args, tokenizer=_tokenizer(args))
+    store = store_of(args, tokenizer=_tokenizer(args))
     ids = args.ids or store.ids()
     if not ids:
         print(f"no characters in {store.root}")
@@ -191,7 +196,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = store_of(args)
     folder = store.folder(args.id)
     if args.id not in store:
         raise CharacterError(f"no character {args.id!r} in {store.root}")
@@ -286,15 +291,16 @@ def persona_for_talk(args: argparse.Namespace, model: Any, sampling: Any = None)
     (e.g. --greedy) overrides the character's. Exits with a message when the character can't be used."""
     if args.voice is not None or args.prompt is not None:
         raise SystemExit("npc-voice talk: give either --character or --voice and --prompt, not both")
-    presets = None
-    if args.weights and Path(args.weights, "voices").is_dir():  # the release's voices.tgz unpacked beside it
-        presets = Path(args.weights, "voices")
     try:
-        store = open_store(args, tokenizer=model.tokenizer, presets_dir=presets)
-        character = store.load(args.character)
-        persona = character.to_persona(store)
+        store = store_of(args, tokenizer=model.tokenizer, weights=args.weights)  # presets: also WEIGHTS/voices
+        persona, _ = resolve_persona(store, args.character)
     except CharacterError as exc:
         raise SystemExit(f"npc-voice talk: {exc}") from None
+    except ResolveError as exc:
+        if exc.code is ErrorCode.UNKNOWN_CHARACTER:
+            raise SystemExit(f"npc-voice talk: no character {args.character!r} in {store.root} (known: "
+                             f"{', '.join(store.ids()) or 'none'})") from None
+        raise SystemExit(f"npc-voice talk: {exc.message}") from None
     if sampling is not None:
         from dataclasses import replace
 

@@ -415,6 +415,7 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
     """Everything that can be said about a (schema-valid) character: the role's token count, its voice
     sample (readable, 2-20 s, 3-10 s recommended) or preset, and the prompt's share of the context."""
     from ..audio import AudioError, read_audio, to_mono
+    from .resolve import find_preset
 
     report = Report(character.id)
     problems = report.problems
@@ -451,13 +452,11 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
                     problems.append(Problem("warning", "voice", f"{VOICE_FILE} is {audio.sample_rate} Hz with "
                                             f"{audio.channels} channel(s); the store keeps 24 kHz mono (only the first "
                                             "channel is used): re-import it with `characters create --force --voice`"))
-    else:
-        pt = Path(presets_dir) / f"{character.voice}.pt" if presets_dir is not None else None
-        if pt is None or not pt.is_file():
-            where = f"in {presets_dir}" if presets_dir is not None else "(no presets folder set)"
-            problems.append(Problem("warning", "voice", f"preset {character.voice}.pt not found {where}: unpack "
-                                    "voices.tgz of nvidia/personaplex-7b-v1 there or pass --voices DIR before using "
-                                    "this character"))
+    elif find_preset(presets_dir, character.voice) is None:
+        where = f"in {presets_dir}" if presets_dir is not None else "(no presets folder set)"
+        problems.append(Problem("warning", "voice", f"preset {character.voice}.pt not found {where}: unpack "
+                                "voices.tgz of nvidia/personaplex-7b-v1 there or pass --voices DIR before using "
+                                "this character"))
     if voice_frames is not None:
         frames = report.prompt_frames = voice_frames + PROMPT_SILENCE_FRAMES + n
         if frames >= context_frames // 2:

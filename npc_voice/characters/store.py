@@ -31,6 +31,8 @@ from .model import (
     CHARACTER_FILE, ID_PATTERN, ID_RULE, VOICE_FILE, VOICE_RATE, Character, CharacterError, Problem, Report,
     TokenizerLike, check_character, check_voice_audio, slugify,
 )
+from .paths import default_characters_dir
+from .resolve import find_preset, preset_path
 
 try:
     import fcntl
@@ -50,6 +52,25 @@ def default_presets_dir(root: Path) -> Path:
     (unpack the release's voices.tgz there)."""
     env = os.environ.get("NPC_VOICE_VOICES")
     return Path(env) if env else root.parent / "voices"
+
+
+def open_store(characters: str | Path | None = None, voices: str | Path | None = None, *, create: bool = False,
+               tokenizer: TokenizerLike | None = None, weights: str | Path | None = None) -> CharacterStore | None:
+    """The character store of every command (serve, the MCP server, `characters`, `talk`).
+
+    `characters`: the folder (default: `default_characters_dir()`); `create` makes it when missing.
+    Otherwise a folder that was asked for and is missing raises `CharacterError`, and a missing
+    default folder gives None (a server without characters). `voices`: the presets folder (default:
+    `<weights>/voices` when `weights` is given and that folder exists, else `default_presets_dir`).
+    """
+    root = Path(characters) if characters else default_characters_dir()
+    if not create and not root.is_dir():
+        if characters:
+            raise CharacterError(f"no characters folder at {root}: create it, or pass --characters DIR")
+        return None
+    if not voices and weights and Path(weights, "voices").is_dir():  # the release's voices.tgz unpacked beside it
+        voices = Path(weights, "voices")
+    return CharacterStore(root, presets_dir=voices or None, tokenizer=tokenizer, create=create)
 
 
 def import_voice(source: VoiceSource) -> np.ndarray:
@@ -149,9 +170,10 @@ class CharacterStore:
     def voice_file(self, character: Character) -> Path:
         """The file behind `character.voice`: `<folder>/voice.wav` or `<presets dir>/<NAME>.pt`."""
         if character.uses_preset:
-            path = self.presets_dir / f"{character.voice}.pt"
-            if not path.is_file():
-                raise CharacterError(f"voice preset {character.voice!r} not found: expected {path}; unpack the "
+            path = find_preset(self.presets_dir, character.voice)
+            if path is None:
+                raise CharacterError(f"voice preset {character.voice!r} not found: expected "
+                                     f"{preset_path(self.presets_dir, character.voice)}; unpack the "
                                      "PersonaPlex voices.tgz (nvidia/personaplex-7b-v1) into that folder, pass "
                                      "--voices DIR (or set NPC_VOICE_VOICES), or give the character a voice sample",
                                      character.id)
