@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .model import CHARACTER_FILE, PRESET_PATTERN, VOICE_FILE, Character, CharacterError, Report
+from .model import CHARACTER_FILE, CONTEXT_FRAMES, PRESET_PATTERN, VOICE_FILE, Character, CharacterError, Report
 from .paths import default_characters_dir
 from .store import CharacterStore
 
@@ -27,10 +27,29 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_store(args: argparse.Namespace, *, create: bool = False, tokenizer: Any = None,
-               presets_dir: Path | str | None = None) -> CharacterStore:
+               presets_dir: Path | str | None = None, context_frames: int | None = None) -> CharacterStore:
     root = Path(args.characters) if getattr(args, "characters", None) else default_characters_dir()
     return CharacterStore(root, presets_dir=getattr(args, "voices", None) or presets_dir, tokenizer=tokenizer,
-                          create=create)
+                          context_frames=context_frames if context_frames is not None else _context(args), create=create)
+
+
+def _context(args: argparse.Namespace) -> int | None:
+    """The context the checks hold prompts to: --context, else the --weights folder's config.json, else
+    None (the store's default, PersonaPlex's)."""
+    context = getattr(args, "context", None)
+    if context is not None:
+        if context < 1:
+            raise CharacterError(f"--context {context}: give a positive number of frames")
+        return context
+    if getattr(args, "weights", None) and Path(args.weights).is_dir():
+        from ..model.config import get_preset
+        from ..model.loading import read_configs
+
+        try:
+            return read_configs(Path(args.weights), get_preset("personaplex-7b"))[0].lm.context
+        except Exception as exc:
+            raise CharacterError(f"cannot read the model configuration in {args.weights}: {exc}") from None
+    return None
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -227,7 +246,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tok = argparse.ArgumentParser(add_help=False)
     tok.add_argument("--tokenizer", metavar="FILE", help="SentencePiece model to count role tokens with "
                      "(default: the built-in tokenizer)")
-    tok.add_argument("--weights", metavar="DIR", help=f"PersonaPlex weights folder: count with its {SPM_NAME}")
+    tok.add_argument("--weights", metavar="DIR", help=f"PersonaPlex weights folder: count with its {SPM_NAME} "
+                     "and check against its context")
+    tok.add_argument("--context", type=int, metavar="FRAMES", help="the context the server runs with (its "
+                     f"--context): a prompt must take less than half of it (default: the model's, {CONTEXT_FRAMES})")
     sub = parser.add_subparsers(dest="characters_command", required=True)
 
     p = sub.add_parser("list", parents=[common], help="the characters, one line each")
@@ -290,7 +312,7 @@ def persona_for_talk(args: argparse.Namespace, model: Any, sampling: Any = None)
     if args.weights and Path(args.weights, "voices").is_dir():  # the release's voices.tgz unpacked beside it
         presets = Path(args.weights, "voices")
     try:
-        store = open_store(args, tokenizer=model.tokenizer, presets_dir=presets)
+        store = open_store(args, tokenizer=model.tokenizer, presets_dir=presets, context_frames=model.config.lm.context)
         character = store.load(args.character)
         persona = character.to_persona(store)
     except CharacterError as exc:
