@@ -201,7 +201,7 @@ class Backend:
     def __init__(self, settings: Settings, model: Any = None):
         self.settings = settings
         root = settings.characters if settings.characters is not None else default_characters_dir()
-        self.store = CharacterStore(root, presets_dir=settings.voices, create=True)
+        self.store = CharacterStore(root, presets_dir=settings.voices, context_frames=settings.context, create=True)
         self.audio_dir = Path(settings.audio_dir).resolve() if settings.audio_dir is not None else None
         self._model = model
         self._model_lock = threading.Lock()
@@ -214,6 +214,7 @@ class Backend:
         self.max_records = 200
         if model is not None:
             self.store.tokenizer = model.tokenizer
+            self.store.context_frames = model.config.lm.context
 
     # --- model and engines ------------------------------------------------------------------------
 
@@ -231,6 +232,7 @@ class Backend:
                 self._model = load_model(s.weights, preset=s.preset, device=s.device, dtype=s.dtype, int8=s.int8,
                                          context=s.context, mimi_dtype=s.mimi_dtype)
                 self.store.tokenizer = self._model.tokenizer
+                self.store.context_frames = self._model.config.lm.context
             return self._model
 
     def _cache(self) -> Any:
