@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .model.config import SAMPLE_RATE  # the model's rate: the default of every function here
+from .model.config import SAMPLE_RATE  # the default rate here
 
 VOICE_LUFS = -24.0  # the reference normalises voice prompts to -24 LUFS
 

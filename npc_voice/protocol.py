@@ -29,7 +29,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .model.config import FRAME_SECONDS, SAMPLE_RATE as MODEL_RATE  # the model's frame and rate (one owner)
+from .model.config import FRAME_SECONDS
+from .model.config import SAMPLE_RATE as MODEL_RATE  # what the model hears and says
 
 PROTOCOL_VERSION = 1
 SAMPLE_RATES = (16_000, MODEL_RATE, 48_000)  # a client may declare any of these; the server converts with soxr

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from npc_voice.client import AudioFrame, Dropped, NPCVoiceClient, inline_character  # noqa: E402
-from npc_voice.protocol import FRAME_SECONDS, MODEL_RATE, frame_samples  # noqa: E402
+from npc_voice.protocol import FRAME_SECONDS, MODEL_RATE, frame_samples
 
 
 class Conversation:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from npc_voice.characters import CharacterStore  # noqa: E402
-from npc_voice.characters.model import VOICE_RATE  # noqa: E402
+from npc_voice.characters.model import VOICE_RATE
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def _context(args: argparse.Namespace) -> int | None:
 
         try:
             return read_configs(Path(args.weights), get_preset("personaplex-7b"))[0].lm.context
-        except Exception as exc:
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
             raise CharacterError(f"cannot read the model configuration in {args.weights}: {exc}") from None
     return None
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from ..audio import AudioError, load_mono, write_wav
 from .model import (
-    CHARACTER_FILE, CONTEXT_FRAMES, ID_PATTERN, ID_RULE, VOICE_FILE, VOICE_RATE, Character, CharacterError, Problem, Report,
-    TokenizerLike, check_character, check_voice_audio, slugify,
+    CHARACTER_FILE, CONTEXT_FRAMES, ID_PATTERN, ID_RULE, VOICE_FILE, VOICE_RATE, Character, CharacterError, Problem,
+    Report, TokenizerLike, check_character, check_voice_audio, slugify,
 )
 
 try:

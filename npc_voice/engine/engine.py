@@ -25,7 +25,7 @@ import torch
 
 from ..characters.model import VOICE_MAX_S
 from ..model import fused
-from ..model.config import FRAME_SECONDS  # the model's frame (re-exported for loop.py and talk.py)
+from ..model.config import FRAME_SECONDS  # re-exported (loop.py, talk.py)
 from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
