@@ -14,5 +14,6 @@ from .paths import default_characters_dir, shipped_characters_dir
 __all__ = [
     "CONTEXT_FRAMES", "ID_PATTERN", "KNOWN_PRESETS", "ROLE_TOKENS_MAX", "ROLE_TOKENS_WARN", "Character",
     "CharacterError", "CharacterStore", "Problem", "Report", "SamplingSettings", "check_character",
-    "default_characters_dir", "default_presets_dir", "import_voice", "max_top_k", "role_tokens", "shipped_characters_dir",
+    "default_characters_dir", "default_presets_dir", "import_voice", "max_top_k", "role_tokens",
+    "shipped_characters_dir",
 ]

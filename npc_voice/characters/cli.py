@@ -29,8 +29,10 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 def open_store(args: argparse.Namespace, *, create: bool = False, tokenizer: Any = None,
                presets_dir: Path | str | None = None, context_frames: int | None = None) -> CharacterStore:
     root = Path(args.characters) if getattr(args, "characters", None) else default_characters_dir()
+    if context_frames is None:
+        context_frames = _context(args)
     return CharacterStore(root, presets_dir=getattr(args, "voices", None) or presets_dir, tokenizer=tokenizer,
-                          context_frames=context_frames if context_frames is not None else _context(args), create=create)
+                          context_frames=context_frames, create=create)
 
 
 def _context(args: argparse.Namespace) -> int | None:

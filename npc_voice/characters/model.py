@@ -48,8 +48,9 @@ KNOWN_PRESETS = tuple(f"{kind}{sex}{i}" for kind, n in (("NAT", 4), ("VAR", 5)) 
 # model in use (`--context` changes it); CONTEXT_FRAMES, the PersonaPlex default, is only for callers
 # without a model at hand.
 CONTEXT_FRAMES = LMConfig.context
+FRAME_MS = round(FRAME_SECONDS * 1000)  # 80, for messages
 ROLE_TOKENS_WARN = 200  # above: a warning (16 s of prompt; the PersonaPlex examples are 30-90 tokens)
-ROLE_TOKENS_MAX = 1000  # above: refused (80 s of prompt, a third of the context)
+ROLE_TOKENS_MAX = 1000  # above: refused (80 s of prompt, a third of PersonaPlex's context)
 VOICE_MIN_S, VOICE_MAX_S = 2.0, 20.0  # refused outside
 VOICE_GOOD_MIN_S, VOICE_GOOD_MAX_S = 3.0, 10.0  # recommended
 NAME_MAX, DESCRIPTION_MAX, LINE_MAX = 64, 500, 1000
@@ -146,7 +147,7 @@ def _tokenizer_note(tokenizer: TokenizerLike | None) -> str:
 
 def _too_long(n: int, tokenizer: TokenizerLike | None) -> str:
     return (f"the role is {n} tokens: its prompt would take {n} frames ({n * FRAME_SECONDS:.0f} s, one "
-            f"{FRAME_SECONDS * 1000:.0f} ms frame per token); the limit is {ROLE_TOKENS_MAX} tokens (under "
+            f"{FRAME_MS} ms frame per token); the limit is {ROLE_TOKENS_MAX} tokens (under "
             f"{ROLE_TOKENS_WARN} recommended): shorten it to the facts the NPC must use ({_tokenizer_note(tokenizer)})")
 
 
@@ -412,7 +413,8 @@ def check_voice_audio(samples: np.ndarray, rate: int, where: str = "voice") -> l
                         f"too little for the model to pick up the voice; {how}")]
     if seconds > VOICE_MAX_S:
         return [Problem("error", where, f"the voice sample is {seconds:.1f} s long, longer than {VOICE_MAX_S:.0f} s: "
-                        f"each {FRAME_SECONDS * 1000:.0f} ms costs a prompt frame ({math.ceil(seconds / FRAME_SECONDS)} frames); {how}")]
+                        f"each {FRAME_MS} ms costs a prompt frame ({math.ceil(seconds / FRAME_SECONDS)} frames); "
+                        f"{how}")]
     problems = []
     if not VOICE_GOOD_MIN_S <= seconds <= VOICE_GOOD_MAX_S:
         problems.append(Problem("warning", where, f"the voice sample is {seconds:.1f} s long; "
@@ -447,8 +449,9 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
         problems.append(Problem("error", "role", _too_long(n, tokenizer)))
     elif n > ROLE_TOKENS_WARN:
         problems.append(Problem("warning", "role", f"the role is {n} tokens ({n * FRAME_SECONDS:.1f} s of prompt, one "
-                                f"{FRAME_SECONDS * 1000:.0f} ms frame per token); under {ROLE_TOKENS_WARN} is recommended: a long prompt "
-                                f"delays every new conversation and uses context ({_tokenizer_note(tokenizer)})"))
+                                f"{FRAME_MS} ms frame per token); under {ROLE_TOKENS_WARN} is recommended: a long "
+                                "prompt delays every new conversation and uses context "
+                                f"({_tokenizer_note(tokenizer)})"))
 
     voice_frames = None
     if not character.uses_preset:
@@ -473,8 +476,9 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
                 voice_frames = math.ceil(audio.samples.shape[-1] / audio.sample_rate / FRAME_SECONDS)
                 if audio.sample_rate != VOICE_RATE or audio.channels != 1:
                     problems.append(Problem("warning", "voice", f"{VOICE_FILE} is {audio.sample_rate} Hz with "
-                                            f"{audio.channels} channel(s); the store keeps {VOICE_RATE // 1000} kHz mono (only the first "
-                                            "channel is used): re-import it with `characters create --force --voice`"))
+                                            f"{audio.channels} channel(s); the store keeps {VOICE_RATE // 1000} kHz "
+                                            "mono (only the first channel is used): re-import it with "
+                                            "`characters create --force --voice`"))
     else:
         pt = Path(presets_dir) / f"{character.voice}.pt" if presets_dir is not None else None
         if pt is None or not pt.is_file():
