@@ -9,6 +9,8 @@ import argparse, asyncio, collections, json, struct, sys  # noqa: E401
 
 import numpy as np
 
+# Standalone on purpose (raw websockets, no npc_voice import), so it states the protocol's numbers
+# itself (docs/protocol.md); tests/test_shared_facts.py checks they agree with npc_voice.protocol.
 RATE, FRAME = 24_000, 1920  # the session's rate and the server's 80 ms frame (samples)
 
 
@@ -75,7 +77,7 @@ async def talk(args: argparse.Namespace) -> None:
             for index, frame in out.items():
                 pcm[index * FRAME:(index + 1) * FRAME] = frame
             soundfile.write(args.output, pcm, RATE, subtype="PCM_16")
-            print(f"wrote {args.output} ({n * 0.08:.2f} s)", file=sys.stderr)
+            print(f"wrote {args.output} ({n * FRAME / RATE:.2f} s)", file=sys.stderr)
 
 
 def open_audio(mic_queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, play: collections.deque) -> list:

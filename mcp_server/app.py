@@ -280,12 +280,13 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
     @_tool_errors
     async def start_player_session(
         character: Annotated[str, Field(description="the character the player talks to")],
-        sample_rate: Annotated[SampleRate, Field(description="the game's audio rate in Hz")] = 24000,
+        sample_rate: Annotated[SampleRate, Field(description="the game's audio rate in Hz")] = MODEL_RATE,
     ) -> out.PlayerSession:
         """Start a conversation for a player: returns the websocket URL, the token and the `start` message a game
         client uses (docs/protocol.md). Without a configured server, an embedded one is started."""
         if sample_rate not in SAMPLE_RATES:  # the server's own list
-            raise UserError("sample_rate must be 16000, 24000 or 48000")
+            *rest, last = sorted(SAMPLE_RATES)
+            raise UserError(f"sample_rate must be {', '.join(map(str, rest))} or {last}")
         import anyio
 
         return await anyio.to_thread.run_sync(be.start_player, character, sample_rate)

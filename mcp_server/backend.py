@@ -202,7 +202,7 @@ class Backend:
 
     def __init__(self, settings: Settings, model: Any = None):
         self.settings = settings
-        self.store = open_store(settings.characters, settings.voices, create=True)
+        self.store = open_store(settings.characters, settings.voices, create=True, context_frames=settings.context)
         self.audio_dir = Path(settings.audio_dir).resolve() if settings.audio_dir is not None else None
         self._model = model
         self._model_lock = threading.Lock()
@@ -215,6 +215,7 @@ class Backend:
         self.max_records = 200
         if model is not None:
             self.store.tokenizer = model.tokenizer
+            self.store.context_frames = model.config.lm.context
 
     # --- model and engines ------------------------------------------------------------------------
 
@@ -232,6 +233,7 @@ class Backend:
                 self._model = load_model(s.weights, preset=s.preset, device=s.device, dtype=s.dtype, int8=s.int8,
                                          context=s.context, mimi_dtype=s.mimi_dtype)
                 self.store.tokenizer = self._model.tokenizer
+                self.store.context_frames = self._model.config.lm.context
             return self._model
 
     def _cache(self) -> Any:

@@ -13,7 +13,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-SAMPLE_RATE = 24_000
+from .model.config import SAMPLE_RATE  # the default rate here
+
 VOICE_LUFS = -24.0  # the reference normalises voice prompts to -24 LUFS
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .bench import peak_memory_gb
 from .engine.engine import percentile
+from .model.config import FRAME_SECONDS
 from .model.loading import LoadedModel
 
 
@@ -56,7 +57,7 @@ class _LiveEngine:
         return {"tick_ms_p50": round(percentile(ticks, 0.5), 2), "tick_ms_p99": round(percentile(ticks, 0.99), 2),
                 "tick_ms_max": round(max(ticks, default=0.0), 2), "ticks": len(ticks),
                 "overruns": loop.overruns - overruns0, "frame_index_skips": skips,
-                "live_frames_min": min(got), "live_frames_expected": round(elapsed / 0.08, 1)}
+                "live_frames_min": min(got), "live_frames_expected": round(elapsed / FRAME_SECONDS, 1)}
 
     def mark(self, loop) -> tuple[int, int, float, dict[str, int]]:
         return (self.engine.ticks, loop.overruns, time.perf_counter(),

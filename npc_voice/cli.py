@@ -9,6 +9,7 @@ import sys
 import torch
 
 from .characters.cli import add_parser as add_characters_parser, add_talk_args
+from .model.config import FRAME_SECONDS, LMConfig
 from .server import add_serve_command
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -24,7 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "fp32 on CPU; the reference runs Mimi in fp32)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only LM (half the memory; for 24 GB cards)")
     p.add_argument("--context", type=int, help="frames each conversation remembers (default: the model's, "
-                   "3000 = 4 min); less memory per session, so more sessions per GPU")
+                   f"{LMConfig.context} = {LMConfig.context * FRAME_SECONDS / 60:g} min); less memory per session, so "
+                   "more sessions per GPU")
 
 
 def _load(args: argparse.Namespace):

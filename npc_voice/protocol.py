@@ -29,11 +29,12 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .model.config import FRAME_SECONDS
+from .model.config import SAMPLE_RATE as MODEL_RATE  # what the model hears and says
+
 PROTOCOL_VERSION = 1
-MODEL_RATE = 24_000  # Mimi's rate: what the model hears and says
-SAMPLE_RATES = (16_000, 24_000, 48_000)  # a client may declare any of these; the server converts with soxr
-FRAME_MS = 80
-FRAME_SECONDS = FRAME_MS / 1000
+SAMPLE_RATES = (16_000, MODEL_RATE, 48_000)  # a client may declare any of these; the server converts with soxr
+FRAME_MS = round(FRAME_SECONDS * 1000)  # 80
 WS_PATH = "/ws"
 HEALTH_PATH = "/health"
 AUDIO_HEADER = struct.Struct("<I")  # server audio frames: uint32 LE frame index, then PCM16 LE

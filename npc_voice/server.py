@@ -909,6 +909,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _load(args)
     if store is not None:
         store.tokenizer = model.tokenizer  # roles counted as this model tokenizes them
+        store.context_frames = model.config.lm.context  # prompts held to this model's context (--context)
     cache = PrefixCache(model, max_bytes=args.prefix_cache_mb << 20, directory=args.prefix_cache,
                         on=args.prefix_cache_on)
     # Player audio more than 0.5 s ahead of the engine is dropped (oldest first): after a hiccup the

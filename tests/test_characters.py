@@ -499,3 +499,57 @@ def test_lock_is_reentrant_across_store_objects_of_one_root(store: CharacterStor
     with store.lock():
         other.update(make(name="Nested"))  # would wait forever on its own flock if not re-entrant
     assert store.load("teacher").name == "Nested"
+
+
+# --- the prompt budget is the caller's context; top-k stays within the sampler's cap --------------
+
+
+def test_the_prompt_budget_is_the_callers_context(store: CharacterStore, voice: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """A short `--context` refuses a prompt that PersonaPlex's 3000 frames accept: the check takes the
+    context from its caller (the store, the CLI), never a fixed one."""
+    from npc_voice.cli import main
+
+    store.create(make(), voice)
+    report = store.validate("teacher")
+    assert report.ok and report.prompt_frames is not None
+    frames = report.prompt_frames
+    assert frames == 50 + 12 + role_tokens(ROLE)  # a 4 s sample is 50 frames; 6 + 6 frames of silence
+    assert frames < 3000 // 2
+
+    short = 2 * frames  # the prompt is exactly half of it: refused
+    refused = store.validate("teacher", context_frames=short)
+    assert not refused.ok and f"half or more of the {short}-frame context" in str(refused.errors[0])
+    assert f"the prompt takes {frames} frames" in str(refused.errors[0])
+    assert store.validate("teacher", context_frames=short + 2).ok
+    character = store.load("teacher")
+    assert not check_character(character, store.folder("teacher"), context_frames=short).ok
+    assert check_character(character, store.folder("teacher"), context_frames=3000).ok
+
+    # a store told its model's context holds creates and validations to it
+    small = CharacterStore(store.root, presets_dir=tmp_path / "voices", context_frames=short)
+    assert small.context_frames == short and not small.validate("teacher").ok
+    with pytest.raises(CharacterError, match=f"half or more of the {short}-frame context"):
+        small.create(make(id="other"), voice)
+    assert "other" not in store
+
+    args = ["--characters", str(store.root)]
+    assert main(["characters", "validate", "teacher", *args]) == 0
+    assert main(["characters", "validate", "teacher", *args, "--context", str(short)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED teacher" in out and f"{short}-frame context" in out
+
+
+@pytest.mark.parametrize("field", ["text_top_k", "audio_top_k"])
+def test_top_k_above_the_samplers_cap_is_refused(field: str) -> None:
+    from npc_voice.characters import max_top_k
+    from npc_voice.model.sampling import MAX_TOP_K
+
+    assert max_top_k() == MAX_TOP_K == 512
+    assert getattr(make(sampling={field: MAX_TOP_K}).sampling, field) == MAX_TOP_K
+    for too_many in (MAX_TOP_K + 1, 2048, 32000):  # 32000 and 2048 were accepted and silently cut to 512
+        with pytest.raises(CharacterError) as exc:
+            make(sampling={field: too_many})
+        text = errors_of(exc)
+        assert f"top-k {too_many} is out of range: use 1 to {MAX_TOP_K}" in text and "likeliest tokens" in text
+        assert field in text

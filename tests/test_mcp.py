@@ -855,3 +855,34 @@ def test_cli_refuses_a_public_http_bind(tmp_path) -> None:
 
     assert main(["--transport", "http", "--host", "0.0.0.0", "--characters", str(tmp_path)]) == 2
     assert main(["--audio-dir", str(tmp_path / "missing"), "--characters", str(tmp_path)]) == 2
+
+
+def test_the_character_checks_use_the_models_context(model, folders) -> None:
+    """A character's prompt is held to the context the MCP server runs with (`--context`, then the
+    loaded model's), not PersonaPlex's 3000 frames."""
+    import dataclasses
+
+    from npc_voice.characters import Character, CharacterError
+
+    root = folders["root"] / "context-chars"
+    lazy = Backend(Settings(characters=root, context=100))  # no model loaded yet: the --context setting
+    try:
+        assert lazy.store.context_frames == 100
+        character = Character.parse({"id": "gatekeeper", "name": "Gatekeeper", "role": ROLE})
+        with pytest.raises(CharacterError, match="half or more of the 100-frame context"):
+            lazy.store.create(character, folders["audio"] / "voice.wav")  # 2.5 s: 32 voice frames + 12 + role
+        assert "gatekeeper" not in lazy.store
+    finally:
+        lazy.close()
+    short = random_model(dataclasses.replace(model.config, lm=dataclasses.replace(model.config.lm, context=120)))
+    loaded = Backend(Settings(characters=root), model=short)
+    try:
+        assert loaded.store.context_frames == 120
+    finally:
+        loaded.close()
+    roomy = Backend(Settings(characters=root), model=model)
+    try:
+        assert roomy.store.context_frames == model.config.lm.context
+        assert roomy.store.create(character, folders["audio"] / "voice.wav").ok
+    finally:
+        roomy.close()

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from npc_voice.client import AudioFrame, Dropped, NPCVoiceClient, inline_character  # noqa: E402
+from npc_voice.protocol import FRAME_SECONDS, MODEL_RATE, frame_samples
 
 
 class Conversation:
@@ -52,11 +53,11 @@ class Conversation:
 
                 async def feed() -> None:
                     t0, i = time.monotonic(), 0
-                    silence = np.zeros(1920, np.int16)
+                    silence = np.zeros(frame_samples(MODEL_RATE), np.int16)
                     while not self.stop.is_set():
                         await session.send_audio(silence)
                         i += 1
-                        await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
+                        await asyncio.sleep(max(0.0, t0 + i * FRAME_SECONDS - time.monotonic()))
 
                 feeder = asyncio.create_task(feed())
                 async for event in session.events():
@@ -87,7 +88,7 @@ def characters(args: argparse.Namespace) -> list:
     folder = Path(args.characters) if args.characters else REPO / "characters"
     if folder.is_dir() and not args.url:
         cast = sorted(p.name for p in folder.iterdir() if (p / "character.toml").is_file())
-    rate = 24_000
+    rate = MODEL_RATE
     t = np.arange(int(3.0 * rate)) / rate
     extra = [inline_character(f"You are traveller number {i} on the king's road. You talk about the weather.",
                               (0.3 * np.sin(2 * np.pi * (140 + 13 * i) * t)).astype(np.float32), name=f"Traveller {i}")
@@ -112,7 +113,7 @@ async def measure(args: argparse.Namespace, url: str, base: str, cast: list, liv
     await asyncio.sleep(args.seconds)
     t1 = time.monotonic()
     after = get_health(base)
-    expected = (t1 - t0) / 0.08
+    expected = (t1 - t0) / FRAME_SECONDS
     rates = [c.frames_between(t0, t1) / expected for c in live]
     dropped_in = sum(c.dropped_in - d[0] for c, d in zip(live, drops_before))
     dropped_out = sum(c.dropped_out - d[1] for c, d in zip(live, drops_before))

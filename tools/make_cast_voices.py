@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from npc_voice.characters import CharacterStore  # noqa: E402
+from npc_voice.characters.model import VOICE_RATE
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def synthesize(recipe: VoiceRecipe, text: str, out: Path, work: Path) -> None:
     subprocess.run(["espeak-ng", "-v", recipe.espeak, "-p", str(recipe.pitch), "-s", str(recipe.speed),
                     "-w", str(raw), text], check=True)
     subprocess.run(["sox", "-D", "-R", "-G", str(raw), "-b", "16", "-c", "1", str(out), *recipe.effects,
-                    "pad", "0.2", "0.3", "rate", "-v", "24000", "gain", "-n", "-3"], check=True)
+                    "pad", "0.2", "0.3", "rate", "-v", str(VOICE_RATE), "gain", "-n", "-3"], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             wav = Path(work) / "voice.wav"
             synthesize(VOICES[id], text, wav, Path(work))
             info = soundfile.info(wav)
-            if not (info.samplerate == 24_000 and info.channels == 1 and info.subtype == "PCM_16"):
+            if not (info.samplerate == VOICE_RATE and info.channels == 1 and info.subtype == "PCM_16"):
                 raise SystemExit(f"{id}: sox wrote {info.samplerate} Hz, {info.channels} ch, {info.subtype}")
             if not 3.0 <= info.duration <= 10.0:
                 raise SystemExit(f"{id}: {info.duration:.2f} s; the cast's samples must last 3-10 s "

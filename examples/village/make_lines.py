@@ -12,6 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from npc_voice.protocol import MODEL_RATE
+
 HERE = Path(__file__).resolve().parent
 LINES = [
     ("1-hello", "Hello there! Good to meet you. What is your name?"),
@@ -29,8 +31,8 @@ def main() -> None:
             raw = Path(tmp) / "raw.wav"
             subprocess.run(["espeak-ng", "-v", VOICE, "-s", "150", "-w", str(raw), text], check=True)
             out = out_dir / f"{name}.wav"
-            # 24 kHz, mono, 16-bit; peak normalised to -3 dBFS; 0.3 s of silence after
-            subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(out),
+            # the model's rate (24 kHz), mono, 16-bit; peak normalised to -3 dBFS; 0.3 s of silence after
+            subprocess.run(["sox", str(raw), "-r", str(MODEL_RATE), "-c", "1", "-b", "16", str(out),
                             "gain", "-n", "-3", "pad", "0", "0.3"], check=True)
         (out_dir / f"{name}.txt").write_text(text + "\n")
         print(out)

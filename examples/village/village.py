@@ -38,7 +38,7 @@ try:
 except ImportError:  # run from a checkout without installing: use the repository's package
     sys.path.insert(0, str(HERE.parents[1]))
 
-from village_audio import Microphone, Playback  # noqa: E402
+from village_audio import RATE, Microphone, Playback  # noqa: E402
 from village_net import NetEvent, VoiceLink  # noqa: E402
 
 TILE = 32
@@ -108,7 +108,7 @@ def _load_lines() -> list[tuple[str, np.ndarray]]:
     for wav in sorted(LINES_DIR.glob("*.wav"))[:3]:
         txt = wav.with_suffix(".txt")
         text = txt.read_text().strip() if txt.exists() else wav.stem
-        lines.append((text, load_mono(wav, 24_000)))
+        lines.append((text, load_mono(wav, RATE)))
     return lines
 
 
@@ -151,7 +151,7 @@ class Game:
     def __init__(self, server: str | None = None, token: str | None = None, *, mic: bool = True,
                  fps: int = FPS, seed: int | None = None, characters: str | None = None,
                  weights: str | None = None, npcs: list[NPC] | None = None):
-        pygame.mixer.pre_init(24_000, -16, 1, 512, allowedchanges=0)  # SDL converts to the device's format
+        pygame.mixer.pre_init(RATE, -16, 1, 512, allowedchanges=0)  # SDL converts to the device's format
         pygame.init()
         if not pygame.mixer.get_init():
             print("village: no audio output device: the NPCs will be silent", file=sys.stderr)

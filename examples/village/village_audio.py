@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 
 from npc_voice.client import PlayoutClock
-
-RATE = 24_000
-FRAME_S = 0.08
+from npc_voice.protocol import FRAME_SECONDS as FRAME_S
+from npc_voice.protocol import MODEL_RATE as RATE  # the game plays at the model's rate
 
 
 class Playback:

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from npc_voice.client import AudioFrame, Ended, ErrorMsg, NPCVoiceClient, NPCVoiceError, State, Text
+from npc_voice.protocol import MODEL_RATE as RATE, frame_samples
 
-RATE = 24_000
-CHUNK = 1920  # 80 ms at 24 kHz
+CHUNK = frame_samples(RATE)  # one 80 ms frame at the session's rate
 MAX_INPUT_S = 12.0  # player audio waiting to be sent (a prepared line is ~4 s); beyond it the oldest goes
 
 

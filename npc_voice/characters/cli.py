@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol import ErrorCode
-from .model import CHARACTER_FILE, PRESET_PATTERN, VOICE_FILE, Character, CharacterError, Report
+from .model import CHARACTER_FILE, CONTEXT_FRAMES, PRESET_PATTERN, VOICE_FILE, Character, CharacterError, Report
 from .paths import default_characters_dir
 from .resolve import ResolveError, preset_path, resolve_persona
 from .store import CharacterStore, open_store
@@ -29,13 +29,35 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def store_of(args: argparse.Namespace, *, create: bool = False, tokenizer: Any = None,
-             weights: Path | str | None = None) -> CharacterStore:
-    """`open_store` of `--characters` and `--voices`; a missing folder is an error."""
+             weights: Path | str | None = None, context_frames: int | None = None) -> CharacterStore:
+    """`open_store` of `--characters` and `--voices`; a missing folder is an error. The character
+    checks count against `context_frames`, else `--context`, else the --weights folder's config."""
+    if context_frames is None:
+        context_frames = _context(args)
     store = open_store(getattr(args, "characters", None), getattr(args, "voices", None), create=create,
-                       tokenizer=tokenizer, weights=weights)
+                       tokenizer=tokenizer, weights=weights, context_frames=context_frames)
     if store is None:
         raise CharacterError(f"no characters folder at {default_characters_dir()}: create it, or pass --characters DIR")
     return store
+
+
+def _context(args: argparse.Namespace) -> int | None:
+    """The context the checks hold prompts to: --context, else the --weights folder's config.json, else
+    None (the store's default, PersonaPlex's)."""
+    context = getattr(args, "context", None)
+    if context is not None:
+        if context < 1:
+            raise CharacterError(f"--context {context}: give a positive number of frames")
+        return context
+    if getattr(args, "weights", None) and Path(args.weights).is_dir():
+        from ..model.config import get_preset
+        from ..model.loading import read_configs
+
+        try:
+            return read_configs(Path(args.weights), get_preset("personaplex-7b"))[0].lm.context
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+            raise CharacterError(f"cannot read the model configuration in {args.weights}: {exc}") from None
+    return None
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -232,7 +254,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tok = argparse.ArgumentParser(add_help=False)
     tok.add_argument("--tokenizer", metavar="FILE", help="SentencePiece model to count role tokens with "
                      "(default: the built-in tokenizer)")
-    tok.add_argument("--weights", metavar="DIR", help=f"PersonaPlex weights folder: count with its {SPM_NAME}")
+    tok.add_argument("--weights", metavar="DIR", help=f"PersonaPlex weights folder: count with its {SPM_NAME} "
+                     "and check against its context")
+    tok.add_argument("--context", type=int, metavar="FRAMES", help="the context the server runs with (its "
+                     f"--context): a prompt must take less than half of it (default: the model's, {CONTEXT_FRAMES})")
     sub = parser.add_subparsers(dest="characters_command", required=True)
 
     p = sub.add_parser("list", parents=[common], help="the characters, one line each")
@@ -292,7 +317,8 @@ def persona_for_talk(args: argparse.Namespace, model: Any, sampling: Any = None)
     if args.voice is not None or args.prompt is not None:
         raise SystemExit("npc-voice talk: give either --character or --voice and --prompt, not both")
     try:
-        store = store_of(args, tokenizer=model.tokenizer, weights=args.weights)  # presets: also WEIGHTS/voices
+        store = store_of(args, tokenizer=model.tokenizer, weights=args.weights,  # presets: also WEIGHTS/voices
+                         context_frames=model.config.lm.context)
         persona, _ = resolve_persona(store, args.character)
     except CharacterError as exc:
         raise SystemExit(f"npc-voice talk: {exc}") from None

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
+from ..model.config import FRAME_SECONDS, SAMPLE_RATE, SILENCE_FRAMES, LMConfig, prompt_length
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -41,15 +43,18 @@ VOICE_FILE = "voice.wav"  # the one file name a character's sample may have
 CHARACTER_FILE = "character.toml"
 KNOWN_PRESETS = tuple(f"{kind}{sex}{i}" for kind, n in (("NAT", 4), ("VAR", 5)) for sex in "FM" for i in range(n))
 
-FRAME_SECONDS = 0.08  # one prompt token or voice frame = one 80 ms model frame
-CONTEXT_FRAMES = 3000  # PersonaPlex's temporal context (240 s)
-PROMPT_SILENCE_FRAMES = 12  # 6 silence frames after the voice and 6 after the text
+# Frame length, rate, prompt silence and context are the model's (npc_voice.model.config), never re-typed.
+# One prompt token or voice frame = one FRAME_SECONDS model frame. The checks take the context of the
+# model in use (`--context` changes it); CONTEXT_FRAMES, the PersonaPlex default, is only for callers
+# without a model at hand.
+CONTEXT_FRAMES = LMConfig.context
+FRAME_MS = round(FRAME_SECONDS * 1000)  # 80, for messages
 ROLE_TOKENS_WARN = 200  # above: a warning (16 s of prompt; the PersonaPlex examples are 30-90 tokens)
-ROLE_TOKENS_MAX = 1000  # above: refused (80 s of prompt, a third of the context)
+ROLE_TOKENS_MAX = 1000  # above: refused (80 s of prompt, a third of PersonaPlex's context)
 VOICE_MIN_S, VOICE_MAX_S = 2.0, 20.0  # refused outside
 VOICE_GOOD_MIN_S, VOICE_GOOD_MAX_S = 3.0, 10.0  # recommended
 NAME_MAX, DESCRIPTION_MAX, LINE_MAX = 64, 500, 1000
-VOICE_RATE = 24_000
+VOICE_RATE = SAMPLE_RATE  # the store keeps voice samples at the model's rate
 
 ID_RULE = "1-48 lowercase letters, digits, '-' or '_', starting with a letter or digit"
 
@@ -119,6 +124,14 @@ def builtin_tokenizer() -> TokenizerLike:
         return _builtin_tokenizer
 
 
+def max_top_k() -> int:
+    """The largest top-k the sampler honours (`npc_voice.model.sampling.MAX_TOP_K`, its one owner;
+    imported on first use, so that reading characters does not load torch)."""
+    from ..model.sampling import MAX_TOP_K
+
+    return MAX_TOP_K
+
+
 def role_tokens(role: str, tokenizer: TokenizerLike | None = None) -> int:
     """Text-prompt frames the role costs: tokens of "<system> {role} <system>", as the engine builds it."""
     tokenizer = tokenizer or builtin_tokenizer()
@@ -133,8 +146,8 @@ def _tokenizer_note(tokenizer: TokenizerLike | None) -> str:
 
 
 def _too_long(n: int, tokenizer: TokenizerLike | None) -> str:
-    return (f"the role is {n} tokens: its prompt would take {n} frames ({n * FRAME_SECONDS:.0f} s, one 80 ms frame "
-            f"per token) of the model's {CONTEXT_FRAMES}-frame context; the limit is {ROLE_TOKENS_MAX} tokens (under "
+    return (f"the role is {n} tokens: its prompt would take {n} frames ({n * FRAME_SECONDS:.0f} s, one "
+            f"{FRAME_MS} ms frame per token); the limit is {ROLE_TOKENS_MAX} tokens (under "
             f"{ROLE_TOKENS_WARN} recommended): shorten it to the facts the NPC must use ({_tokenizer_note(tokenizer)})")
 
 
@@ -169,9 +182,15 @@ class SamplingSettings(BaseModel):
     @field_validator("text_top_k", "audio_top_k")
     @classmethod
     def _top_k(cls, v: int | None, info: ValidationInfo) -> int | None:
-        limit = 32000 if info.field_name == "text_top_k" else 2048
-        if v is not None and not 1 <= v <= limit:
-            raise ValueError(f"top-k {v} is out of range: use 1 to {limit}; the defaults are 25 (text) and 250 (audio)")
+        if v is not None:
+            limit = max_top_k()
+            if not 1 <= v <= limit:
+                from ..model.generator import Sampling
+
+                d = Sampling()
+                raise ValueError(f"top-k {v} is out of range: use 1 to {limit} (the sampler keeps at most the {limit} "
+                                 f"likeliest tokens; a larger top-k would be cut to {limit} without a word); the "
+                                 f"defaults are {d.text_top_k} (text) and {d.audio_top_k} (audio)")
         return v
 
     def is_default(self) -> bool:
@@ -394,7 +413,8 @@ def check_voice_audio(samples: np.ndarray, rate: int, where: str = "voice") -> l
                         f"too little for the model to pick up the voice; {how}")]
     if seconds > VOICE_MAX_S:
         return [Problem("error", where, f"the voice sample is {seconds:.1f} s long, longer than {VOICE_MAX_S:.0f} s: "
-                        f"each 80 ms costs a prompt frame ({math.ceil(seconds / FRAME_SECONDS)} frames); {how}")]
+                        f"each {FRAME_MS} ms costs a prompt frame ({math.ceil(seconds / FRAME_SECONDS)} frames); "
+                        f"{how}")]
     problems = []
     if not VOICE_GOOD_MIN_S <= seconds <= VOICE_GOOD_MAX_S:
         problems.append(Problem("warning", where, f"the voice sample is {seconds:.1f} s long; "
@@ -413,7 +433,13 @@ def _stays_in(path: Path, folder: Path) -> bool:
 def check_character(character: Character, folder: Path | None, *, tokenizer: TokenizerLike | None = None,
                     presets_dir: Path | None = None, context_frames: int = CONTEXT_FRAMES) -> Report:
     """Everything that can be said about a (schema-valid) character: the role's token count, its voice
-    sample (readable, 2-20 s, 3-10 s recommended) or preset, and the prompt's share of the context."""
+    sample (readable, 2-20 s, 3-10 s recommended) or preset, and the prompt's share of the context.
+
+    `context_frames`: the context of the model the character will run on (`model.config.lm.context`,
+    which `--context` changes): whoever has a model passes its context (the store passes its
+    `context_frames`); the default, PersonaPlex's, is for callers without a model."""
+    if not isinstance(context_frames, int) or isinstance(context_frames, bool) or context_frames < 1:
+        raise ValueError(f"context_frames must be a positive number of frames, got {context_frames!r}")
     from ..audio import AudioError, read_audio, to_mono
     from .resolve import find_preset
 
@@ -424,8 +450,9 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
         problems.append(Problem("error", "role", _too_long(n, tokenizer)))
     elif n > ROLE_TOKENS_WARN:
         problems.append(Problem("warning", "role", f"the role is {n} tokens ({n * FRAME_SECONDS:.1f} s of prompt, one "
-                                f"80 ms frame per token); under {ROLE_TOKENS_WARN} is recommended: a long prompt "
-                                f"delays every new conversation and uses context ({_tokenizer_note(tokenizer)})"))
+                                f"{FRAME_MS} ms frame per token); under {ROLE_TOKENS_WARN} is recommended: a long "
+                                "prompt delays every new conversation and uses context "
+                                f"({_tokenizer_note(tokenizer)})"))
 
     voice_frames = None
     if not character.uses_preset:
@@ -450,17 +477,18 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
                 voice_frames = math.ceil(audio.samples.shape[-1] / audio.sample_rate / FRAME_SECONDS)
                 if audio.sample_rate != VOICE_RATE or audio.channels != 1:
                     problems.append(Problem("warning", "voice", f"{VOICE_FILE} is {audio.sample_rate} Hz with "
-                                            f"{audio.channels} channel(s); the store keeps 24 kHz mono (only the first "
-                                            "channel is used): re-import it with `characters create --force --voice`"))
+                                            f"{audio.channels} channel(s); the store keeps {VOICE_RATE // 1000} kHz "
+                                            "mono (only the first channel is used): re-import it with "
+                                            "`characters create --force --voice`"))
     elif find_preset(presets_dir, character.voice) is None:
         where = f"in {presets_dir}" if presets_dir is not None else "(no presets folder set)"
         problems.append(Problem("warning", "voice", f"preset {character.voice}.pt not found {where}: unpack "
                                 "voices.tgz of nvidia/personaplex-7b-v1 there or pass --voices DIR before using "
                                 "this character"))
     if voice_frames is not None:
-        frames = report.prompt_frames = voice_frames + PROMPT_SILENCE_FRAMES + n
+        frames = report.prompt_frames = prompt_length(voice_frames, n)
         if frames >= context_frames // 2:
             problems.append(Problem("error", "", f"the prompt takes {frames} frames (voice {voice_frames} + silence "
-                                    f"{PROMPT_SILENCE_FRAMES} + role {n}), half or more of the {context_frames}-frame "
+                                    f"2 x {SILENCE_FRAMES} + role {n}), half or more of the {context_frames}-frame "
                                     "context: shorten the role or the voice sample"))
     return report

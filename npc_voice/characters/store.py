@@ -28,8 +28,8 @@ import numpy as np
 
 from ..audio import AudioError, load_mono, write_wav
 from .model import (
-    CHARACTER_FILE, ID_PATTERN, ID_RULE, VOICE_FILE, VOICE_RATE, Character, CharacterError, Problem, Report,
-    TokenizerLike, check_character, check_voice_audio, slugify,
+    CHARACTER_FILE, CONTEXT_FRAMES, ID_PATTERN, ID_RULE, VOICE_FILE, VOICE_RATE, Character, CharacterError, Problem,
+    Report, TokenizerLike, check_character, check_voice_audio, slugify,
 )
 from .paths import default_characters_dir
 from .resolve import find_preset, preset_path
@@ -55,13 +55,15 @@ def default_presets_dir(root: Path) -> Path:
 
 
 def open_store(characters: str | Path | None = None, voices: str | Path | None = None, *, create: bool = False,
-               tokenizer: TokenizerLike | None = None, weights: str | Path | None = None) -> CharacterStore | None:
+               tokenizer: TokenizerLike | None = None, weights: str | Path | None = None,
+               context_frames: int | None = None) -> CharacterStore | None:
     """The character store of every command (serve, the MCP server, `characters`, `talk`).
 
     `characters`: the folder (default: `default_characters_dir()`); `create` makes it when missing.
     Otherwise a folder that was asked for and is missing raises `CharacterError`, and a missing
     default folder gives None (a server without characters). `voices`: the presets folder (default:
     `<weights>/voices` when `weights` is given and that folder exists, else `default_presets_dir`).
+    `context_frames`: the model's context the character checks count against (default: PersonaPlex's).
     """
     root = Path(characters) if characters else default_characters_dir()
     if not create and not root.is_dir():
@@ -70,7 +72,8 @@ def open_store(characters: str | Path | None = None, voices: str | Path | None =
         return None
     if not voices and weights and Path(weights, "voices").is_dir():  # the release's voices.tgz unpacked beside it
         voices = Path(weights, "voices")
-    return CharacterStore(root, presets_dir=voices or None, tokenizer=tokenizer, create=create)
+    return CharacterStore(root, presets_dir=voices or None, tokenizer=tokenizer, create=create,
+                          context_frames=context_frames)
 
 
 def import_voice(source: VoiceSource) -> np.ndarray:
@@ -132,10 +135,13 @@ class CharacterStore:
 
     `presets_dir`: where a preset voice name such as NATF2 resolves to `NATF2.pt` (default:
     `default_presets_dir`). `tokenizer`: counts role tokens (default: the built-in tokenizer).
+    `context_frames`: the context of the model the characters run on, which the prompt must fit
+    (`model.config.lm.context`, which `--context` changes; default: PersonaPlex's). Whoever loads a
+    model sets `tokenizer` and `context_frames` from it.
     """
 
     def __init__(self, root: str | Path, *, presets_dir: str | Path | None = None,
-                 tokenizer: TokenizerLike | None = None, create: bool = False):
+                 tokenizer: TokenizerLike | None = None, context_frames: int | None = None, create: bool = False):
         root = Path(root)
         if create:
             root.mkdir(parents=True, exist_ok=True)
@@ -144,6 +150,7 @@ class CharacterStore:
         self.root = root.resolve()
         self.presets_dir = Path(presets_dir) if presets_dir is not None else default_presets_dir(self.root)
         self.tokenizer = tokenizer
+        self.context_frames = context_frames if context_frames is not None else CONTEXT_FRAMES
 
     def __repr__(self) -> str:
         return f"CharacterStore({str(self.root)!r})"
@@ -262,14 +269,15 @@ class CharacterStore:
         return Character.from_toml(self.read_toml(id), id=id, tokenizer=self.tokenizer)
 
     def validate(self, id: str, *, context_frames: int | None = None) -> Report:
-        """The schema and the files of character `id` (see `check_character`)."""
+        """The schema and the files of character `id` (see `check_character`), against `context_frames`
+        (default: the store's)."""
         try:
             character = self.load(id)
         except CharacterError as exc:
             return Report(id, exc.problems)
         folder = self._existing(id)
-        kwargs = {"context_frames": context_frames} if context_frames else {}
-        return check_character(character, folder, tokenizer=self.tokenizer, presets_dir=self.presets_dir, **kwargs)
+        return check_character(character, folder, tokenizer=self.tokenizer, presets_dir=self.presets_dir,
+                               context_frames=context_frames if context_frames is not None else self.context_frames)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -367,7 +375,8 @@ class CharacterStore:
                     (tmp / VOICE_FILE).unlink(missing_ok=True)
                     _write_file(tmp / VOICE_FILE, _voice_wav(voice, samples))
                 _write_file(tmp / CHARACTER_FILE, character.to_toml().encode("utf-8"))
-                report = check_character(character, tmp, tokenizer=self.tokenizer, presets_dir=self.presets_dir)
+                report = check_character(character, tmp, tokenizer=self.tokenizer, presets_dir=self.presets_dir,
+                                         context_frames=self.context_frames)
                 if not report.ok:
                     raise CharacterError(report.problems, character.id)
                 _fsync_dir(tmp)

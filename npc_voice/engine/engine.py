@@ -25,14 +25,13 @@ import torch
 
 from ..characters.model import VOICE_MAX_S
 from ..model import fused
+from ..model.config import FRAME_SECONDS  # re-exported (loop.py, talk.py)
 from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
 from .prompt import Prefix, install_prefix, voice_from_samples
 from .step import BatchedStep
-
-FRAME_SECONDS = 0.08
 
 
 def percentile(values: Iterable[float], q: float) -> float:

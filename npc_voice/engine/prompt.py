@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from ..audio import VOICE_LUFS, normalize_loudness
+from ..model.config import SILENCE_FRAMES, prompt_length
 from ..model.generator import Generator, GeneratorState, Sampling
 from ..model.loading import LoadedModel
 from ..model.mimi import Mimi
 from ..model.sampling import sample, uniform_noise
 
-SILENCE_FRAMES = 6
+# SILENCE_FRAMES (6) and the prompt's length are owned by npc_voice.model.config (the character checks use them too).
 # Published codes of the official Mimi for a 440 Hz sine frame and a silent frame.
 OFFICIAL_SINE_CODES = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
 OFFICIAL_SILENCE_CODES = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
@@ -134,7 +135,7 @@ class PromptFrames:
 def prompt_frames(voice: Voice, text_tokens: list[int], special: SpecialCodes, model: LoadedModel) -> PromptFrames:
     cfg = model.config.lm
     A = cfg.num_agent_codebooks
-    F = voice.frames + 2 * SILENCE_FRAMES + len(text_tokens)
+    F = prompt_length(voice.frames, len(text_tokens))
     tokens = torch.empty(cfg.num_codebooks, F, dtype=torch.long)
     tokens[0] = cfg.existing_text_padding_id
     tokens[1 : 1 + A] = torch.tensor(special.silence)[:, None]

@@ -10,9 +10,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SAMPLE_RATE = 24_000
-FRAME_RATE = 12.5
-FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
+# The facts every layer shares, owned here: import them (or read them off a loaded model's config,
+# `model.config.mimi.sample_rate` / `.frame_size`, `model.config.lm.context`), never re-type them.
+SAMPLE_RATE = 24_000  # Mimi's rate: what the model hears and says
+FRAME_RATE = 12.5  # model frames a second
+FRAME_SECONDS = 1 / FRAME_RATE  # 0.08: one 80 ms frame
+FRAME_SIZE = int(SAMPLE_RATE / FRAME_RATE)  # 1920 samples a frame at 24 kHz
+# A character prompt is: voice frames, SILENCE_FRAMES, one frame per text token, SILENCE_FRAMES
+# (the reference's `audio_silence_frame_cnt = int(0.5 * frame_rate)`).
+SILENCE_FRAMES = int(0.5 * FRAME_RATE)  # 6
+
+
+def prompt_length(voice_frames: int, text_tokens: int) -> int:
+    """Frames of a character prompt: the voice, a silence, the text prompt, a silence."""
+    return voice_frames + SILENCE_FRAMES + text_tokens + SILENCE_FRAMES
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .lm import PersonaPlexLM
-from .sampling import sample, uniform_noise
+from .sampling import MAX_TOP_K, sample, uniform_noise
 from .streaming import StreamState, state_field, where_active
 from .transformer import TransformerState
 
@@ -34,6 +34,13 @@ class Sampling:
     text_top_k: int = 25
     audio_temperature: float = 0.8
     audio_top_k: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("text_top_k", "audio_top_k"):
+            k = getattr(self, name)
+            if not 1 <= k <= MAX_TOP_K:
+                raise ValueError(f"{name}={k}: use 1 to {MAX_TOP_K} (the sampler keeps at most the {MAX_TOP_K} "
+                                 "likeliest tokens)")
 
     @classmethod
     def greedy(cls) -> Sampling:

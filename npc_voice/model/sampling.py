@@ -38,7 +38,9 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: 
     return u[:, 0] if streams == 1 else u
 
 
-MAX_TOP_K = 512  # the largest top-k a slot may ask for (the reference uses 25 for text, 250 for audio)
+# The largest top-k the sampler honours (the reference uses 25 for text, 250 for audio): a larger one
+# acts as MAX_TOP_K. Its one owner: the character checks refuse more (npc_voice.characters.max_top_k).
+MAX_TOP_K = 512
 
 
 @fusable
