@@ -476,7 +476,7 @@ class Backend:
                 out["model"] = {"loaded": True, "name": model.config.name,
                                 "weights": "random" if model.random_weights else model.source,
                                 "device": str(model.device),
-                                "dtype": str(model.lm.text_linear.weight.dtype).removeprefix("torch.")}
+                                "dtype": str(model.dtype).removeprefix("torch.")}
             if s.weights is None:
                 out["warning"] = (f"no weights configured: the embedded engine runs the {s.preset or 'tiny'} model "
                                   "with RANDOM weights, so NPCs babble instead of speaking; start the MCP server with "

@@ -66,7 +66,7 @@ def bench_tick(model: LoadedModel, batch: int, frames: int = 100, warmup: int = 
         step(pcm, active, forced, frames_seen=fill)  # ends with a host sync (the outputs)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1000)
-    dtype = str(model.lm.text_linear.weight.dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     if not isinstance(model.lm.text_linear, torch.nn.Linear):
         dtype = f"int8 weights, {dtype} compute"
     capacity = step.capacity

@@ -799,7 +799,7 @@ class NPCVoiceServer:
             "model": model.config.name,
             "weights": "random" if model.random_weights else model.source,
             "device": str(model.device),
-            "dtype": str(model.lm.text_linear.weight.dtype).removeprefix("torch."),
+            "dtype": str(model.dtype).removeprefix("torch."),
             "slots": {"total": self.manager.slots, "used": self.manager.reserved, "free": self.manager.free},
             "engine_sessions": len(self.engine.sessions),
             "connections": len(self.manager.connections),

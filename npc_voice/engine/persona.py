@@ -86,7 +86,7 @@ def weights_fingerprint(model: LoadedModel) -> str:
             if f.is_file():
                 stat = f.stat()
                 h.update(f"{f.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    h.update(str(model.lm.text_linear.weight.dtype).encode())
+    h.update(str(model.dtype).encode())
     return h.hexdigest()[:16]
 
 
