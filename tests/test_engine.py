@@ -289,3 +289,22 @@ def test_an_engine_uses_the_cache_it_is_given_and_writes_it_to_disk(model: Loade
     session = again.open(persona(330), seed=1)
     assert session.started.done() is False and again.builder.pending == 0  # found on disk: nothing to build
     assert [e.session_id for e in again.tick()] == [session.id] and again.cache.hits == 1
+
+
+def test_the_realtime_loop_calls_listeners_off_the_engine_thread(model: LoadedModel) -> None:
+    """What a listener does (the server encodes messages) never takes the engine thread's time:
+    the loop hands each tick's frames to a thread of their own, in order."""
+    import threading
+    import time
+
+    from npc_voice.engine import EngineLoop
+
+    engine = Engine(model, slots=1)
+    seen: list[tuple[str, int]] = []
+    engine.open(persona(), seed=1, listener=lambda e: seen.append((threading.current_thread().name, e.frame)))
+    loop = EngineLoop(engine).start()
+    time.sleep(0.5)
+    loop.stop()
+    assert loop.error is None and len(seen) >= 3
+    assert {name for name, _ in seen} == {"npc-voice-listeners"}
+    assert [f for _, f in seen] == list(range(len(seen)))

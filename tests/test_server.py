@@ -957,7 +957,7 @@ def test_engine_failure_is_reported(model, cache, store) -> None:
                 session = await client.start(inline_character("You are a ferryman.", tone(2.2, 160)))
                 await session.next_event(timeout=5)
 
-                def broken(builds: bool = True) -> None:
+                def broken(builds: bool = True, notify: object = True) -> None:
                     raise RuntimeError("simulated device fault")
 
                 bg.server.engine.tick = broken  # the engine thread dies at its next tick

@@ -371,10 +371,12 @@ class Engine:
         session.frames_out = 0
         self._sessions[slot] = session
 
-    def tick(self, builds: bool = True) -> list[FrameEvent]:
+    def tick(self, builds: bool = True, notify: bool | list = True) -> list[FrameEvent]:
         """One 80 ms frame for every live session; returns their NPC frames. `builds`: first finish
         every pending install and character build (offline ticking: a session opened before this
-        tick speaks in it); the real-time loop passes False and calls `build` between ticks."""
+        tick speaks in it); the real-time loop passes False and calls `build` between ticks.
+        `notify`: call the sessions' listeners now; a list instead receives (session, frame) pairs
+        for `notify` later (the real-time loop's dispatch thread)."""
         if builds:
             self.build(None)
         else:
@@ -402,7 +404,17 @@ class Engine:
             token = int(text_host[s.slot])
             event = FrameEvent(s.id, s.frames_out, pcm_host[s.slot].copy(), token, self.model.tokenizer.piece(token))
             s.frames_out += 1
-            events.append(event)
-            if s.listener is not None:
-                s.listener(event)
-        return events
+            events.append((s, event))
+        if isinstance(notify, list):
+            notify.extend(events)
+        elif notify:
+            self.notify(events)
+        return [event for _, event in events]
+
+    @staticmethod
+    def notify(events: list[tuple[Session, FrameEvent]]) -> None:
+        """Hands each session's listener its frame (the real-time loop does it on a thread of its
+        own, so that listeners' work never takes the engine thread's time)."""
+        for session, event in events:
+            if session.listener is not None:
+                session.listener(event)

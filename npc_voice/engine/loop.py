@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
+import queue
 import sys
 import threading
 import time
 
 from .engine import FRAME_SECONDS, Engine, percentile
 
+log = logging.getLogger(__name__)
+
 
 class EngineLoop:
-    """Runs `engine.tick()` every 80 ms on a background thread; records tick times."""
+    """Runs `engine.tick()` every 80 ms on a background thread; records tick times. The sessions'
+    listeners are called on a second thread, in order, so that what they do (a server encodes
+    messages) never takes the engine thread's time."""
 
     def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3,
                  build_margin: float = 0.005):
@@ -24,6 +30,8 @@ class EngineLoop:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._frames: queue.SimpleQueue = queue.SimpleQueue()  # each tick's (session, frame) pairs; None: stop
+        self._dispatcher: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def start(self) -> EngineLoop:
@@ -32,6 +40,8 @@ class EngineLoop:
         # A thread waiting for the GIL gets it after at most this long: keeps the engine thread's
         # launches prompt while other threads (the server, voice decoding) run Python.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+        self._dispatcher = threading.Thread(target=self._dispatch, name="npc-voice-listeners", daemon=True)
+        self._dispatcher.start()
         self._thread = threading.Thread(target=self._run, name="npc-voice-engine", daemon=True)
         self._thread.start()
         self._ready.wait()  # the thread's warm-up is done: the first tick is due now
@@ -43,6 +53,16 @@ class EngineLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._dispatcher is not None:
+            self._frames.put(None)
+            self._dispatcher.join()
+
+    def _dispatch(self) -> None:
+        while (events := self._frames.get()) is not None:
+            try:
+                self.engine.notify(events)
+            except Exception:  # a listener's fault must not stop the others' frames
+                log.exception("a frame listener failed")
 
     def _run(self) -> None:
         try:
@@ -56,7 +76,9 @@ class EngineLoop:
         while not self._stop.is_set():
             start = time.perf_counter()
             try:
-                self.engine.tick(builds=False)
+                events: list = []
+                self.engine.tick(builds=False, notify=events)
+                self._frames.put(events)
                 elapsed = time.perf_counter() - start
                 self.tick_ms.append(elapsed * 1000)
                 deadline += self.period
