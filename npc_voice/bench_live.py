@@ -54,7 +54,8 @@ class _LiveEngine:
         got = [len(self.frames.get(s.id, [])) - counts0[s.id] for s in self.sessions]
         skips = sum(1 for s in self.sessions for a, b in zip(self.frames[s.id], self.frames[s.id][1:])
                     if b[0] not in (a[0] + 1, 0))  # 0: a switched character starts its own count
-        return {"tick_ms_p50": round(percentile(ticks, 0.5), 2), "tick_ms_p99": round(percentile(ticks, 0.99), 2),
+        return {"tick_ms_p50": round(percentile(ticks, 0.5), 2),
+                "tick_ms_p99": round(percentile(ticks, 0.99), 2) if len(ticks) >= 100 else None,  # else: max
                 "tick_ms_max": round(max(ticks, default=0.0), 2), "ticks": len(ticks),
                 "overruns": loop.overruns - overruns0, "frame_index_skips": skips,
                 "live_frames_min": min(got), "live_frames_expected": round(elapsed / FRAME_SECONDS, 1)}
