@@ -347,29 +347,35 @@ class SessionLink:
 
 
 class SessionManager:
-    """Maps connections onto the engine's slots: one reservation per session being opened or live,
-    at most `slots` of them, so a full server answers `server_busy` before building anything."""
+    """The server's connections and counters. Slots belong to the engine (`Engine.reserve`): one is
+    taken per session being opened or live, so a full server answers `server_busy` before building
+    anything."""
 
-    def __init__(self, slots: int, max_connections: int):
-        self.slots, self.max_connections = slots, max_connections
+    def __init__(self, engine: Engine, max_connections: int):
+        self.engine, self.max_connections = engine, max_connections
+        self.slots = engine.slots
         self.connections: set[Connection] = set()
-        self.reserved = 0
         self.started = self.refused_busy = 0
         self.dropped_output = self.dropped_input = 0
 
-    def reserve(self) -> bool:
-        if self.reserved >= self.slots:
+    def reserve(self) -> int | None:
+        """A slot for a session about to start, or None (counted) when all are taken."""
+        try:
+            return self.engine.reserve()
+        except EngineFull:
             self.refused_busy += 1
-            return False
-        self.reserved += 1
-        return True
+            return None
 
-    def release(self) -> None:
-        self.reserved = max(0, self.reserved - 1)
+    def release(self, slot: int) -> None:
+        self.engine.release(slot)
 
     @property
     def free(self) -> int:
-        return self.slots - self.reserved
+        return self.engine.free_slots
+
+    @property
+    def reserved(self) -> int:
+        return self.slots - self.free
 
 
 class Connection:
@@ -531,7 +537,8 @@ class Connection:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", ref=msg.ref)
         if server.loop_error is not None:
             raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"the engine stopped: {server.loop_error}", ref=msg.ref)
-        if not server.manager.reserve():
+        slot = server.manager.reserve()
+        if slot is None:
             raise ProtocolError(ErrorCode.SERVER_BUSY, f"all {server.manager.slots} conversation slots are in use: "
                                 "retry later", ref=msg.ref)
         try:
@@ -539,9 +546,9 @@ class Connection:
             started = Started(session="", character=label, sample_rate=msg.sample_rate,
                               frame_samples=frame_samples(msg.sample_rate), ref=msg.ref)
             link = SessionLink(self.outbox, started, msg.sample_rate)
-            session = await server.open_session(persona, msg.seed, link.on_frame, msg.ref)
+            session = await server.open_session(persona, msg.seed, link.on_frame, msg.ref, slot)
         except BaseException:
-            server.manager.release()
+            server.manager.release(slot)  # a no-op once a session holds it (closing it frees it)
             raise
         link.session = session
         server.manager.started += 1
@@ -594,8 +601,7 @@ class Connection:
                 raise ProtocolError(ErrorCode.NO_SESSION, "end without a session", ref=ref)
             return
         link.deactivate()
-        self.server.engine.close(link.session)
-        self.server.manager.release()
+        self.server.engine.close(link.session)  # frees its slot
         self.server.manager.dropped_output += link.dropped_output - link.reported_output
         self.server.manager.dropped_input += link.dropped_input - link.reported_input
         if reason is not None:
@@ -640,7 +646,7 @@ class NPCVoiceServer:
         check_bind(self.config.host, self.config.token)
         self.store = store
         max_conn = self.config.max_connections or 4 * engine.slots + 4
-        self.manager = SessionManager(engine.slots, max_conn)
+        self.manager = SessionManager(engine, max_conn)
         self.loop_runner: EngineLoop | None = None
         self.closing = False
         self.started_at = time.monotonic()
@@ -707,13 +713,13 @@ class NPCVoiceServer:
         """Runs file reading and decoding off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
-    async def open_session(self, persona: Persona, seed: int | None, listener: Any, ref: Any) -> Session:
-        """Opens the engine session and waits until its character is installed (a new character is
-        built by the engine thread between ticks meanwhile)."""
-        # A slot whose session is being closed is free for `Engine.open` at once (the close and this
-        # install apply in order at the next tick), so a reserved slot is always there.
+    async def open_session(self, persona: Persona, seed: int | None, listener: Any, ref: Any,
+                           slot: int | None = None) -> Session:
+        """Opens the engine session (in `slot`, reserved by `SessionManager.reserve`) and waits until
+        its character is installed (a new character is built by the engine thread meanwhile)."""
         try:
-            session = await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener))
+            session = await self.run_blocking(functools.partial(self.engine.open, persona, seed=seed, listener=listener,
+                                                                slot=slot))
         except EngineFull:
             raise ProtocolError(ErrorCode.SERVER_BUSY, "all conversation slots are in use: retry later", ref=ref) from None
         except (ValueError, OSError) as exc:  # the voice could not be read or used (AudioError included)

@@ -308,3 +308,26 @@ def test_the_realtime_loop_calls_listeners_off_the_engine_thread(model: LoadedMo
     assert loop.error is None and len(seen) >= 3
     assert {name for name, _ in seen} == {"npc-voice-listeners"}
     assert [f for _, f in seen] == list(range(len(seen)))
+
+
+def test_the_engine_owns_free_slots_reserved_before_a_session_opens(model: LoadedModel) -> None:
+    """`reserve` takes a slot before any work (a full engine says so at once), `open(slot=)` uses
+    it, `release` gives an unused one back, and a session's close frees its slot."""
+    engine = Engine(model, slots=2)
+    a = engine.reserve()
+    assert engine.free_slots == 1
+    other = engine.open(persona(), seed=1)  # the free one, not the reserved one
+    assert other.slot != a and engine.free_slots == 0
+    with pytest.raises(EngineFull):
+        engine.reserve()
+    with pytest.raises(ValueError):
+        engine.open(persona(), slot=other.slot)  # a slot nobody reserved
+    session = engine.open(persona(), seed=2, slot=a)
+    assert session.slot == a
+    engine.release(a)  # a no-op: a session holds it now
+    assert engine.free_slots == 0
+    engine.close(session)
+    assert engine.free_slots == 1
+    b = engine.reserve()
+    engine.release(b)
+    assert engine.free_slots == 1

@@ -46,6 +46,9 @@ class EngineFull(RuntimeError):
     """Every slot is taken."""
 
 
+_RESERVED = object()  # a slot's owner between `Engine.reserve` and `Engine.open`
+
+
 @dataclass
 class FrameEvent:
     """One 80 ms frame of an NPC's output."""
@@ -148,7 +151,7 @@ class Engine:
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
-        self._owners: list[Session | None] = [None] * slots  # who holds each slot (reserved at `open`)
+        self._owners: list[Session | object | None] = [None] * slots  # who holds each slot: a Session or _RESERVED
         self._pending: list[_Install | Session] = []  # installs, and closes (a Session), in order
         self._waiting: dict[str, list[tuple[Session, Persona, int, concurrent.futures.Future]]] = {}  # builds
         self._lock = threading.Lock()
@@ -170,17 +173,41 @@ class Engine:
         return state
 
     # --- sessions (any thread) --------------------------------------------------------------
+    def reserve(self) -> int:
+        """Takes a free slot now, for a session that `open(..., slot=)` will start once its
+        character is read (so a full engine says so before any work); `release` gives it back if
+        that open does not happen. The engine is the one owner of free slots."""
+        with self._lock:
+            slot = self._free_slot()
+            self._owners[slot] = _RESERVED
+            return slot
+
+    def release(self, slot: int) -> None:
+        """Gives back a slot `reserve` took and no session got (anything else is left alone)."""
+        with self._lock:
+            if self._owners[slot] is _RESERVED:
+                self._owners[slot] = None
+
+    def _free_slot(self) -> int:
+        """(under the lock) The first free slot, or `EngineFull`."""
+        free = [i for i, owner in enumerate(self._owners) if owner is None]
+        if not free:
+            raise EngineFull(f"all {self.slots} conversation slots are in use")
+        return free[0]
+
     def open(self, persona: Persona, seed: int | None = None,
-             listener: Callable[[FrameEvent], None] | None = None) -> Session:
+             listener: Callable[[FrameEvent], None] | None = None, slot: int | None = None) -> Session:
         """Starts a conversation with `persona` and returns at once; `session.started` resolves
-        when its character is installed (its first frame comes at the next tick). Raises
-        `EngineFull`, or the voice's error (read here, in the caller's thread)."""
+        when its character is installed (its first frame comes at the next tick). `slot`: one that
+        `reserve` took (else the first free one). Raises `EngineFull`, or the voice's error (read
+        here, in the caller's thread; a reserved slot stays reserved then)."""
         request, prefix = self._prepare(persona)
         with self._lock:
-            free = [i for i, owner in enumerate(self._owners) if owner is None]
-            if not free:
-                raise EngineFull(f"all {self.slots} conversation slots are in use")
-            session = Session(f"s{next(self._ids)}", free[0], persona,
+            if slot is None:
+                slot = self._free_slot()
+            elif self._owners[slot] is not _RESERVED:
+                raise ValueError(f"slot {slot} was not reserved")
+            session = Session(f"s{next(self._ids)}", slot, persona,
                               seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()),
                               InputBuffer(self.frame_size, self.max_input_frames), listener=listener)
             self._owners[session.slot] = session
