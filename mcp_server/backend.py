@@ -640,9 +640,23 @@ class Backend:
         try:
             try:
                 await self._engine_ready(progress, frames)
-                for persona, seed, listener in opens:
-                    sessions.append(await anyio.to_thread.run_sync(_open, engine, persona, seed, listener))
-                opened(*sessions)
+                # The real-time loop may install and step a session as soon as it is open: its
+                # listener waits (on the loop's dispatch thread) until `opened` has run.
+                ready = threading.Event()
+
+                def waiting(listener: Callable[[Any], None]) -> Callable[[Any], None]:
+                    def call(ev: Any) -> None:
+                        ready.wait(5)
+                        listener(ev)
+                    return call
+
+                try:
+                    for persona, seed, listener in opens:
+                        sessions.append(await anyio.to_thread.run_sync(_open, engine, persona, seed,
+                                                                       waiting(listener)))
+                    opened(*sessions)
+                finally:
+                    ready.set()  # (a failed open: its sessions are closed below, before their listeners matter)
                 self._driver.enter()  # ticks from now on (unless the real-time loop does)
             finally:
                 self._admitted()
