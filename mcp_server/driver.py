@@ -90,7 +90,7 @@ class Driver:
             with self._cond:
                 while not (self._closed and self._open == 0) and (self._open == 0 or self._realtime or self._admitting):
                     self._cond.wait(0.5)
-                if self._closed:
+                if self._closed and self._open == 0:
                     self._thread, self._closed = None, False  # `enter` starts another
                     return
             with self.tick_lock:
