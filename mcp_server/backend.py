@@ -1,10 +1,16 @@
 """What the MCP tools drive: the character store, the audio rules, and the conversations.
 
 Two ways to run conversations:
-- **embedded** (no `server_url`): one model loaded in this process (the tiny built-in model with
-  random weights unless weights are configured). Offline conversations (`talk`, `scene`) run on one
-  shared `Engine`, ticked as fast as the model allows; player sessions get an in-process
-  `npc-voice serve` (`BackgroundServer`) on a second engine over the same model, started on demand.
+- **embedded** (no `server_url`): one model and ONE `Engine` (one KV cache, `Settings.slots` slots)
+  in this process (the tiny built-in model with random weights unless weights are configured).
+  Talks, scenes and player sessions all are sessions of that engine, and only one thread steps it
+  (mcp_server/driver.py): while the in-process `npc-voice serve` for players (`BackgroundServer`,
+  started on demand) runs, its real-time `EngineLoop` ticks every 80 ms and a talk or scene is one
+  more live session on it (so it takes real time); otherwise the `Driver` ticks back to back while
+  a talk or scene is open. Either way a conversation is fed from its sessions' listeners (a talk's
+  next input frame, a scene's NPC frame into the other NPC), so one code path serves both, and
+  concurrent conversations each take free slots and progress together (the engine lock is only
+  held while a conversation opens its sessions).
 - **remote** (`server_url` set): a running `npc-voice serve` does the work through its websocket
   protocol (docs/protocol.md), in real time; player sessions are handed its URL and token.
 
@@ -47,6 +53,7 @@ FRAME = frame_samples(RATE)  # 80 ms at 24 kHz
 TICKS_PER_HOP = 5  # engine ticks per worker-thread hop: progress and cancellation are checked between hops
 MAX_AUDIO_BYTES = 16 << 20  # decoded base64 audio
 SEED_MAX = 2**31 - 2  # every tool's seed maximum (a scene's second NPC takes seed + 1; the protocol's limit is 2**31 - 1)
+LEAD = 12  # a talk's input frames queued ahead of the engine (the engine buffers up to 2 s)
 SAY_TAIL_FRAMES = 13  # frames after a said line's last token (about a second)
 REPLIES_DIR = "replies"  # audio_output="file" writes <audio folder>/replies/<session>.wav
 
@@ -76,13 +83,13 @@ class Settings:
     mimi_dtype: Any = None
     int8: bool = False
     context: int | None = None
-    slots: int = 2  # offline engine slots (a scene takes two)
-    player_slots: int = 4  # the embedded websocket server's slots
+    slots: int = 6  # the one engine's slots, shared by talks, scenes (two each) and player sessions
+    player_slots: int | None = None  # deprecated and ignored: player sessions share `slots`
     player_host: str = "127.0.0.1"
     player_port: int = 0  # 0: any free port
     prefix_cache: str | None = None
     # limits
-    busy_wait_s: float = 20.0  # how long a conversation waits for the engine before "server busy"
+    busy_wait_s: float = 20.0  # how long a conversation waits to open its sessions before "server busy"
     max_clip_s: float = 60.0
     max_scene_s: float = 120.0
 
@@ -207,7 +214,8 @@ class Backend:
         self._model = model
         self._model_lock = threading.Lock()
         self._engine: Any = None
-        self._engine_lock = threading.Lock()
+        self._driver: Any = None  # who ticks the engine (driver.py)
+        self._engine_create = threading.Lock()
         self._player: Any = None  # BackgroundServer
         self._player_lock = threading.Lock()
         self.records: OrderedDict[str, Record] = OrderedDict()
@@ -246,26 +254,53 @@ class Backend:
         return self._prefix_cache
 
     def engine(self) -> Any:
-        """The offline engine (talk and scenes); call with the engine lock held."""
-        if self._engine is None:
-            from npc_voice.engine import Engine
+        """The one engine: talks, scenes and player sessions (the only place an `Engine` is made)."""
+        with self._engine_create:
+            if self._engine is None:
+                from npc_voice.engine import Engine
 
-            self._engine = Engine(self.model(), slots=max(2, self.settings.slots), cache=self._cache())
-        return self._engine
+                from .driver import Driver
+
+                self._engine = Engine(self.model(), slots=max(2, self.settings.slots), cache=self._cache())
+                self._driver = Driver(self._engine)
+            return self._engine
+
+    def driver(self) -> Any:
+        self.engine()
+        return self._driver
 
     def engine_lock(self) -> threading.Lock:
-        """Held by the conversation that ticks the offline engine (a thread lock: any event loop, any task)."""
-        return self._engine_lock
+        """Held around each offline tick and by a conversation while it opens its sessions (a thread
+        lock: any event loop, any task)."""
+        return self.driver().lock
 
     async def _acquire_engine(self) -> threading.Lock:
-        lock = self._engine_lock
+        driver = await anyio.to_thread.run_sync(self.driver)
+        lock = driver.lock
         deadline = time.monotonic() + self.settings.busy_wait_s
-        while not lock.acquire(blocking=False):
-            if time.monotonic() >= deadline:
-                raise ServerBusy(f"server busy: another conversation has held the engine for over "
-                                 f"{self.settings.busy_wait_s:g} s; retry when it is done (end_session stops one)")
-            await anyio.sleep(0.05)
+        driver.admitting(1)  # the offline thread ticks no more until `_admitted`
+        try:
+            while not lock.acquire(blocking=False):
+                if time.monotonic() >= deadline:
+                    raise ServerBusy(f"server busy: the engine has been held for over {self.settings.busy_wait_s:g} s; "
+                                     "retry later (end_session stops a conversation)")
+                await anyio.sleep(0.005)
+            try:
+                while not driver.tick_lock.acquire(blocking=False):  # a tick under way: one frame at most
+                    await anyio.sleep(0.002)
+            except BaseException:
+                lock.release()
+                raise
+        except BaseException:
+            driver.admitting(-1)
+            raise
         return lock
+
+    def _admitted(self) -> None:
+        """Lets go of what `_acquire_engine` took."""
+        self._driver.tick_lock.release()
+        self._driver.lock.release()
+        self._driver.admitting(-1)
 
     async def _engine_ready(self, progress: Progress, total: int) -> Any:
         if self._model is None:
@@ -277,10 +312,16 @@ class Backend:
     def close(self) -> None:
         for record in self.records.values():
             record.stop.set()
+        self._stop_player()
+        if self._driver is not None:
+            self._driver.close()
+
+    def _stop_player(self) -> None:
         with self._player_lock:
             if self._player is not None:
                 self._player.stop()
                 self._player = None
+                self._driver.take_back()  # offline ticking resumes for conversations still open
 
     # --- records ----------------------------------------------------------------------------------
 
@@ -313,10 +354,7 @@ class Backend:
             if record.player and record.player.get("embedded"):
                 still_open = [r for r in self.records.values() if r.kind == "player" and r.status == "open"]
                 if not still_open:
-                    with self._player_lock:
-                        if self._player is not None:
-                            self._player.stop()
-                            self._player = None
+                    self._stop_player()
                     message += "; no player session is left, so the embedded websocket server was stopped"
             else:
                 message += " (the game client's connection to the remote server is not affected: it ends it itself)"
@@ -484,8 +522,11 @@ class Backend:
             player = self._player
             out["player_server"] = None if player is None else {"url": player.url, "health": player.server.health()}
             if self._engine is not None:
-                out["engine"] = {"slots": self._engine.slots, "live_sessions": len(self._engine.sessions),
-                                 "busy": self.engine_lock().locked()}
+                free = self._engine.free_slots
+                out["engine"] = {"slots": self._engine.slots, "free_slots": free,
+                                 "live_sessions": len(self._engine.sessions), "busy": free == 0,
+                                 "ticked_by": "the player server's real-time loop" if self._driver.realtime
+                                 else "offline, while a talk or scene runs"}
         out["sessions"] = [r.summary() for r in list(self.records.values())[-20:]]
         return out
 
@@ -527,13 +568,17 @@ class Backend:
     def _ensure_player_server(self) -> Any:
         with self._player_lock:
             if self._player is None:
-                from npc_voice.engine import Engine
                 from npc_voice.server import BackgroundServer, ServerConfig
 
-                engine = Engine(self.model(), slots=self.settings.player_slots, cache=self._cache())
+                engine, driver = self.engine(), self._driver
                 config = ServerConfig(host=self.settings.player_host, port=self.settings.player_port,
                                       token=secrets.token_urlsafe(24))
-                self._player = BackgroundServer(engine, config, self.store).start()
+                driver.hand_over()  # its EngineLoop owns tick() from now on
+                try:
+                    self._player = BackgroundServer(engine, config, self.store).start()
+                except BaseException:
+                    driver.take_back()
+                    raise
             return self._player
 
     # --- (b) talk: a clip in, the NPC's reply out ---------------------------------------------------
@@ -559,34 +604,86 @@ class Backend:
         frames = math.ceil(clip.shape[0] / FRAME)
         padded = np.zeros(frames * FRAME, dtype=np.float32)
         padded[: clip.shape[0]] = clip
-        lock = await self._acquire_engine()
-        try:
-            engine = await self._engine_ready(progress, frames)
-            session = await anyio.to_thread.run_sync(_open, engine, persona, seed)
+        events: list[Any] = []
+        box: list[Any] = []
+
+        def heard(ev: Any) -> None:  # after each frame (the ticking thread): keep it, queue the next input
+            events.append(ev)
+            nxt = ev.frame + LEAD
+            if nxt < frames:
+                box[0].push_audio(padded[nxt * FRAME:(nxt + 1) * FRAME])
+            if ev.frame + 1 >= frames or record.stop.is_set():
+                self._engine.close(box[0])  # no tick past the clip
+
+        def opened(session: Any) -> None:
+            box.append(session)
             if say is not None:
-                engine.say(session, say)
-            pcm: list[np.ndarray] = []
-            texts: list[tuple[int, str]] = []
+                self._engine.say(session, say)
+            session.push_audio(padded[: min(frames, LEAD) * FRAME])
+
+        await self._run_local(record, [(persona, seed, heard)], opened, lambda: len(events), frames, progress)
+        texts = [(ev.frame, ev.text) for ev in events[:frames] if ev.text]
+        record.seconds = min(len(events), frames) * FRAME_S
+        record.words = words_of(texts, persona.name, min(len(events), frames))
+        pcm = [ev.pcm for ev in events[:frames]]
+        return np.concatenate(pcm)[: clip.shape[0]] if pcm else np.zeros(0, np.float32)
+
+    async def _run_local(self, record: Record, opens: list[tuple[Any, int, Callable[[Any], None]]],
+                         opened: Callable[..., None], count: Callable[[], int], frames: int,
+                         progress: Progress, words: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
+        """Opens one engine session per (persona, seed, listener) and waits until `count()` reaches
+        `frames` (the listeners feed the sessions and close them at the end), the record is stopped,
+        or the call is cancelled; the sessions are closed on the way out."""
+        await self._acquire_engine()
+        engine = self._engine
+        sessions: list[Any] = []
+        try:
             try:
-                done = 0
-                while done < frames and not record.stop.is_set():
-                    n = min(TICKS_PER_HOP, frames - done)
-                    chunk = [padded[(done + i) * FRAME:(done + i + 1) * FRAME] for i in range(n)]
-                    events = await anyio.to_thread.run_sync(_ticks, engine, [(session, chunk)])
-                    for ev in events[session.id]:
-                        pcm.append(ev.pcm)
-                        if ev.text:
-                            texts.append((ev.frame, ev.text))
-                    done += n
-                    record.seconds = done * FRAME_S
-                    record.words = words_of(texts, persona.name, done)
-                    await progress(done, frames, f"{record.seconds:.2f} of {frames * FRAME_S:.2f} s")
+                await self._engine_ready(progress, frames)
+                # The real-time loop may install and step a session as soon as it is open: its
+                # listener waits (on the loop's dispatch thread) until `opened` has run.
+                ready = threading.Event()
+
+                def waiting(listener: Callable[[Any], None]) -> Callable[[Any], None]:
+                    def call(ev: Any) -> None:
+                        ready.wait(5)
+                        listener(ev)
+                    return call
+
+                try:
+                    for persona, seed, listener in opens:
+                        sessions.append(await anyio.to_thread.run_sync(_open, engine, persona, seed,
+                                                                       waiting(listener)))
+                    opened(*sessions)
+                finally:
+                    ready.set()  # (a failed open: its sessions are closed below, before their listeners matter)
+                self._driver.enter()  # ticks from now on (unless the real-time loop does)
             finally:
-                _close(engine, session)
+                self._admitted()
+            try:
+                reported = 0
+                while True:
+                    done = min(count(), frames)
+                    if done >= frames or record.stop.is_set():
+                        break
+                    if self._driver.error is not None and not self._driver.realtime:
+                        raise UserError(f"the engine failed: {self._driver.error}")
+                    for s in sessions:
+                        if s.started.done() and not s.started.cancelled() and s.started.exception() is not None:
+                            raise UserError(f"the character cannot be used: {s.started.exception()}")
+                    if done - reported >= TICKS_PER_HOP:
+                        reported = done
+                        record.seconds = done * FRAME_S
+                        if words is not None:
+                            record.words = words(done)
+                        await progress(done, frames, f"{record.seconds:.2f} of {frames * FRAME_S:.2f} s")
+                    await anyio.sleep(0.01)
+                if count() >= frames:
+                    await progress(frames, frames, f"{frames * FRAME_S:.2f} of {frames * FRAME_S:.2f} s")
+            finally:
+                self._driver.leave()
         finally:
-            lock.release()
-        out = np.concatenate(pcm)[: clip.shape[0]] if pcm else np.zeros(0, np.float32)
-        return out
+            _close(engine, *sessions)
 
     async def _talk_remote(self, record: Record, character: str, clip: np.ndarray, seed: int,
                            progress: Progress, say: str | None = None) -> np.ndarray:
@@ -681,43 +778,34 @@ class Backend:
 
     async def _scene_embedded(self, record: Record, names: tuple[str, str], personas: tuple[Any, Any], frames: int,
                               seed: int, progress: Progress) -> np.ndarray:
-        lock = await self._acquire_engine()
-        try:
-            engine = await self._engine_ready(progress, frames)
-            sa = await anyio.to_thread.run_sync(_open, engine, personas[0], seed)
-            try:
-                sb = await anyio.to_thread.run_sync(_open, engine, personas[1], seed + 1)
-            except BaseException:
-                _close(engine, sa)
-                raise
-            out_a: list[np.ndarray] = []
-            out_b: list[np.ndarray] = []
-            text_a: list[tuple[int, str]] = []
-            text_b: list[tuple[int, str]] = []
-            try:
-                last = [np.zeros(FRAME, np.float32), np.zeros(FRAME, np.float32)]
-                done = 0
-                while done < frames and not record.stop.is_set():
-                    n = min(TICKS_PER_HOP, frames - done)
-                    got = await anyio.to_thread.run_sync(_cross_ticks, engine, sa, sb, last, n)
-                    for ev_a, ev_b in got:
-                        out_a.append(ev_a.pcm)
-                        out_b.append(ev_b.pcm)
-                        if ev_a.text:
-                            text_a.append((ev_a.frame, ev_a.text))
-                        if ev_b.text:
-                            text_b.append((ev_b.frame, ev_b.text))
-                    done += n
-                    record.seconds = done * FRAME_S
-                    record.words = merge_words(words_of(text_a, names[0], done), words_of(text_b, names[1], done))
-                    await progress(done, frames, f"{record.seconds:.2f} of {frames * FRAME_S:.2f} s")
-            finally:
-                _close(engine, sa, sb)
-        finally:
-            lock.release()
-        if not out_a:
+        """Two sessions; each NPC frame is queued as the other's next input (silence at the first)."""
+        said: tuple[list[Any], list[Any]] = ([], [])
+        box: list[Any] = []
+
+        def side(i: int) -> Callable[[Any], None]:
+            def heard(ev: Any) -> None:
+                said[i].append(ev)
+                box[1 - i].push_audio(ev.pcm)  # my voice is the other NPC's input
+                if ev.frame + 1 >= frames or record.stop.is_set():
+                    self._engine.close(box[i])
+            return heard
+
+        def texts(i: int, n: int) -> list[tuple[int, str]]:
+            return [(ev.frame, ev.text) for ev in said[i][:n] if ev.text]
+
+        def words(n: int) -> list[dict[str, Any]]:
+            return merge_words(words_of(texts(0, n), names[0], n), words_of(texts(1, n), names[1], n))
+
+        await self._run_local(record, [(personas[0], seed, side(0)), (personas[1], seed + 1, side(1))],
+                              lambda *ss: box.extend(ss), lambda: min(len(said[0]), len(said[1])), frames,
+                              progress, words)
+        n = min(len(said[0]), len(said[1]), frames)
+        record.seconds = n * FRAME_S
+        record.words = words(n)
+        if not n:
             return np.zeros((0, 2), np.float32)
-        return np.stack([np.concatenate(out_a), np.concatenate(out_b)], axis=1)
+        return np.stack([np.concatenate([ev.pcm for ev in said[0][:n]]),
+                         np.concatenate([ev.pcm for ev in said[1][:n]])], axis=1)
 
     async def _scene_remote(self, record: Record, ids: tuple[str, str], names: tuple[str, str], frames: int,
                             seed: int, progress: Progress) -> np.ndarray:
@@ -780,11 +868,11 @@ class Backend:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _open(engine: Any, persona: Any, seed: int) -> Any:
+def _open(engine: Any, persona: Any, seed: int, listener: Any = None) -> Any:
     from npc_voice.engine import EngineFull
 
     try:
-        return engine.open(persona, seed=seed)
+        return engine.open(persona, seed=seed, listener=listener)
     except EngineFull:
         raise ServerBusy("server busy: every conversation slot of the embedded engine is in use; retry later") from None
     except (ValueError, AudioError, CharacterError) as exc:
@@ -794,31 +882,6 @@ def _open(engine: Any, persona: Any, seed: int) -> Any:
 def _close(engine: Any, *sessions: Any) -> None:
     for s in sessions:
         engine.close(s)  # the engine reuses a slot whose close is pending, even before its next tick
-
-
-def _ticks(engine: Any, feeds: list[tuple[Any, list[np.ndarray]]]) -> dict[str, list[Any]]:
-    """len(chunk) ticks, each session fed its next frame first; -> each session's frame events."""
-    out: dict[str, list[Any]] = {s.id: [] for s, _ in feeds}
-    for i in range(len(feeds[0][1])):
-        for session, chunk in feeds:
-            session.push_audio(chunk[i])
-        for ev in engine.tick():
-            if ev.session_id in out:
-                out[ev.session_id].append(ev)
-    return out
-
-
-def _cross_ticks(engine: Any, sa: Any, sb: Any, last: list[np.ndarray], n: int) -> list[tuple[Any, Any]]:
-    """n ticks of a scene: each NPC hears the other's previous frame."""
-    got = []
-    for _ in range(n):
-        sa.push_audio(last[1])
-        sb.push_audio(last[0])
-        events = {ev.session_id: ev for ev in engine.tick()}
-        ev_a, ev_b = events[sa.id], events[sb.id]
-        last[0], last[1] = ev_a.pcm, ev_b.pcm
-        got.append((ev_a, ev_b))
-    return got
 
 
 def _finish(record: Record) -> None:

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("NPC_VOICE_TOKEN"), help="its token (default $NPC_VOICE_TOKEN)")
     g = p.add_argument_group("embedded engine (without --server-url)")
     _add_model_args(g)
-    g.add_argument("--slots", type=int, default=2, help="offline conversation slots (default 2: a scene takes two)")
-    g.add_argument("--player-slots", type=int, default=4, help="slots of the embedded websocket server for players")
+    g.add_argument("--slots", type=int, default=6, help="slots of the one embedded engine, shared by talks, scenes "
+                   "(two each) and player sessions (default 6)")
+    g.add_argument("--player-slots", type=int, default=None, help=argparse.SUPPRESS)  # deprecated: shares --slots
     g.add_argument("--player-host", default="127.0.0.1", help="bind address of the embedded websocket server")
     g.add_argument("--player-port", type=int, default=0, help="its port (default: any free port)")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
