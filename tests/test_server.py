@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -565,12 +566,21 @@ def test_bad_input_gets_its_error_code_and_others_carry_on(server: BackgroundSer
             ended = await expect(ws, "ended", session=started["session"], reason="client")
             assert ended["frames"] >= 3
         # over the transport limit: the websocket layer closes with 1009 (message too big)
-        async with connect(server.url, compression=None, max_size=None) as ws:
+        # The server closes while this client may still be writing the message. On this client's side
+        # asyncio can then fail to abort its already-lost transport (AttributeError in the selector
+        # transport, when the send or the close races the peer's close): the close frame the server
+        # sent is what counts.
+        ws = await connect(server.url, compression=None, max_size=None)
+        try:
             await expect(ws, "hello")
-            with pytest.raises(ConnectionClosedError) as info:
+            with contextlib.suppress(ConnectionClosedError, AttributeError):
                 await ws.send(b"\x00" * (limits.max_message_bytes + 2))
                 await recv_json(ws)
-            assert info.value.rcvd.code == 1009
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1009
+        finally:
+            with contextlib.suppress(AttributeError):
+                await ws.close()
         await asyncio.sleep(0.5)
         stop.set()
         await task
