@@ -99,8 +99,8 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
     from .engine import EngineLoop
 
     device = model.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     bench = _LiveEngine(model, live, new, context_fill)
+    sync = bench.sync
     engine, frames, listener, sessions = bench.engine, bench.frames, bench.listener, bench.sessions
     fill, startup_s, base = bench.fill, bench.startup_s, bench.base
     loop = EngineLoop(engine).start()

@@ -256,3 +256,15 @@ async def stream_silence(session, start=None) -> None:
         await session.send_audio(np.zeros(1920, np.int16))
         i += 1
         await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
+
+
+async def read_audio_frames(session, count: int) -> int:
+    """Reads a client session's events until `count` NPC audio frames came; returns how many."""
+    from npc_voice.client import AudioFrame
+
+    frames = 0
+    async for ev in session.events():
+        frames += isinstance(ev, AudioFrame)
+        if frames >= count:
+            break
+    return frames

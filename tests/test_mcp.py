@@ -25,6 +25,7 @@ from mcp.types import INVALID_PARAMS, AudioContent  # noqa: E402
 from mcp_server import Backend, Settings, build_server  # noqa: E402
 from npc_voice.audio import float_to_pcm16  # noqa: E402
 from npc_voice.model.loading import random_model  # noqa: E402
+from conftest import read_audio_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 24_000
@@ -640,7 +641,7 @@ def test_cancel_and_end_session(backend, ferryman) -> None:
 
 
 def test_player_session_embedded(model, folders, ferryman) -> None:
-    from npc_voice.client import AudioFrame, NPCVoiceClient
+    from npc_voice.client import NPCVoiceClient
 
     backend = Backend(Settings(characters=folders["characters"], player_slots=1), model=model)
 
@@ -655,11 +656,7 @@ def test_player_session_embedded(model, folders, ferryman) -> None:
             async with NPCVoiceClient(info["websocket_url"], info["token"]) as game:
                 session = await game.start(character=info["start_message"]["character"], seed=1)
                 await session.send_audio(tone(0.3))
-                frames = 0
-                async for ev in session.events():
-                    frames += isinstance(ev, AudioFrame)
-                    if frames >= 3:
-                        break
+                assert await read_audio_frames(session, 3) == 3
                 await session.end()
             status = (await client.call_tool("server_status", {})).structured_content
             assert status["player_server"]["url"] == info["websocket_url"]

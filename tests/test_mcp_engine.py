@@ -18,6 +18,7 @@ from mcp import Client  # noqa: E402
 
 from mcp_server import Backend, Settings, build_server  # noqa: E402
 from npc_voice.model.loading import random_model  # noqa: E402
+from conftest import read_audio_frames  # noqa: E402
 
 RATE = 24_000
 ROLE = "You are a ferryman on the black river. Your name is Charon. You ask every traveller for a coin."
@@ -61,7 +62,7 @@ def backend(model, tmp_path):
 
 def test_one_engine_for_players_talks_and_scenes(backend, monkeypatch) -> None:
     import npc_voice.engine as engine_module
-    from npc_voice.client import AudioFrame, NPCVoiceClient
+    from npc_voice.client import NPCVoiceClient
 
     made = []
     real = engine_module.Engine
@@ -96,11 +97,7 @@ def test_one_engine_for_players_talks_and_scenes(backend, monkeypatch) -> None:
                 scene = await client.call_tool("run_scene", {"character_a": "ferryman", "character_b": "ferryman",
                                                              "seconds": 0.4, "audio_output": "none"})
                 assert not scene.is_error and scene.structured_content["seconds"] == pytest.approx(0.4)
-                frames = 0
-                async for ev in session.events():
-                    frames += isinstance(ev, AudioFrame)
-                    if frames >= 3:
-                        break
+                assert await read_audio_frames(session, 3) == 3
                 await session.end()
             assert backend._player.server.engine is backend.engine()
             ended = await client.call_tool("end_session", {"session": info["session"]})

@@ -301,15 +301,27 @@ def prompt_embeddings(model: LoadedModel, gen: Generator, frames: PromptFrames) 
 
 
 def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames, chunk: int = 64) -> Prefix:
-    """One prompt built now, in the calling thread, by the engine's own chunked procedure (tools,
-    tests and `PrefixCache.get`; the engine builds between ticks instead)."""
+    """The prompt of `frames` built now, in the calling thread, by the engine's own chunked
+    procedure (tools and tests; the engine builds between ticks instead)."""
     builder = PrefixBuilder(model, gen, lanes=1, chunk=chunk, use_graphs=False)
     job = _Job(PromptRequest("", frames.voice.name, []))
     with torch.inference_mode():
         job.frames, job.x = frames, prompt_embeddings(model, gen, frames)
     job.lane = 0
     builder._lane_jobs[0] = job
-    (_, result), = builder.run(None)
+    return _only_result(builder.run(None))
+
+
+def build_request(model: LoadedModel, gen: Generator, request: PromptRequest, chunk: int = 64) -> Prefix:
+    """`build_prefix` from what `Persona.request` read: the voice encoded and the prompt laid out as
+    the engine's builder does it (`PrefixCache.get`)."""
+    builder = PrefixBuilder(model, gen, lanes=1, chunk=chunk, use_graphs=False)
+    builder.submit(request)
+    return _only_result(builder.run(None))
+
+
+def _only_result(finished: list[tuple[PromptRequest, Prefix | BaseException]]) -> Prefix:
+    (_, result), = finished
     if isinstance(result, BaseException):
         raise result
     return result

@@ -16,13 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..audio import load_mono
-from ..model import fused
 from ..model.generator import Generator, Sampling
 from ..model.loading import LoadedModel
 from .build import PromptRequest
-from .prompt import (
-    Prefix, normalized_voice, prompt_frames, special_codes, text_prompt_tokens, voice_from_preset, voice_from_samples,
-)
+from .prompt import Prefix, normalized_voice, text_prompt_tokens, voice_from_preset
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +155,9 @@ class PrefixCache:
         key = persona.prompt_key()
         prefix = self.lookup(key)
         if prefix is None:
-            from .build import build_prefix  # the engine's own chunked procedure
+            from .build import build_request  # the engine's own chunked procedure
 
-            request = persona.request(self.model)
-            with fused.eager():
-                voice = request.preset or voice_from_samples(request.name, request.samples, self.model.mimi,
-                                                             normalized=True)
-                frames = prompt_frames(voice, request.text_tokens, special_codes(self.model.mimi), self.model)
-                prefix = self.store(key, build_prefix(self.model, self.gen, frames))
+            prefix = self.store(key, build_request(self.model, self.gen, persona.request(self.model)))
         return prefix
 
     def _keep(self, key: str, prefix: Prefix) -> Prefix:
