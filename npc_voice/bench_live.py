@@ -111,12 +111,17 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
             personas = build_personas(model, new, seed=r)
             opened: list = [None] * new
             barrier = threading.Barrier(new + 1)
-            starts = [0.0] * new
+            starts, returned, installed = [0.0] * new, [0.0] * new, [0.0] * new
 
             def open_one(i: int) -> None:
                 barrier.wait()
                 starts[i] = time.perf_counter()
                 opened[i] = engine.open(personas[i], seed=1000 + i, listener=listener)
+                returned[i] = time.perf_counter()
+                opened[i].started.add_done_callback(lambda _: installed.__setitem__(i, time.perf_counter()))
+
+            engine.builder.log.clear()
+            installs_before = len(engine.install_ms)
 
             threads = [threading.Thread(target=open_one, args=(i,)) for i in range(new)]
             for th in threads:
@@ -130,6 +135,13 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
                 time.sleep(0.01)
             time.sleep(0.3)
             firsts = sorted((frames[s.id][0][1] - starts[i]) * 1000 for i, s in enumerate(opened) if s.id in frames)
+            # Where each new character's time went (ms after its open): the open call itself (the
+            # voice read and normalised on the caller's thread), its install, its first frame.
+            order = sorted(range(new), key=lambda i: installed[i])
+            steps = [{"open": round((returned[i] - starts[i]) * 1000, 1),
+                      "installed": round((installed[i] - starts[i]) * 1000, 1),
+                      "first_frame": round((frames[opened[i].id][0][1] - starts[i]) * 1000, 1)
+                      if opened[i].id in frames else None} for i in order]
             errors = [repr(s.started.exception())[:300] for s in opened
                       if s.started.done() and not s.started.cancelled() and s.started.exception() is not None]
             rows.append({
@@ -142,12 +154,14 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
                 "loop_error": repr(loop.error) if loop.error is not None else None,
                 "first_frame_ms": [round(f, 1) for f in firsts], "started": len(firsts),
                 **bench.window(loop, *mark),
+                "per_character_ms": steps,
+                "voice_graphs": len(engine.builder.voices._graphs),
+                "voice_graph_error": repr(engine.builder.voices.error) if engine.builder.voices.error else None,
                 "build_chunks": engine.builder.chunks_run,
-                "chunk_ms_recent_max": round(engine.builder.chunk_cost.estimate * 1000, 2),
-                "install_ms_max": round(max(engine.install_ms, default=0.0), 2),
-                "install_ms_recent": [round(x, 1) for x in list(engine.install_ms)[-new:]],
-                "prepare_ms_recent": [round(x * 1000, 1) for x in engine.builder.prepare_cost.recent],
-                "chunk_ms_recent": [round(x * 1000, 1) for x in engine.builder.chunk_cost.recent],
+                "install_ms": [round(x, 1) for x in list(engine.install_ms)[installs_before:]],
+                # every build operation of the round: (op, lanes of the forward, ms after the opens, ms)
+                "build_ops": [(op, lanes, round((at - min(starts)) * 1000, 1), round(sec * 1000, 1))
+                              for op, lanes, at, sec in engine.builder.log],
                 "peak_memory_gb": round(peak_memory_gb(device), 2),
             })
             for s in opened:

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from npc_voice.engine.build import PrefixBuilder, PromptRequest, build_prefix
+from npc_voice.engine.build import Cost, PrefixBuilder, PromptRequest, build_prefix
 from npc_voice.engine.prompt import install_prefix, prompt_frames, special_codes, text_prompt_tokens, voice_from_samples
 from npc_voice.model.config import get_preset
 from npc_voice.model.generator import Generator
@@ -104,3 +104,79 @@ def test_builds_share_forwards_and_respect_the_budget() -> None:
         alone = build_prefix(model, gen, prompt_frames(voice, request.text_tokens, special_codes(model.mimi), model))
         torch.testing.assert_close(prefix.keys, alone.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(prefix.text_logits, alone.text_logits, rtol=1e-5, atol=1e-5)
+
+
+def _requests(model, n: int) -> list[PromptRequest]:
+    return [PromptRequest(f"k{i}", "v", text_prompt_tokens(model, "You mend nets by the harbour. " * (i + 1)),
+                          samples=tone(0.8 + 0.3 * i, 190 + 40 * i)) for i in range(n)]
+
+
+def _alone(model, gen, request: PromptRequest):
+    voice = voice_from_samples("v", request.samples, model.mimi, normalized=True)
+    return build_prefix(model, gen, prompt_frames(voice, request.text_tokens, special_codes(model.mimi), model))
+
+
+@torch.no_grad()
+def test_a_forward_covers_only_the_lanes_in_use() -> None:
+    """One build in an 8-lane builder runs 1-lane forwards (it costs what it needs, not 8 lanes'
+    worth); three builds run 4-lane forwards (lanes [0, 4)), until the upper ones are done."""
+    model = random_model("tiny", seed=2)
+    gen = Generator(model.lm)
+    builder = PrefixBuilder(model, gen, lanes=8, chunk=16)
+    assert builder.sizes == [1, 2, 4, 8]
+    one, = _requests(model, 1)
+    builder.submit(one)
+    (_, prefix), = builder.run(None)
+    assert {lanes for op, lanes, _, _ in builder.log if op == "chunk"} == {1}
+    torch.testing.assert_close(prefix.keys, _alone(model, gen, one).keys, rtol=1e-5, atol=1e-5)
+
+    builder.log.clear()
+    three = _requests(model, 3)
+    for r in three:
+        builder.submit(r)
+    done = dict((r.key, p) for r, p in builder.run(None))
+    widths = [lanes for op, lanes, _, _ in builder.log if op == "chunk"]
+    assert widths[0] == 4 and set(widths) <= {1, 2, 4}  # lane 2's build is the longest: never 8 lanes
+    for r in three:
+        torch.testing.assert_close(done[r.key].keys, _alone(model, gen, r).keys, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_when_the_full_forward_does_not_fit_the_lower_lanes_advance_alone() -> None:
+    """The budget fits a 1-lane forward but not a 2-lane one: the first build (lane 0) advances
+    alone, the second waits, and both prefixes are still exactly what they are built alone."""
+    model = random_model("tiny", seed=2)
+    gen = Generator(model.lm)
+    builder = PrefixBuilder(model, gen, lanes=2, chunk=16, max_wait_s=60.0)
+    builder.prepare_cost = Cost(0.0)
+    builder.chunk_costs = {1: Cost(0.0), 2: Cost(10.0)}
+    first, second = _requests(model, 2)
+    for r in (first, second):
+        builder.submit(r)
+    done = builder.run(0.5)
+    assert [r.key for r, _ in done] == ["k0"]
+    assert {lanes for op, lanes, _, _ in builder.log if op == "chunk"} == {1}
+    assert builder.pending == 1 and builder._lane_jobs[1].done == 0  # prepared, not advanced
+    builder.chunk_costs[2] = Cost(0.0)
+    (request, later), = builder.run(None)
+    assert request.key == "k1"
+    for r, p in ((first, done[0][1]), (second, later)):
+        torch.testing.assert_close(p.keys, _alone(model, gen, r).keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p.text_logits, _alone(model, gen, r).text_logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_prompt_longer_than_a_character_can_have_fails_alone() -> None:
+    """The lanes keep `longest` + one chunk rows (not a whole context); a longer prompt (one the
+    context would not wrap) gets a clear error, and the build beside it is unaffected."""
+    model = small_context_model(400)
+    gen = Generator(model.lm)
+    builder = PrefixBuilder(model, gen, lanes=2, chunk=16, longest=60)
+    assert builder.capacity == 76 and builder.state.layers[0].keys.shape[2] == 77
+    short = PromptRequest("short", "v", text_prompt_tokens(model, "You sell fish."), samples=tone(0.5, 200))
+    long = PromptRequest("long", "v", text_prompt_tokens(model, "You sell fish. " * 30), samples=tone(0.5, 200))
+    builder.submit(long)
+    builder.submit(short)
+    done = dict((r.key, p) for r, p in builder.run(None))
+    assert isinstance(done["long"], ValueError) and "a character can have" in str(done["long"])
+    torch.testing.assert_close(done["short"].keys, _alone(model, gen, short).keys, rtol=1e-5, atol=1e-5)

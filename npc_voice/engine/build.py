@@ -1,20 +1,25 @@
-"""Character prompts built on the engine thread, one bounded chunk at a time, between ticks.
+"""Character prompts built on the engine thread, one bounded operation at a time, between ticks.
 
 A character that is not cached yet must be run through the model once (its prompt: voice frames,
 silence, role text, silence; see `prompt.py`). Doing that as one big forward, or on another thread,
 stalls every live conversation on the shared GPU. Instead the builder works like a serving system's
 chunked prefill (vLLM) with stall-free scheduling (SARATHI-Serve):
 
-- a build runs in `lanes` build slots of its own (a small `TransformerState` beside the engine's),
-  `chunk` prompt positions per lane per forward: every lane with work advances in the same forward,
-  so several new characters are served together and fairly (first come, first laned);
-- the real-time loop gives the builder only what is left of each 80 ms period after the tick, and a
-  chunk runs only when its measured cost fits (`run(budget_s)`), so a tick is never late for it;
-- every shape is fixed ([lanes, chunk] positions, a power-of-two attention window; voices padded to
-  whole `VOICE_BUCKET_FRAMES` buckets), so on a GPU each window is one CUDA graph captured at start-up
-  (`warm_up`): the first build after start-up costs what the tenth does;
-- the lane's ring holds `context + chunk` rows, so a chunk never overwrites a row its own queries
-  still see, and prompts longer than the context wrap as the reference's one-frame-a-step cache does.
+- a build runs in a build lane of its own (a small `TransformerState` beside the engine's), `chunk`
+  prompt positions per lane per forward; the lanes in use advance in the same forward, so several
+  new characters are served together (first come, lowest free lane);
+- a forward covers lanes [0, b) only, b a power of two: one build alone costs a 1-lane forward, not
+  an 8-lane one; when the full forward does not fit in what is left of the period, the lower lanes
+  (the earlier builds) advance alone;
+- the real-time loop gives the builder only what is left of each 80 ms period after the tick, and an
+  operation runs only when its measured cost fits (`run(budget_s)`), so a tick is never late for it;
+- every shape is fixed (b lanes x `chunk` positions, a power-of-two attention window; voices padded
+  to whole `VOICE_BUCKET_FRAMES` buckets), so on a GPU each one is a CUDA graph captured at start-up
+  (`warm_up`): the first build after start-up costs what the tenth does, and encoding a voice costs
+  about a millisecond of the engine thread;
+- a lane's ring holds the longest prompt a character can have plus one chunk (or the context plus a
+  chunk, when the context is shorter): a chunk never overwrites a row its own queries still see, and
+  prompts longer than the context wrap as the reference's one-frame-a-step cache does.
 
 Only the engine thread calls `run` and `warm_up`; `submit` is safe from any thread.
 """
@@ -33,8 +38,8 @@ from ..model import fused
 from ..model.generator import Generator
 from ..model.loading import LoadedModel
 from .prompt import (
-    Prefix, PromptFrames, SpecialCodes, Voice, delayed_positions, prompt_frames, prompt_ring, special_codes,
-    voice_from_samples, voice_bucket_frames,
+    Prefix, PromptFrames, SpecialCodes, Voice, VoiceEncoder, delayed_positions, prompt_frames, prompt_ring,
+    special_codes,
 )
 from .step import window_for
 
@@ -82,28 +87,38 @@ class Cost:
 
 
 class PrefixBuilder:
-    def __init__(self, model: LoadedModel, gen: Generator, lanes: int = 4, chunk: int = 64,
-                 use_graphs: bool | None = None, max_wait_s: float = 1.0):
+    def __init__(self, model: LoadedModel, gen: Generator, lanes: int = 8, chunk: int = 64,
+                 use_graphs: bool | None = None, max_wait_s: float = 1.0, longest: int | None = None):
+        """`longest`: the most prompt positions a character can have (None: any, the lanes then
+        keep a whole context); a longer prompt that the context would not wrap is refused."""
         self.model, self.gen = model, gen
         self.lanes, self.chunk = lanes, chunk
-        self.max_wait_s = max_wait_s  # a build that got no time for this long runs one chunk anyway
+        self.max_wait_s = max_wait_s  # a build that got no time for this long runs one operation anyway
         lm = model.lm
         self.context = lm.transformer.context
-        self.capacity = self.context + chunk
+        self.longest = self.context if longest is None else min(longest, self.context)
+        self.capacity = self.longest + chunk
         device = model.device
         self.device = device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         dtype = next(p for p in lm.transformer.parameters() if p.is_floating_point()).dtype
         self.state = lm.transformer.init_state(lanes, device, dtype, capacity=self.capacity)
+        self.sizes = sorted({min(1 << i, lanes) for i in range(lanes.bit_length() + 1)})  # forwards over lanes [0, b)
+        self._heads = {b: self.state.head(b) for b in self.sizes}
         self.x_in = torch.zeros(lanes, chunk, model.config.lm.dim, device=device, dtype=dtype)  # [lanes, C, dim]
         self.active = torch.zeros(lanes, dtype=torch.bool, device=device)
         self.out = torch.zeros_like(self.x_in)  # [lanes, C, dim] transformer output
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # All graphs share one memory pool: they replay one after another on the engine thread.
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (b, window) -> graph
+        self.voices = VoiceEncoder(model.mimi, self.use_graphs, self._pool)
         self._queue: collections.deque[_Job] = collections.deque()
         self._lane_jobs: list[_Job | None] = [None] * lanes
         self._lock = threading.Lock()
         self._special: SpecialCodes | None = None
-        self.chunk_cost, self.prepare_cost = Cost(0.005), Cost(0.005)
+        self.chunk_costs = {b: Cost(0.005) for b in self.sizes}
+        self.prepare_cost = Cost(0.005)
+        self.log: collections.deque[tuple[str, int, float, float]] = collections.deque(maxlen=128)  # (op, lanes, start, seconds)
         self._last_progress = time.perf_counter()
         self._starving = False
         self.chunks_run = 0
@@ -122,7 +137,8 @@ class PrefixBuilder:
 
     def reset_costs(self) -> None:
         """Cost estimates from the last measurement of each operation only (after a warm-up)."""
-        self.chunk_cost, self.prepare_cost = Cost(self.chunk_cost.recent[-1]), Cost(self.prepare_cost.recent[-1])
+        self.chunk_costs = {b: Cost(c.recent[-1]) for b, c in self.chunk_costs.items()}
+        self.prepare_cost = Cost(self.prepare_cost.recent[-1])
 
     @property
     def pending(self) -> int:
@@ -132,9 +148,10 @@ class PrefixBuilder:
 
     # --- the engine thread ----------------------------------------------------------------------
     def run(self, budget_s: float | None = None) -> list[tuple[PromptRequest, Prefix | BaseException]]:
-        """Advances the builds by whole operations (preparing a job, one chunk of every lane) while
-        their measured cost fits in `budget_s` (None: until every build is done). Returns the builds
-        that finished (with their prefix, or the error that failed them)."""
+        """Advances the builds by whole operations (preparing a job; one chunk of the lanes in use,
+        or of the lower ones when that is what fits) while their measured cost fits in `budget_s`
+        (None: until every build is done). Returns the builds that finished (with their prefix, or
+        the error that failed them)."""
         finished: list[tuple[PromptRequest, Prefix | BaseException]] = []
         start = time.perf_counter()
         forced = False
@@ -161,39 +178,47 @@ class PrefixBuilder:
                     break
                 with self._lock:
                     job = self._queue.popleft()
-                self._timed(self.prepare_cost, self._prepare, job, lane, finished)
+                self._timed(self.prepare_cost, "prepare", 1, self._prepare, job, lane, finished)
                 continue
-            if not any(j is not None for j in self._lane_jobs):
+            used = [lane for lane, job in enumerate(self._lane_jobs) if job is not None]
+            if not used:
                 self._starving = False  # nothing left to build: waiting counts from now on
                 self._last_progress = time.perf_counter()
                 break
-            if not fits(self.chunk_cost):
+            # Every lane in use if that fits, else the widest forward that fits and moves a build.
+            widest = next(b for b in self.sizes if b > used[-1])
+            b = next((b for b in reversed(self.sizes) if used[0] < b <= widest and fits(self.chunk_costs[b])), None)
+            if b is None:
                 break
-            self._timed(self.chunk_cost, self._chunk, finished)
+            self._timed(self.chunk_costs[b], "chunk", b, self._chunk, b, finished)
         return finished
 
     def _free_lane(self) -> int | None:
         return next((i for i, j in enumerate(self._lane_jobs) if j is None), None)
 
-    def _timed(self, cost: Cost, fn, *args) -> None:
+    def _timed(self, cost: Cost, op: str, lanes: int, fn, *args) -> None:
         t0 = time.perf_counter()
         fn(*args)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         cost.add(now - t0)
+        self.log.append((op, lanes, t0, now - t0))
         self._last_progress = now
 
     @torch.inference_mode()
     def _prepare(self, job: _Job, lane: int, finished: list) -> None:
-        """The job's prompt frames and input embeddings (and its voice codes, in one batched Mimi
-        pass, unless the caller encoded them already)."""
+        """The job's voice codes (its sample encoded, unless it is a preset or came encoded), prompt
+        frames and input embeddings."""
         request = job.request
         try:
             with fused.eager():
-                voice = request.preset or request.voice or voice_from_samples(
-                    request.name, request.samples, self.model.mimi, normalized=True)
+                voice = request.preset or request.voice or self.voices.encode(request.name, request.samples,
+                                                                              normalized=True)
                 job.frames = prompt_frames(voice, request.text_tokens, self.special, self.model)
+                if job.frames.tokens.shape[1] > self.longest and self.longest < self.context:
+                    raise ValueError(f"the prompt takes {job.frames.tokens.shape[1]} frames, more than the "
+                                     f"{self.longest} a character can have")
                 job.x = prompt_embeddings(self.model, self.gen, job.frames)
         except Exception as exc:  # this character fails; nothing else is touched
             finished.append((request, exc))
@@ -203,26 +228,27 @@ class PrefixBuilder:
         self._lane_jobs[lane] = job
 
     @torch.inference_mode()
-    def _chunk(self, finished: list) -> None:
+    def _chunk(self, b: int, finished: list) -> None:
+        """One forward of lanes [0, b): each of them with a build advances `chunk` positions."""
         C = self.chunk
-        self.x_in.zero_()
-        active = torch.zeros(self.lanes, dtype=torch.bool)
+        active = torch.zeros(b, dtype=torch.bool)
         seen = 0
-        for lane, job in enumerate(self._lane_jobs):
+        for lane, job in enumerate(self._lane_jobs[:b]):
             if job is None:
                 continue
             n = min(C, job.length - job.done)
             self.x_in[lane, :n] = job.x[job.done : job.done + n]
+            self.x_in[lane, n:].zero_()
             active[lane] = True
             seen = max(seen, job.done + C)
-        self.active.copy_(active, non_blocking=True)
+        self.active[:b].copy_(active, non_blocking=True)
         window = window_for(seen, self.capacity)
         if self.use_graphs:
-            self._graph(window).replay()
+            self._graph(b, window).replay()
         else:
-            self._forward(window)
+            self._forward(b, window)
         self.chunks_run += 1
-        for lane, job in enumerate(self._lane_jobs):
+        for lane, job in enumerate(self._lane_jobs[:b]):
             if job is None:
                 continue
             job.done += C
@@ -233,8 +259,8 @@ class PrefixBuilder:
                 except Exception as exc:
                     finished.append((job.request, exc))
 
-    def _forward(self, window: int) -> None:
-        self.out.copy_(self.model.lm.transformer.step(self.x_in, self.state, self.active, window))
+    def _forward(self, b: int, window: int) -> None:
+        self.out[:b].copy_(self.model.lm.transformer.step(self.x_in[:b], self._heads[b], self.active[:b], window))
 
     def _finish(self, job: _Job, lane: int) -> Prefix:
         """The lane's cache rows of the last min(F, context) positions, in position order, and the
@@ -250,8 +276,8 @@ class PrefixBuilder:
         ring = prompt_ring(job.frames, self.gen).to(self.device)
         return Prefix(keys, values, ring, hidden[0, 0], text_logits[0, 0], torch.tensor(F))
 
-    def _graph(self, window: int) -> torch.cuda.CUDAGraph:
-        graph = self._graphs.get(window)
+    def _graph(self, b: int, window: int) -> torch.cuda.CUDAGraph:
+        graph = self._graphs.get((b, window))
         if graph is None:
             saved = self.active.clone()
             self.active.zero_()  # warm up and capture with every lane inactive: no state changes
@@ -260,32 +286,33 @@ class PrefixBuilder:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream), torch.inference_mode():
                 for _ in range(2):
-                    self._forward(window)
+                    self._forward(b, window)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode():
-                self._forward(window)
+            with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+                self._forward(b, window)
             self.active.copy_(saved)
             self.state.position.copy_(position)
-            self._graphs[window] = graph
+            self._graphs[(b, window)] = graph
         return graph
 
     def warm_up(self, max_voice_frames: int) -> None:
         """Everything a build runs, at every shape it can take, before the first build: each
-        attention window's graph, and the Mimi encoder at every voice bucket."""
+        (lanes, attention window) graph, the voice encoder's graph of every bucket; and a first
+        cost of each forward width (its widest window: an upper bound)."""
         if self.use_graphs:
-            window = 0
-            while window < self.capacity:
-                window = window_for(window + 1, self.capacity)
-                self._graph(window)
-        if self.device.type == "cuda":
-            size, frames = self.model.mimi.frame_size, voice_bucket_frames(1)
-            rate = self.model.config.mimi.sample_rate
-            while frames <= voice_bucket_frames(max_voice_frames):
-                with fused.eager(), torch.inference_mode():
-                    voice_from_samples("warm-up", 0.1 * np.sin(np.arange(frames * size) / rate * 1000.0,
-                                                                dtype=np.float32), self.model.mimi)
-                frames += voice_bucket_frames(1)
+            for b in self.sizes:
+                window = 0
+                while window < self.capacity:
+                    window = window_for(window + 1, self.capacity)
+                    self._graph(b, window)
+                torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self._graphs[(b, window)].replay()
+                torch.cuda.synchronize(self.device)
+                self.chunk_costs[b] = Cost(time.perf_counter() - t0)
+            with fused.eager():
+                self.voices.warm_up(max_voice_frames)
             torch.cuda.synchronize(self.device)
 
 

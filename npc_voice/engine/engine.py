@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import itertools
 import math
 import threading
@@ -23,14 +22,14 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ..characters.model import VOICE_MAX_S
+from ..characters.model import ROLE_TOKENS_MAX, VOICE_MAX_S
 from ..model import fused
-from ..model.config import FRAME_SECONDS  # re-exported (loop.py, talk.py)
+from ..model.config import FRAME_SECONDS, prompt_length  # FRAME_SECONDS re-exported (loop.py, talk.py)
 from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
-from .prompt import Prefix, install_prefix, voice_from_samples
+from .prompt import Prefix, install_prefix
 from .step import BatchedStep
 
 
@@ -133,7 +132,7 @@ class Engine:
     new one once the engine thread has built it."""
 
     def __init__(self, model: LoadedModel, slots: int = 8, cache: PrefixCache | None = None,
-                 max_input_seconds: float = 2.0, use_graphs: bool | None = None, build_lanes: int = 4,
+                 max_input_seconds: float = 2.0, use_graphs: bool | None = None, build_lanes: int = 8,
                  build_chunk: int = 64):
         self.model, self.slots = model, slots
         self.gen = Generator(model.lm)
@@ -142,12 +141,13 @@ class Engine:
         self.state = self.gen.init_state(slots, device)
         self.mimi_state = model.mimi.init_state(slots, device)
         self.step = BatchedStep(model, self.gen, self.state, self.mimi_state, use_graphs)
-        self.builder = PrefixBuilder(model, self.gen, build_lanes, build_chunk, use_graphs)
+        voice_frames = math.ceil(VOICE_MAX_S / FRAME_SECONDS)  # the longest voice sample a character may have
+        self.builder = PrefixBuilder(model, self.gen, build_lanes, build_chunk, use_graphs,
+                                     longest=prompt_length(voice_frames, ROLE_TOKENS_MAX))
         # On a GPU: every window's CUDA graph, the builder's too, before the first conversation.
         self.step.warm_up()
-        self.builder.warm_up(max_voice_frames=math.ceil(VOICE_MAX_S / FRAME_SECONDS))
+        self.builder.warm_up(max_voice_frames=voice_frames)
         self.primed_decoder = self._primed_decoder()
-        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # voices
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
@@ -226,23 +226,15 @@ class Engine:
         return done
 
     def _prepare(self, persona: Persona) -> tuple[PromptRequest | str, Prefix | None]:
-        """(the cache key, its prefix) when cached; else (what building it needs, None). Callers
-        prepare in parallel (8 at once beside 63 live sessions on an H200: no tick late)."""
+        """(the cache key, its prefix) when cached; else (what building it needs, None): the voice
+        file read, resampled and loudness-normalised here, in the caller's thread, on the CPU only
+        (GPU work from other threads would run beside the tick and slow it down); the engine thread
+        encodes it, in one captured pass."""
         key = persona.prompt_key()
         prefix = self.cache.lookup(key)
         if prefix is not None:
             return key, prefix
-        return self._encoded(persona.request(self.model)), None
-
-    def _encoded(self, request: PromptRequest) -> PromptRequest:
-        """Encodes the request's voice sample here, in the caller's thread, on a CUDA stream of its
-        own: a stateless pass over the whole clip that takes the engine thread no time."""
-        if request.samples is not None:
-            stream = torch.cuda.stream(self._side_stream) if self._side_stream is not None else contextlib.nullcontext()
-            with stream, fused.eager(), torch.inference_mode():
-                request.voice = voice_from_samples(request.name, request.samples, self.model.mimi, normalized=True)
-            request.samples = None
-        return request
+        return persona.request(self.model), None
 
     def warm_up_thread(self) -> None:
         """Runs a whole character build and install twice on the calling thread (the engine
@@ -255,7 +247,7 @@ class Engine:
         for _ in range(2):
             request = PromptRequest("warm-up", "warm-up", self.model.tokenizer.encode("<system> " + "warm up " * 30),
                                     samples=samples)
-            self.builder.submit(self._encoded(request))
+            self.builder.submit(request)
             prefix = None
             for done, result in self.builder.run(None):
                 if done is request:

@@ -14,6 +14,7 @@ The engine builds prompts between ticks, a chunk at a time (`build.py`).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from ..model.generator import Generator, GeneratorState, Sampling
 from ..model.loading import LoadedModel
 from ..model.mimi import Mimi
 from ..model.sampling import sample, uniform_noise
+
+log = logging.getLogger(__name__)
 
 # SILENCE_FRAMES (6) and the prompt's length are owned by npc_voice.model.config (the character checks use them too).
 # Published codes of the official Mimi for a 440 Hz sine frame and a silent frame.
@@ -101,15 +104,65 @@ def voice_from_samples(name: str, samples: np.ndarray, mimi: Mimi, normalized: b
     clip, masked as streaming sees it (`Mimi.encode(as_streamed=True)`): the codes a fresh streaming
     encoder gives frame by frame, as the reference does (Mimi is causal, so the zeros padding the clip
     to its bucket change no earlier frame)."""
-    if not normalized:
-        samples = normalized_voice(samples, mimi)
-    size = mimi.frame_size
-    frames = max(1, math.ceil(samples.shape[-1] / size))
-    padded = np.zeros(voice_bucket_frames(frames) * size, dtype=np.float32)
-    padded[: samples.shape[-1]] = samples
-    device = mimi.downsample.conv.conv.conv.weight.device
-    codes = mimi.encode(torch.from_numpy(padded).to(device).view(1, 1, -1), as_streamed=True)[0, :, :frames]  # [K, F]
-    return Voice(name, codes=codes.T.cpu())
+    return VoiceEncoder(mimi, use_graphs=False).encode(name, samples, normalized)
+
+
+class VoiceEncoder:
+    """`voice_from_samples` at a few fixed shapes: on a GPU one CUDA graph per voice bucket, captured
+    at start-up (`warm_up`), so encoding a voice costs its kernels (about a millisecond), not the
+    hundreds of launches eager PyTorch would issue on the engine thread."""
+
+    def __init__(self, mimi: Mimi, use_graphs: bool, pool=None):
+        self.mimi, self.use_graphs, self.pool = mimi, use_graphs, pool
+        self.device = mimi.downsample.conv.conv.conv.weight.device
+        self._pcm: torch.Tensor | None = None  # [1, 1, longest bucket's samples]: the graphs' input
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, codes [1, K, bucket])
+        self.error: BaseException | None = None  # why the graphs could not be captured, if they could not
+
+    def _pass(self, pcm: torch.Tensor) -> torch.Tensor:
+        return self.mimi.encode(pcm, as_streamed=True)  # [1, K, bucket]
+
+    def warm_up(self, max_frames: int) -> None:
+        """Captures every bucket's graph up to `max_frames` frames (no-op without graphs)."""
+        if not self.use_graphs:
+            return
+        size = self.mimi.frame_size
+        self._pcm = torch.zeros(1, 1, voice_bucket_frames(max_frames) * size, device=self.device)
+        try:
+            for bucket in range(VOICE_BUCKET_FRAMES, voice_bucket_frames(max_frames) + 1, VOICE_BUCKET_FRAMES):
+                pcm = self._pcm[..., : bucket * size]
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    self._pass(pcm)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+                    codes = self._pass(pcm)
+                self._graphs[bucket] = (graph, codes)
+        except RuntimeError as exc:  # eager encoding still works, at a few milliseconds more per voice
+            self._graphs.clear()
+            self.error = exc
+            log.warning("voice encoder graphs unavailable, encoding eagerly: %s", exc)
+
+    @torch.no_grad()
+    def encode(self, name: str, samples: np.ndarray, normalized: bool = False) -> Voice:
+        if not normalized:
+            samples = normalized_voice(samples, self.mimi)
+        size = self.mimi.frame_size
+        frames = max(1, math.ceil(samples.shape[-1] / size))
+        bucket = voice_bucket_frames(frames)
+        padded = np.zeros(bucket * size, dtype=np.float32)
+        padded[: samples.shape[-1]] = samples
+        pcm = torch.from_numpy(padded).to(self.device).view(1, 1, -1)
+        graphed = self._graphs.get(bucket)
+        if graphed is None:
+            codes = self._pass(pcm)
+        else:  # the graph's output lives in a pool other graphs reuse: read it before any other replay
+            graph, codes = graphed
+            self._pcm[..., : bucket * size].copy_(pcm)
+            graph.replay()
+        return Voice(name, codes=codes[0, :, :frames].T.cpu())  # [F, K]
 
 
 def voice_from_preset(name: str, path: str, dim: int) -> Voice:
@@ -229,10 +282,12 @@ def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Pre
     runs = [(first, 0, min(n, capacity - first))]
     if runs[0][2] < n:
         runs.append((0, runs[0][2], n - runs[0][2]))
+    into, out_of = [], []  # every layer's rows in one multi-tensor copy (one launch, not 2 x L x runs)
     for layer, cache in enumerate(state.temporal.layers):
         for row, src, count in runs:
-            cache.keys[slot, :, row : row + count].copy_(prefix.keys[layer, :, src : src + count], non_blocking=True)
-            cache.values[slot, :, row : row + count].copy_(prefix.values[layer, :, src : src + count], non_blocking=True)
+            into += [cache.keys[slot, :, row : row + count], cache.values[slot, :, row : row + count]]
+            out_of += [prefix.keys[layer, :, src : src + count], prefix.values[layer, :, src : src + count]]
+    torch._foreach_copy_(into, out_of, non_blocking=True)
     state.temporal.position[slot] = N
     state.offset[slot] = N
     state.tokens[slot].copy_(prefix.ring, non_blocking=True)

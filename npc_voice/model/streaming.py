@@ -43,12 +43,8 @@ class StreamState:
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every state tensor, nested ones included."""
-        for _, value, _ in self._items():
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, StreamState):
-                    yield from item.tensors()
-                elif isinstance(item, torch.Tensor):
-                    yield item
+        for item, _ in self._fills():
+            yield item
 
     def slot_view(self, slot: int) -> list[torch.Tensor]:
         """What one slot's state holds (views), scratch space left out: for comparing states."""
@@ -70,19 +66,45 @@ class StreamState:
                 elif isinstance(item, torch.Tensor):
                     item.masked_fill_(slot_mask(mask, item), fill)
 
-    def reset_slot(self, slot: int) -> None:
-        """`reset` of one slot known on the host: touches that slot's rows only."""
+    def _fills(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        """Every state tensor with its reset value, nested ones included."""
         for _, value, fill in self._items():
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, StreamState):
-                    item.reset_slot(slot)
+                    yield from item._fills()
                 elif isinstance(item, torch.Tensor):
-                    item[slot].fill_(fill)
+                    yield item, fill
+
+    def reset_slot(self, slot: int) -> None:
+        """`reset` of one slot known on the host: touches that slot's rows only (the zero fills in
+        one multi-tensor launch: a slot is reset while the others wait for their next tick)."""
+        zeros = []
+        for item, fill in self._fills():
+            if fill == 0:
+                zeros.append(item[slot])
+            else:
+                item[slot].fill_(fill)
+        if zeros:
+            torch._foreach_zero_(zeros)
 
     def copy_slot(self, src: StreamState, src_slot: int, dst_slot: int) -> None:
-        """Copies slot `src_slot` of `src` (a state of the same structure) into our slot `dst_slot`."""
-        for mine, theirs in zip(self.tensors(), src.tensors(), strict=True):
-            mine[dst_slot].copy_(theirs[src_slot])
+        """Copies slot `src_slot` of `src` (a state of the same structure) into our slot
+        `dst_slot`, in one multi-tensor launch."""
+        pairs = list(zip(self.tensors(), src.tensors(), strict=True))
+        torch._foreach_copy_([mine[dst_slot] for mine, _ in pairs], [theirs[src_slot] for _, theirs in pairs])
+
+    def head(self, n: int) -> StreamState:
+        """The same state restricted to slots [0, n): views, so a step on it updates ours in place
+        (a smaller batch runs the slots in use only)."""
+        changes = {}
+        for name, value, _ in self._items():
+            if isinstance(value, list):
+                changes[name] = [v.head(n) if isinstance(v, StreamState) else v[:n] for v in value]
+            elif isinstance(value, StreamState):
+                changes[name] = value.head(n)
+            elif isinstance(value, torch.Tensor):
+                changes[name] = value[:n]
+        return dataclasses.replace(self, **changes)
 
     @property
     def nbytes(self) -> int:

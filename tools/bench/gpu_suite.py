@@ -57,6 +57,29 @@ def stage_check() -> None:
     pcm_err = max(float(np.abs(a.pcm - b.pcm).max()) for a, b in zip(*runs))
     emit(what="graph_check", tokens_equal=tokens_equal, pcm_max_abs_diff=pcm_err)
 
+    # The builder's graphs (lane widths, windows, voice buckets) build what its eager path builds.
+    from npc_voice.bench_live import build_personas
+    from npc_voice.engine.build import PrefixBuilder
+
+    gen = Generator(model.lm)
+    personas = build_personas(model, 3, seed=5)
+    built = []
+    for graphs in (False, True):
+        builder = PrefixBuilder(model, gen, lanes=4, chunk=16, use_graphs=graphs, longest=600)
+        builder.warm_up(max_voice_frames=130)
+        for p in personas:
+            builder.submit(p.request(model))
+        built.append({r.key: prefix for r, prefix in builder.run(None)})
+    eager, graphed = built
+    plain = PrefixBuilder(model, gen, 1, 16, use_graphs=False).voices
+    samples = [p.request(model).samples for p in personas]
+    emit(what="build_graph_check", built=len(graphed),
+         voice_codes_equal=all(torch.equal(builder.voices.encode("v", x, True).codes, plain.encode("v", x, True).codes)
+                               for x in samples),
+         keys_max_abs_diff=max(float((eager[k].keys - graphed[k].keys).abs().max()) for k in eager),
+         logits_max_abs_diff=max(float((eager[k].text_logits - graphed[k].text_logits).abs().max()) for k in eager),
+         widths=sorted({lanes for op, lanes, _, _ in builder.log if op == "chunk"}))
+
 
 def stage_ticks(batches=(1, 8, 16, 32)) -> None:
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
