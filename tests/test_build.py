@@ -119,7 +119,8 @@ def _alone(model, gen, request: PromptRequest):
 @torch.no_grad()
 def test_a_forward_covers_only_the_lanes_in_use() -> None:
     """One build in an 8-lane builder runs 1-lane forwards (it costs what it needs, not 8 lanes'
-    worth); three builds run 4-lane forwards (lanes [0, 4)), until the upper ones are done."""
+    worth); three builds are prepared together and run 4-lane forwards (lanes [0, 4)), until the
+    upper ones are done."""
     model = random_model("tiny", seed=2)
     gen = Generator(model.lm)
     builder = PrefixBuilder(model, gen, lanes=8, chunk=16)
@@ -135,6 +136,7 @@ def test_a_forward_covers_only_the_lanes_in_use() -> None:
     for r in three:
         builder.submit(r)
     done = dict((r.key, p) for r, p in builder.run(None))
+    assert builder.log[0][:2] == ("prepare", 3)  # the three voices and layouts in one operation
     widths = [lanes for op, lanes, _, _ in builder.log if op == "chunk"]
     assert widths[0] == 4 and set(widths) <= {1, 2, 4}  # lane 2's build is the longest: never 8 lanes
     for r in three:
@@ -143,17 +145,17 @@ def test_a_forward_covers_only_the_lanes_in_use() -> None:
 
 @torch.no_grad()
 def test_when_the_full_forward_does_not_fit_the_lower_lanes_advance_alone() -> None:
-    """The budget fits a 1-lane forward but not a 2-lane one: the first build (lane 0) advances
+    """The budget fits 1-lane forwards but not a 2-lane one: the first build (lane 0) advances
     alone, the second waits, and both prefixes are still exactly what they are built alone."""
     model = random_model("tiny", seed=2)
     gen = Generator(model.lm)
     builder = PrefixBuilder(model, gen, lanes=2, chunk=16, max_wait_s=60.0)
     builder.prepare_cost = Cost(0.0)
-    builder.chunk_costs = {1: Cost(0.0), 2: Cost(10.0)}
+    builder.chunk_costs = {1: Cost(0.0), 2: Cost(100.0)}
     first, second = _requests(model, 2)
     for r in (first, second):
         builder.submit(r)
-    done = builder.run(0.5)
+    done = builder.run(30.0)
     assert [r.key for r, _ in done] == ["k0"]
     assert {lanes for op, lanes, _, _ in builder.log if op == "chunk"} == {1}
     assert builder.pending == 1 and builder._lane_jobs[1].done == 0  # prepared, not advanced

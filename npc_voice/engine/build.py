@@ -69,6 +69,10 @@ class _Job:
     def length(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def length_frames(self) -> int:
+        return self.frames.tokens.shape[1]
+
 
 class Cost:
     """Running estimate of one operation's duration (seconds): the upper quartile of the last few
@@ -87,7 +91,7 @@ class Cost:
 
 
 class PrefixBuilder:
-    def __init__(self, model: LoadedModel, gen: Generator, lanes: int = 8, chunk: int = 64,
+    def __init__(self, model: LoadedModel, gen: Generator, lanes: int = 8, chunk: int = 32,
                  use_graphs: bool | None = None, max_wait_s: float = 1.0, longest: int | None = None):
         """`longest`: the most prompt positions a character can have (None: any, the lanes then
         keep a whole context); a longer prompt that the context would not wrap is refused."""
@@ -156,12 +160,12 @@ class PrefixBuilder:
         start = time.perf_counter()
         forced = False
 
-        def fits(cost: Cost) -> bool:
+        def fits(cost: Cost, times: int = 1) -> bool:
             nonlocal forced
             if budget_s is None:
                 return True
             now = time.perf_counter()
-            if now - start + cost.estimate <= budget_s:
+            if now - start + times * cost.estimate <= budget_s:
                 return True
             # Starved (a machine too busy to leave room for an operation): once nothing moved for
             # `max_wait_s`, one operation per call goes anyway until the builds are done, so new
@@ -172,13 +176,14 @@ class PrefixBuilder:
             return False
 
         while True:
-            lane = self._free_lane()
-            if lane is not None and self._queue:
-                if not fits(self.prepare_cost):
+            free = [lane for lane, job in enumerate(self._lane_jobs) if job is None]
+            if free and self._queue:  # as many queued builds as there are free lanes and time
+                n = next((n for n in range(min(len(free), len(self._queue)), 0, -1) if fits(self.prepare_cost, n)), 0)
+                if not n:
                     break
                 with self._lock:
-                    job = self._queue.popleft()
-                self._timed(self.prepare_cost, "prepare", 1, self._prepare, job, lane, finished)
+                    jobs = [self._queue.popleft() for _ in range(n)]
+                self._timed(self.prepare_cost, "prepare", n, self._prepare, list(zip(jobs, free)), finished)
                 continue
             used = [lane for lane, job in enumerate(self._lane_jobs) if job is not None]
             if not used:
@@ -193,39 +198,43 @@ class PrefixBuilder:
             self._timed(self.chunk_costs[b], "chunk", b, self._chunk, b, finished)
         return finished
 
-    def _free_lane(self) -> int | None:
-        return next((i for i, j in enumerate(self._lane_jobs) if j is None), None)
-
-    def _timed(self, cost: Cost, op: str, lanes: int, fn, *args) -> None:
+    def _timed(self, cost: Cost, op: str, units: int, fn, *args) -> None:
+        """Runs one operation (of `units` jobs or lanes) to its end on the GPU; `cost` learns its
+        time per unit for a prepare, per forward for a chunk."""
         t0 = time.perf_counter()
         fn(*args)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
-        cost.add(now - t0)
-        self.log.append((op, lanes, t0, now - t0))
+        cost.add((now - t0) / (units if op == "prepare" else 1))
+        self.log.append((op, units, t0, now - t0))
         self._last_progress = now
 
     @torch.inference_mode()
-    def _prepare(self, job: _Job, lane: int, finished: list) -> None:
-        """The job's voice codes (its sample encoded, unless it is a preset or came encoded), prompt
-        frames and input embeddings."""
-        request = job.request
-        try:
-            with fused.eager():
-                voice = request.preset or request.voice or self.voices.encode(request.name, request.samples,
-                                                                              normalized=True)
-                job.frames = prompt_frames(voice, request.text_tokens, self.special, self.model)
-                if job.frames.tokens.shape[1] > self.longest and self.longest < self.context:
-                    raise ValueError(f"the prompt takes {job.frames.tokens.shape[1]} frames, more than the "
-                                     f"{self.longest} a character can have")
-                job.x = prompt_embeddings(self.model, self.gen, job.frames)
-        except Exception as exc:  # this character fails; nothing else is touched
-            finished.append((request, exc))
-            return
-        job.lane, job.done = lane, 0
-        self.state.position[lane] = 0  # rows past the position are invisible: no clearing needed
-        self._lane_jobs[lane] = job
+    def _prepare(self, jobs: list[tuple[_Job, int]], finished: list) -> None:
+        """Each job's voice codes (its sample encoded, unless it is a preset or came encoded),
+        prompt frames and input embeddings (every job's in one embedding pass), and its lane."""
+        ready = []
+        with fused.eager():
+            voices = self.voices.encode_many([job.request for job, _ in jobs])
+            for (job, lane), voice in zip(jobs, voices):
+                request = job.request
+                try:
+                    if isinstance(voice, BaseException):
+                        raise voice
+                    job.frames = prompt_frames(voice, request.text_tokens, self.special, self.model)
+                    if job.length_frames > self.longest and self.longest < self.context:
+                        raise ValueError(f"the prompt takes {job.length_frames} frames, more than the "
+                                         f"{self.longest} a character can have")
+                    ready.append((job, lane))
+                except Exception as exc:  # this character fails; nothing else is touched
+                    finished.append((request, exc))
+            if not ready:
+                return
+            for (job, lane), x in zip(ready, prompt_embeddings_many(self.model, self.gen, [j.frames for j, _ in ready])):
+                job.x, job.lane, job.done = x, lane, 0
+                self.state.position[lane] = 0  # rows past the position are invisible: no clearing needed
+                self._lane_jobs[lane] = job
 
     @torch.inference_mode()
     def _chunk(self, b: int, finished: list) -> None:
@@ -319,12 +328,20 @@ class PrefixBuilder:
 def prompt_embeddings(model: LoadedModel, gen: Generator, frames: PromptFrames) -> torch.Tensor:
     """[F, dim]: the summed input embeddings of every prompt position (a preset's stored ones for
     its voice positions)."""
-    positions = delayed_positions(frames.tokens, model.config.lm.delays, gen.initial.cpu()).to(model.device)
-    x = model.lm.embed(positions[None])[0]  # [F, dim]
-    voice = frames.voice
-    if voice.embeddings is not None:  # a preset's stored input embeddings for positions 0..v-2
-        x[: voice.embeddings.shape[0]] = voice.embeddings.to(x.device, x.dtype)
-    return x
+    return prompt_embeddings_many(model, gen, [frames])[0]
+
+
+def prompt_embeddings_many(model: LoadedModel, gen: Generator, prompts: list[PromptFrames]) -> list[torch.Tensor]:
+    """`prompt_embeddings` of several prompts in one embedding pass (one set of launches)."""
+    initial = gen.initial.cpu()
+    positions = torch.cat([delayed_positions(f.tokens, model.config.lm.delays, initial) for f in prompts], dim=1)
+    x = model.lm.embed(positions.to(model.device)[None])[0]  # [sum F, dim]
+    out = list(x.split([f.tokens.shape[1] for f in prompts]))
+    for x, frames in zip(out, prompts):
+        voice = frames.voice
+        if voice.embeddings is not None:  # a preset's stored input embeddings for positions 0..v-2
+            x[: voice.embeddings.shape[0]] = voice.embeddings.to(x.device, x.dtype)
+    return out
 
 
 def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames, chunk: int = 64) -> Prefix:

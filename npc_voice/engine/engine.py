@@ -29,7 +29,7 @@ from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
-from .prompt import Prefix, install_prefix
+from .prompt import FirstPosition, Prefix, install_prefix
 from .step import BatchedStep
 
 
@@ -133,7 +133,7 @@ class Engine:
 
     def __init__(self, model: LoadedModel, slots: int = 8, cache: PrefixCache | None = None,
                  max_input_seconds: float = 2.0, use_graphs: bool | None = None, build_lanes: int = 8,
-                 build_chunk: int = 64):
+                 build_chunk: int = 32):
         self.model, self.slots = model, slots
         self.gen = Generator(model.lm)
         self.cache = cache if cache is not None else PrefixCache(model, self.gen)
@@ -148,6 +148,9 @@ class Engine:
         self.step.warm_up()
         self.builder.warm_up(max_voice_frames=voice_frames)
         self.primed_decoder = self._primed_decoder()
+        self.fresh_encoder = model.mimi.init_encoder_state(1, device)  # what a slot's encoder starts from
+        self.fresh_encoder.reset(torch.ones(1, dtype=torch.bool, device=device))
+        self.first = FirstPosition(self.gen, self.state, self.step.use_graphs)  # samples an installed slot's first position
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
@@ -260,7 +263,7 @@ class Engine:
                 free = [i for i in range(self.slots) if self._owners[i] is None and self._sessions[i] is None]
             if free:  # a free slot's state is overwritten by its next install anyway
                 with fused.eager():
-                    install_prefix(self.gen, self.state, free[0], prefix, 0)
+                    install_prefix(self.gen, self.state, free[0], prefix, 0, first=self.first)
         self.builder.reset_costs()
 
     def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
@@ -383,8 +386,8 @@ class Engine:
     def _install(self, session: Session, prefix: Prefix) -> None:
         slot = session.slot
         with fused.eager():
-            install_prefix(self.gen, self.state, slot, prefix, session.seed, session.persona.sampling)
-        self.mimi_state.encoder.reset_slot(slot)  # a fresh encoder for the user's audio
+            install_prefix(self.gen, self.state, slot, prefix, session.seed, session.persona.sampling, self.first)
+        self.mimi_state.encoder.copy_slot(self.fresh_encoder, 0, slot)  # a fresh encoder for the user's audio
         self.mimi_state.decoder.copy_slot(self.primed_decoder, 0, slot)  # as the reference's, after the prompt
         session.prefix_length = prefix.length
         session.frames_out = 0

@@ -149,6 +149,23 @@ class VoiceEncoder:
     def encode(self, name: str, samples: np.ndarray, normalized: bool = False) -> Voice:
         if not normalized:
             samples = normalized_voice(samples, self.mimi)
+        return Voice(name, codes=self._codes(samples).T.cpu())  # [F, K]
+
+    @torch.no_grad()
+    def encode_many(self, requests) -> list[Voice | BaseException]:
+        """The voice of each `PromptRequest` (its preset, its already encoded voice, or its
+        normalised sample encoded now: every pass queued before the one wait for their codes), or
+        the error that made it unusable."""
+        pending: list[Voice | BaseException | torch.Tensor] = []
+        for request in requests:
+            try:
+                pending.append(request.preset or request.voice or self._codes(request.samples))
+            except Exception as exc:
+                pending.append(exc)
+        return [Voice(r.name, codes=v.T.cpu()) if isinstance(v, torch.Tensor) else v for r, v in zip(requests, pending)]
+
+    def _codes(self, samples: np.ndarray) -> torch.Tensor:
+        """[K, F] on the device, not waited for."""
         size = self.mimi.frame_size
         frames = max(1, math.ceil(samples.shape[-1] / size))
         bucket = voice_bucket_frames(frames)
@@ -157,12 +174,12 @@ class VoiceEncoder:
         pcm = torch.from_numpy(padded).to(self.device).view(1, 1, -1)
         graphed = self._graphs.get(bucket)
         if graphed is None:
-            codes = self._pass(pcm)
-        else:  # the graph's output lives in a pool other graphs reuse: read it before any other replay
-            graph, codes = graphed
-            self._pcm[..., : bucket * size].copy_(pcm)
-            graph.replay()
-        return Voice(name, codes=codes[0, :, :frames].T.cpu())  # [F, K]
+            return self._pass(pcm)[0, :, :frames]
+        # The graph's output lives in a pool other graphs reuse: copied out before any other replay.
+        graph, codes = graphed
+        self._pcm[..., : bucket * size].copy_(pcm)
+        graph.replay()
+        return codes[0, :, :frames].clone()
 
 
 def voice_from_preset(name: str, path: str, dim: int) -> Voice:
@@ -269,17 +286,18 @@ def prompt_ring(frames: PromptFrames, gen: Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Prefix, seed: int,
-                   sampling: Sampling = Sampling()) -> None:
+                   sampling: Sampling = Sampling(), first: FirstPosition | None = None) -> None:
     """Gives `slot` the character of `prefix`: copies its caches and ring, then samples the text
-    and agent codebook 0 of the first conversation position (the rest of it is forced silence)."""
+    and agent codebook 0 of the first conversation position (the rest of it is forced silence);
+    `first`: the engine's static (on a GPU, graphed) sampler for that, else one made here."""
     # Every field of the slot is set below, so nothing needs clearing first: KV rows past the
     # prefix hold stale values that the slot's position makes invisible.
     sampling.apply(state.sampling, slot, seed)
     N, n = prefix.length, prefix.keys.shape[2]
     capacity = state.temporal.layers[0].keys.shape[2] - 1  # the last row is scratch
     # Position p lives in ring row p % capacity: the kept positions N-n..N-1, in at most two runs.
-    first = (N - n) % capacity
-    runs = [(first, 0, min(n, capacity - first))]
+    first_row = (N - n) % capacity
+    runs = [(first_row, 0, min(n, capacity - first_row))]
     if runs[0][2] < n:
         runs.append((0, runs[0][2], n - runs[0][2]))
     into, out_of = [], []  # every layer's rows in one multi-tensor copy (one launch, not 2 x L x runs)
@@ -291,17 +309,56 @@ def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Pre
     state.temporal.position[slot] = N
     state.offset[slot] = N
     state.tokens[slot].copy_(prefix.ring, non_blocking=True)
-
     # Position N's text and codebook 0 come from position N-1's prediction, sampled for this slot.
-    device = state.offset.device
-    hidden, text_logits = prefix.hidden.to(device, non_blocking=True), prefix.text_logits.to(device, non_blocking=True)
-    sp, counter = state.sampling, torch.full((1,), N - 1, device=device)
-    s = slice(slot, slot + 1)
-    text = sample(text_logits[None], sp.text_temperature[s], sp.text_top_k[s],
-                  uniform_noise(sp.seed[s], counter, 0, text_logits.shape[-1]))
-    scratch = gen.lm.depformer.init_scratch(1, device, hidden.dtype)
-    logits = gen.lm.depth_step(0, hidden[None], text, scratch)
-    cb0 = sample(logits, sp.audio_temperature[s], sp.audio_top_k[s], uniform_noise(sp.seed[s], counter, 1, logits.shape[-1]))
-    position = N % gen.ring
-    state.tokens[slot, 0, position] = text[0]
-    state.tokens[slot, 1, position] = cb0[0]
+    first = first or FirstPosition(gen, state, use_graphs=False)
+    state.tokens[slot, :2, N % gen.ring].copy_(first(state, slot, prefix))
+
+
+class FirstPosition:
+    """Samples a new slot's first conversation position (its text token, then agent codebook 0
+    from the depth transformer) from the prompt's last hidden state and text logits, on static
+    buffers: on a GPU one CUDA graph (captured at the first install), so an install costs a few
+    copies and one replay instead of some 150 kernel launches on the engine thread."""
+
+    def __init__(self, gen: Generator, state: GeneratorState, use_graphs: bool):
+        self.gen, self.use_graphs = gen, use_graphs
+        self.device = state.offset.device
+        self.params = type(state.sampling)(*(t[:1].clone() for t in state.sampling.tensors()))  # one slot's
+        self.counter = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.out = torch.zeros(2, dtype=torch.long, device=self.device)  # [text, agent codebook 0]
+        self.hidden: torch.Tensor | None = None  # [1, dim], [1, text_card]: made at the first
+        self.logits: torch.Tensor | None = None  # call, in the prefix's dtype
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def _run(self) -> None:
+        sp, V = self.params, self.logits.shape[-1]
+        text = sample(self.logits, sp.text_temperature, sp.text_top_k, uniform_noise(sp.seed, self.counter, 0, V))
+        scratch = self.gen.lm.depformer.init_scratch(1, self.device, self.hidden.dtype)
+        logits = self.gen.lm.depth_step(0, self.hidden, text, scratch)
+        cb0 = sample(logits, sp.audio_temperature, sp.audio_top_k,
+                     uniform_noise(sp.seed, self.counter, 1, logits.shape[-1]))
+        self.out.copy_(torch.cat([text, cb0]))
+
+    def __call__(self, state: GeneratorState, slot: int, prefix: Prefix) -> torch.Tensor:
+        """[2]: the slot's first text token and codebook 0 (read it before the next call)."""
+        if self.hidden is None:
+            self.hidden = torch.zeros(1, prefix.hidden.shape[-1], dtype=prefix.hidden.dtype, device=self.device)
+            self.logits = torch.zeros(1, prefix.text_logits.shape[-1], dtype=prefix.text_logits.dtype,
+                                      device=self.device)
+        self.params.copy_slot(state.sampling, slot, 0)
+        torch._foreach_copy_([self.hidden[0], self.logits[0]], [prefix.hidden, prefix.text_logits], non_blocking=True)
+        self.counter.fill_(prefix.length - 1)
+        if not self.use_graphs:
+            self._run()
+            return self.out
+        if self._graph is None:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._run()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._run()
+        self._graph.replay()
+        return self.out
