@@ -167,6 +167,8 @@ class PrefixBuilder:
             now = time.perf_counter()
             if now - start + times * cost.estimate <= budget_s:
                 return True
+            if times > 1:  # a forced operation is a single one
+                return False
             # Starved (a machine too busy to leave room for an operation): once nothing moved for
             # `max_wait_s`, one operation per call goes anyway until the builds are done, so new
             # characters still start (late ticks are made up by the loop's catch-up).

@@ -80,6 +80,19 @@ def stage_check() -> None:
          logits_max_abs_diff=max(float((eager[k].text_logits - graphed[k].text_logits).abs().max()) for k in eager),
          widths=sorted({lanes for op, lanes, _, _ in builder.log if op == "chunk"}))
 
+    # A whole engine (builds, graphed installs, graphed ticks) speaks as the eager one does.
+    from npc_voice.engine import Engine
+
+    heard = []
+    for graphs in (False, True):
+        engine = Engine(model, slots=3, use_graphs=graphs)
+        sessions = [engine.open(p, seed=7 + i) for i, p in enumerate(personas)]
+        frames = [engine.tick() for _ in range(6)]
+        heard.append(([[e.text_token for e in tick] for tick in frames], np.stack([[e.pcm for e in tick] for tick in frames])))
+        del engine, sessions
+    emit(what="engine_graph_check", tokens_equal=heard[0][0] == heard[1][0],
+         pcm_max_abs_diff=float(np.abs(heard[0][1] - heard[1][1]).max()))
+
 
 def stage_ticks(batches=(1, 8, 16, 32)) -> None:
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
