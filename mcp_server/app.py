@@ -28,6 +28,8 @@ from npc_voice.protocol import MODEL_RATE, SAMPLE_RATES, Limits
 
 from . import schemas as out
 from .backend import SEED_MAX, Backend, Settings, UserError, wav_bytes
+from .scene import scene
+from .talk import line_of, say_seconds, talk
 from .errors import plain_validation_error
 
 log = logging.getLogger("mcp_server")
@@ -309,7 +311,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         if audio_output == "file":
             be.replies_dir()  # refused before the conversation runs
         clip = await anyio.to_thread.run_sync(be.read_clip, audio_base64, audio_file, be.settings.max_clip_s)
-        record, samples = await be.talk(character, clip, seed, await progress_to(ctx))
+        record, samples = await talk(be, character, clip, seed, await progress_to(ctx))
         return await _audio_reply(be, record, samples, "mono 24 kHz 16-bit WAV: the NPC's side, on the clip's "
                                   "timeline", audio_output)
 
@@ -333,10 +335,10 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         transcript of what it said."""
         if audio_output == "file":
             be.replies_dir()
-        words = be.line_of(character, text, line)
-        length = seconds if seconds is not None else be.say_seconds(words)
+        words = line_of(be, character, text, line)
+        length = seconds if seconds is not None else say_seconds(be, words)
         clip = np.zeros(max(1, round(length * MODEL_RATE)), np.float32)  # it hears silence
-        record, samples = await be.talk(character, clip, seed, await progress_to(ctx), say=words)
+        record, samples = await talk(be, character, clip, seed, await progress_to(ctx), say=words)
         return await _audio_reply(be, record, samples, "mono 24 kHz 16-bit WAV: the NPC saying the line",
                                   audio_output)
 
@@ -357,7 +359,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         right."""
         if audio_output == "file":
             be.replies_dir()
-        record, stereo = await be.scene(character_a, character_b, seconds, seed, await progress_to(ctx))
+        record, stereo = await scene(be, character_a, character_b, seconds, seed, await progress_to(ctx))
         left, right = record.speakers
         return await _audio_reply(be, record, stereo, f"stereo 24 kHz 16-bit WAV: left = {left}, right = {right}",
                                   audio_output)
