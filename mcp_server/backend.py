@@ -18,9 +18,6 @@ layer turns it into a tool error.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import itertools
 import logging
 import secrets
@@ -30,14 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from npc_voice.audio import AudioError, float_to_pcm16, load_mono
 from npc_voice.characters import (
     KNOWN_PRESETS, Character, CharacterError, ResolveError, installed_presets, open_store, resolve_persona,
 )
-from npc_voice.protocol import FRAME_SECONDS as FRAME_S, MODEL_RATE as RATE
 
+from .audio_files import AudioFolder, decode_base64_audio, wav_bytes
 from .conversations import Conversations, ServerBusy, UserError
 from .records import Record
 from .remote import normalize_ws_url, remote_health
@@ -46,9 +40,7 @@ __all__ = ["Backend", "Record", "ServerBusy", "Settings", "UserError", "SEED_MAX
 
 log = logging.getLogger("mcp_server")
 
-MAX_AUDIO_BYTES = 16 << 20  # decoded base64 audio
 SEED_MAX = 2**31 - 2  # every tool's seed maximum (a scene's second NPC takes seed + 1; the protocol's limit is 2**31 - 1)
-REPLIES_DIR = "replies"  # audio_output="file" writes <audio folder>/replies/<session>.wav
 
 
 @dataclass
@@ -81,35 +73,6 @@ class Settings:
         return "remote" if self.server_url else "embedded"
 
 
-# --- audio ------------------------------------------------------------------------------------------
-
-
-def decode_base64_audio(data: str, what: str = "audio_base64") -> bytes:
-    data = data.strip()
-    if data.startswith("data:") and "," in data:  # a data: URL
-        data = data.split(",", 1)[1]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise UserError(f"{what} is not valid base64 (send the bytes of a WAV, FLAC or OGG file, base64-encoded)") \
-            from None
-    if not raw:
-        raise UserError(f"{what} is empty")
-    if len(raw) > MAX_AUDIO_BYTES:
-        raise UserError(f"{what} is {len(raw)} bytes decoded; the limit is {MAX_AUDIO_BYTES} bytes")
-    return raw
-
-
-def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
-    """16-bit PCM WAV of float samples: [n] (mono) or [n, channels]."""
-    import soundfile
-
-    pcm = float_to_pcm16(np.asarray(samples, dtype=np.float32))
-    buffer = io.BytesIO()
-    soundfile.write(buffer, pcm, rate, subtype="PCM_16", format="WAV")
-    return buffer.getvalue()
-
-
 # --- the backend ------------------------------------------------------------------------------------
 
 
@@ -119,7 +82,8 @@ class Backend:
     def __init__(self, settings: Settings, model: Any = None):
         self.settings = settings
         self.store = open_store(settings.characters, settings.voices, create=True, context_frames=settings.context)
-        self.audio_dir = Path(settings.audio_dir).resolve() if settings.audio_dir is not None else None
+        self.audio_folder = AudioFolder(settings.audio_dir)
+        self.audio_dir = self.audio_folder.root
         self._model = model
         self._model_lock = threading.Lock()
         self._engine: Any = None
@@ -273,62 +237,10 @@ class Backend:
         except ResolveError as exc:
             raise (self._unknown(id) if exc.code == "unknown_character" else UserError(exc.message)) from None
 
-    def audio_file(self, path: str) -> Path:
-        """A path inside the allowed audio folder (symlinks resolved), else UserError."""
-        if self.audio_dir is None:
-            raise UserError("reading audio files is off: this MCP server has no allowed audio folder (start it with "
-                            "--audio-dir DIR); send the audio as base64 instead")
-        given = Path(path).expanduser()
-        candidate = given if given.is_absolute() else self.audio_dir / given
-        resolved = candidate.resolve()
-        if not resolved.is_relative_to(self.audio_dir):
-            raise UserError(f"refused: {path!r} is outside the allowed audio folder {self.audio_dir} (after resolving "
-                            "symlinks); copy the file there or send it as base64")
-        if not resolved.is_file():
-            raise UserError(f"no audio file {path!r} in {self.audio_dir}")
-        return resolved
-
-    def voice_source(self, voice_preset: str | None, voice_file: str | None, voice_base64: str | None) -> tuple[str | None, Any]:
-        """-> (preset name or None, sample source or None); exactly one of the three must be given."""
-        given = [x for x in (voice_preset, voice_file, voice_base64) if x]
-        if len(given) != 1:
-            raise UserError("give exactly one voice: voice_preset (a PersonaPlex preset such as NATF2; see list_voices), "
-                            "voice_file (a WAV/FLAC/OGG in the allowed audio folder) or voice_base64 (WAV/FLAC/OGG bytes, "
-                            "base64; 3-10 s of clear speech is best)")
-        if voice_preset:
-            return voice_preset, None
-        if voice_file:
-            return None, self.audio_file(voice_file)
-        return None, decode_base64_audio(voice_base64 or "", "voice_base64")
-
-    def read_clip(self, audio_base64: str | None, audio_file: str | None, limit_s: float) -> np.ndarray:
-        if bool(audio_base64) == bool(audio_file):
-            raise UserError("give exactly one of audio_base64 (a WAV/FLAC/OGG file, base64) or audio_file (a path in "
-                            "the allowed audio folder)")
-        source: Any = decode_base64_audio(audio_base64) if audio_base64 else self.audio_file(audio_file or "")
-        try:
-            samples = load_mono(source, RATE)
-        except AudioError as exc:
-            raise UserError(f"unreadable audio: {exc}") from None
-        seconds = samples.shape[0] / RATE
-        if seconds > limit_s:
-            raise UserError(f"the clip is {seconds:.1f} s long; the limit is {limit_s:.0f} s")
-        if seconds < FRAME_S:
-            raise UserError(f"the clip is {seconds * 1000:.0f} ms long: give at least 80 ms of audio")
-        return samples
-
     def voices(self) -> dict[str, Any]:
         presets_dir = self.store.presets_dir
         installed = installed_presets(presets_dir)
-        files: list[str] = []
-        if self.audio_dir is not None and self.audio_dir.is_dir():
-            for p in sorted(self.audio_dir.rglob("*")):
-                # only what audio_file accepts: a link whose target lies outside the folder is left out
-                if p.suffix.lower() in (".wav", ".flac", ".ogg") and p.is_file() \
-                        and p.resolve().is_relative_to(self.audio_dir):
-                    files.append(str(p.relative_to(self.audio_dir)))
-                    if len(files) >= 200:
-                        break
+        files = self.audio_folder.files()
         return {
             "presets": {"installed": installed, "presets_dir": str(presets_dir),
                         "known_names": list(KNOWN_PRESETS),
@@ -339,27 +251,6 @@ class Backend:
                              "no audio folder configured (--audio-dir): send voices as voice_base64"},
             "character_voices": {c.id: c.voice for c in self.store.list()},
         }
-
-    # --- reply audio as a file --------------------------------------------------------------------
-
-    def replies_dir(self) -> Path:
-        """`<audio folder>/replies`, where replies are written with audio_output="file"."""
-        if self.audio_dir is None:
-            raise UserError('audio_output="file" needs an audio folder: start this MCP server with --audio-dir DIR '
-                            '(or use audio_output="inline" or "none")')
-        folder = self.audio_dir / REPLIES_DIR
-        if not folder.resolve().is_relative_to(self.audio_dir):
-            raise UserError(f"refused: {folder} leads outside the audio folder (a symlink?)")
-        return folder
-
-    def write_reply(self, record: Record, samples: np.ndarray) -> Path:
-        folder = self.replies_dir()
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{record.id}.wav"
-        tmp = folder / f".{record.id}.{secrets.token_hex(4)}.tmp"
-        tmp.write_bytes(wav_bytes(samples))
-        tmp.replace(path)
-        return path
 
     # --- status -----------------------------------------------------------------------------------
 
