@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import anyio
 import numpy as np
 
+from npc_voice.protocol import FRAME_SECONDS as FRAME_S
+
 from .conversations import Conversations, Feed, Line, Progress, ServerBusy, Side, UserError, settle, watch
 from .records import Record
 
@@ -39,9 +41,14 @@ class RemoteLine(Line):
         self.done = True  # its reader stops; the session is ended on the way out
 
     async def sending(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         async with self._outbox:
-            async for pcm in self._outbox:
-                await self.session.send_audio(pcm)
+            try:
+                async for pcm in self._outbox:
+                    await self.session.send_audio(pcm)
+            except ConnectionClosed:  # the server went away: its events end too, and `reading` with them
+                pass
 
     async def reading(self, record: Record, lines: Sequence[Line], i: int, feed: Feed) -> None:
         from npc_voice.client import AudioFrame, Ended, Text
@@ -97,7 +104,7 @@ class RemoteConversations(Conversations):
                 if line.side.say is not None:
                     await line.session.say(line.side.say)
             feed.start(lines)
-            with anyio.fail_after(frames * 0.08 * 4 + 30):
+            with anyio.fail_after(frames * FRAME_S * 4 + 30):
                 async with anyio.create_task_group() as tg:
                     for i, line in enumerate(lines):
                         tg.start_soon(line.sending)
