@@ -28,6 +28,8 @@ from npc_voice.protocol import MODEL_RATE, SAMPLE_RATES, Limits
 
 from . import schemas as out
 from .backend import SEED_MAX, Backend, Settings, UserError, wav_bytes
+from .scene import scene
+from .talk import line_of, say_seconds, talk
 from .errors import plain_validation_error
 
 log = logging.getLogger("mcp_server")
@@ -137,7 +139,7 @@ async def _audio_reply(be: Backend, record: Any, samples: np.ndarray, audio: str
                                      "transcript_uri": f"transcript://{record.id}"}
     content: list[Any] = []
     if output == "file":
-        path = await anyio.to_thread.run_sync(be.write_reply, record, samples)
+        path = await anyio.to_thread.run_sync(be.audio_folder.write_reply, record.id, samples)
         summary["audio_file"] = str(path.relative_to(be.audio_dir)) if be.audio_dir else str(path)
         summary["audio_path"] = str(path)
     content.insert(0, TextContent(type="text", text=json.dumps(summary, indent=1)))
@@ -216,7 +218,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         audio_temperature: Temperature = None,
     ) -> out.Created:
         """Create a character from a role text and a voice (exactly one of voice_preset, voice_file, voice_base64)."""
-        preset, source = be.voice_source(voice_preset, voice_file, voice_base64)
+        preset, source = be.audio_folder.voice_source(voice_preset, voice_file, voice_base64)
         character = Character.parse({
             "id": id, "name": name, "role": role, "description": description, "voice": preset or VOICE_FILE,
             "tags": tags or [], "lines": lines or {},
@@ -246,7 +248,7 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
                                                      "tags": tags, "lines": lines}.items() if v is not None}
         source = None
         if voice_preset or voice_file or voice_base64:
-            preset, source = be.voice_source(voice_preset, voice_file, voice_base64)
+            preset, source = be.audio_folder.voice_source(voice_preset, voice_file, voice_base64)
             changes["voice"] = preset or VOICE_FILE
         data = current.model_dump() | changes
         sampling = dict(data.get("sampling") or {})
@@ -307,9 +309,9 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         import anyio
 
         if audio_output == "file":
-            be.replies_dir()  # refused before the conversation runs
-        clip = await anyio.to_thread.run_sync(be.read_clip, audio_base64, audio_file, be.settings.max_clip_s)
-        record, samples = await be.talk(character, clip, seed, await progress_to(ctx))
+            be.audio_folder.replies_dir()  # refused before the conversation runs
+        clip = await anyio.to_thread.run_sync(be.audio_folder.read_clip, audio_base64, audio_file, be.settings.max_clip_s)
+        record, samples = await talk(be, character, clip, seed, await progress_to(ctx))
         return await _audio_reply(be, record, samples, "mono 24 kHz 16-bit WAV: the NPC's side, on the clip's "
                                   "timeline", audio_output)
 
@@ -332,11 +334,11 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         model voices what its text stream says) while it hears silence. Returns its voice (mono 24 kHz WAV) and the
         transcript of what it said."""
         if audio_output == "file":
-            be.replies_dir()
-        words = be.line_of(character, text, line)
-        length = seconds if seconds is not None else be.say_seconds(words)
+            be.audio_folder.replies_dir()
+        words = line_of(be, character, text, line)
+        length = seconds if seconds is not None else say_seconds(be, words)
         clip = np.zeros(max(1, round(length * MODEL_RATE)), np.float32)  # it hears silence
-        record, samples = await be.talk(character, clip, seed, await progress_to(ctx), say=words)
+        record, samples = await talk(be, character, clip, seed, await progress_to(ctx), say=words)
         return await _audio_reply(be, record, samples, "mono 24 kHz 16-bit WAV: the NPC saying the line",
                                   audio_output)
 
@@ -356,8 +358,8 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         Returns the transcript (words with times and speakers) and a STEREO WAV: character_a left, character_b
         right."""
         if audio_output == "file":
-            be.replies_dir()
-        record, stereo = await be.scene(character_a, character_b, seconds, seed, await progress_to(ctx))
+            be.audio_folder.replies_dir()
+        record, stereo = await scene(be, character_a, character_b, seconds, seed, await progress_to(ctx))
         left, right = record.speakers
         return await _audio_reply(be, record, stereo, f"stereo 24 kHz 16-bit WAV: left = {left}, right = {right}",
                                   audio_output)
