@@ -57,6 +57,7 @@ class _LiveEngine:
         return {"tick_ms_p50": round(percentile(ticks, 0.5), 2),
                 "tick_ms_p99": round(percentile(ticks, 0.99), 2) if len(ticks) >= 100 else None,  # else: max
                 "tick_ms_max": round(max(ticks, default=0.0), 2), "ticks": len(ticks),
+                "tick_ms_each": [round(t, 1) for t in ticks] if len(ticks) <= 40 else None,
                 "overruns": loop.overruns - overruns0, "frame_index_skips": skips,
                 "live_frames_min": min(got), "live_frames_expected": round(elapsed / FRAME_SECONDS, 1)}
 

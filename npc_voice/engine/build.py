@@ -151,14 +151,21 @@ class PrefixBuilder:
             return len(self._queue) + sum(j is not None for j in self._lane_jobs)
 
     # --- the engine thread ----------------------------------------------------------------------
-    def run(self, budget_s: float | None = None) -> list[tuple[PromptRequest, Prefix | BaseException]]:
-        """Advances the builds by whole operations (preparing a job; one chunk of the lanes in use,
+    def run(self, budget_s: float | None = None, on_finished=None) -> list[tuple[PromptRequest, Prefix | BaseException]]:
+        """Advances the builds by whole operations (preparing jobs; one chunk of the lanes in use,
         or of the lower ones when that is what fits) while their measured cost fits in `budget_s`
         (None: until every build is done). Returns the builds that finished (with their prefix, or
-        the error that failed them)."""
+        the error that failed them); or, with `on_finished`, hands them to it right after the
+        operation that finished them (the engine installs them at once, within the same budget)."""
         finished: list[tuple[PromptRequest, Prefix | BaseException]] = []
         start = time.perf_counter()
         forced = False
+
+        def deliver() -> None:
+            if on_finished is not None and finished:
+                done = finished[:]
+                finished.clear()
+                on_finished(done)
 
         def fits(cost: Cost, times: int = 1) -> bool:
             nonlocal forced
@@ -186,6 +193,7 @@ class PrefixBuilder:
                 with self._lock:
                     jobs = [self._queue.popleft() for _ in range(n)]
                 self._timed(self.prepare_cost, "prepare", n, self._prepare, list(zip(jobs, free)), finished)
+                deliver()
                 continue
             used = [lane for lane, job in enumerate(self._lane_jobs) if job is not None]
             if not used:
@@ -198,6 +206,7 @@ class PrefixBuilder:
             if b is None:
                 break
             self._timed(self.chunk_costs[b], "chunk", b, self._chunk, b, finished)
+            deliver()
         return finished
 
     def _timed(self, cost: Cost, op: str, units: int, fn, *args) -> None:

@@ -327,9 +327,13 @@ class Engine:
         def left() -> float | None:
             return None if budget_s is None else budget_s - (time.perf_counter() - start)
 
+        def installed(done: list[tuple[PromptRequest, Prefix | BaseException]]) -> None:
+            for request, result in done:  # a finished build is installed at once if that fits: its
+                self._built(request, result)  # character speaks at the next tick, not a period later
+            self._apply_pending(left())
+
         self._apply_pending(left())
-        for request, result in self.builder.run(left()):
-            self._built(request, result)
+        self.builder.run(left(), on_finished=installed)
         self._apply_pending(left())
 
     def _built(self, request: PromptRequest, result: Prefix | BaseException) -> None:

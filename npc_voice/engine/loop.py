@@ -4,6 +4,7 @@ period, the engine's installs and character builds (`Engine.build`)."""
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import logging
 import queue
@@ -67,6 +68,11 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine.warm_up_thread()
+            # What exists now (the model, its graphs, the server) lives as long as the process:
+            # kept out of the cyclic collector's full passes, which would otherwise walk it all
+            # in the middle of some tick.
+            gc.collect()
+            gc.freeze()
         except BaseException as exc:
             self.error = exc
             raise
