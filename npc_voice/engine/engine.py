@@ -162,6 +162,7 @@ class Engine:
         self.ticks = 0
         self.install_ms: collections.deque[float] = collections.deque(maxlen=256)
         self.install_cost = Cost(0.005)
+        self.work = threading.Event()  # set when an install or a build is asked for
 
     @torch.inference_mode()
     def _primed_decoder(self):
@@ -269,6 +270,7 @@ class Engine:
     def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
               done: concurrent.futures.Future) -> None:
         """(under the lock) Queues the install of a cached prefix, or joins/starts its build."""
+        self.work.set()  # a real-time loop idling until its next tick starts on it now
         if prefix is not None:
             self._pending.append(_Install(session, persona, prefix, session.wanted, done))
             return

@@ -4,7 +4,6 @@ period, the engine's installs and character builds (`Engine.build`)."""
 from __future__ import annotations
 
 import collections
-import gc
 import itertools
 import logging
 import queue
@@ -52,6 +51,7 @@ class EngineLoop:
 
     def stop(self) -> None:
         self._stop.set()
+        self.engine.work.set()
         if self._thread is not None:
             self._thread.join()
         if self._dispatcher is not None:
@@ -68,11 +68,6 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine.warm_up_thread()
-            # What exists now (the model, its graphs, the server) lives as long as the process:
-            # kept out of the cyclic collector's full passes, which would otherwise walk it all
-            # in the middle of some tick.
-            gc.collect()
-            gc.freeze()
         except BaseException as exc:
             self.error = exc
             raise
@@ -97,15 +92,32 @@ class EngineLoop:
                 self.error = exc
                 raise
             delay = deadline - time.perf_counter()
-            if delay < 0:
+            if delay >= 0:
+                self._idle(deadline)
+            else:
                 self.overruns += 1
                 # A late tick is made up by the next ones (back to back) while the lag stays under
                 # `catch_up` periods; past that the schedule restarts from now (frames are late,
                 # not lost: clients' jitter buffers absorb a short burst).
                 if -delay > self.catch_up * self.period:
                     deadline = time.perf_counter()
-            else:
-                self._stop.wait(delay)
+
+    def _idle(self, deadline: float) -> None:
+        """Waits for the next tick; a character asked for meanwhile starts building at once, in
+        what is left before the tick (not after it: a period sooner)."""
+        engine = self.engine
+        while not self._stop.is_set():
+            delay = deadline - time.perf_counter()
+            if delay <= 0 or not engine.work.wait(delay):
+                return
+            engine.work.clear()
+            budget = deadline - time.perf_counter() - self._margin()
+            if budget > 0:
+                try:
+                    engine.build(budget)
+                except BaseException as exc:
+                    self.error = exc
+                    raise
 
     def _margin(self) -> float:
         """Seconds of the period kept free of builds: `build_margin` plus how much slower than
