@@ -264,13 +264,14 @@ SERVER_TYPES: dict[str, type[ServerMessage]] = {
 
 
 def parse_server_text(data: str) -> ServerMessage:
-    """A server's JSON message -> its model (for clients). Unknown types raise ValueError."""
+    """A server's JSON message -> its model (for clients). Unknown types raise ValueError; unknown
+    fields are left out (docs/protocol.md: version 1 grows new optional fields, clients ignore them)."""
     obj = json.loads(data)
     kind = obj.pop("type", None)
     cls = SERVER_TYPES.get(kind)
     if cls is None:
         raise ValueError(f"unknown server message type {kind!r}")
-    return cls.model_validate(obj)
+    return cls.model_validate({k: v for k, v in obj.items() if k in cls.model_fields})
 
 
 def encode_audio_frame(frame: int, pcm16: np.ndarray) -> bytes:
