@@ -29,9 +29,9 @@ from npc_voice.protocol import (
     SpeechState, Start, State, Started, Switched, Text, decode_audio_frame, encode_audio_frame, frame_samples,
     parse_client_audio, parse_client_text, parse_server_text,
 )
-from npc_voice.server import (
-    BackgroundServer, InputConverter, Outbox, OutputFramer, ServerConfig, check_bind, resolve_character,
-)
+from npc_voice.protocol.rates import InputConverter, OutputFramer
+from npc_voice.serve import BackgroundServer, ServerConfig, check_bind, resolve_character
+from npc_voice.serve.outbox import Outbox
 from conftest import serve_child, stream_silence
 
 REPO = Path(__file__).resolve().parents[1]
