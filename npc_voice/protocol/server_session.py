@@ -213,9 +213,10 @@ class ServerSession:
             exc = ProtocolError(ErrorCode.INTERNAL_ERROR, f"the server failed on this message: {exc!r}"[:500])
         ref = exc.ref if exc.ref is not None else getattr(request, "ref", None)
         with self._lock:
-            if isinstance(request, Start) and self.phase is Phase.STARTING:
-                self.phase = Phase.IDLE
-                if self.live is not None:
+            if isinstance(request, Start) and self.phase is not Phase.LIVE:  # (a live one refuses a second start)
+                if self.phase is Phase.STARTING:
+                    self.phase = Phase.IDLE
+                if self.live is not None:  # accepted, never opened: no frame of it is sent
                     self.live.active = False
                     self.live = None
             self._out.append(ErrorMsg(code=exc.code.value, message=exc.message, fatal=exc.fatal, ref=ref).encode())
