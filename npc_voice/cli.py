@@ -9,37 +9,10 @@ import sys
 import torch
 
 from .characters.cli import add_parser as add_characters_parser, add_talk_args
-from .model.config import FRAME_SECONDS, LMConfig
-from .server import add_serve_command
+from .model_args import DTYPES, add_model_args, load_model_from_args  # noqa: F401  (npc-voice-mcp: DTYPES)
+from .serve.cli import add_serve_command
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="weights directory or Hugging Face repo id (default: the tiny built-in model)")
-    p.add_argument("--preset", help="model configuration: tiny, personaplex-7b, moshi-7b "
-                   "(with --weights: what its config.json overrides; without: random weights of that size)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="LM dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--mimi-dtype", choices=sorted(DTYPES), help="Mimi codec dtype (default: bf16 on GPU, "
-                   "fp32 on CPU; the reference runs Mimi in fp32)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only LM (half the memory; for 24 GB cards)")
-    p.add_argument("--context", type=int, help="frames each conversation remembers (default: the model's, "
-                   f"{LMConfig.context} = {LMConfig.context * FRAME_SECONDS / 60:g} min); less memory per session, so "
-                   "more sessions per GPU")
-
-
-def _load(args: argparse.Namespace):
-    from .model.loading import load_model
-
-    model = load_model(args.weights, preset=args.preset, device=args.device,
-                       dtype=DTYPES[args.dtype] if args.dtype else None,
-                       int8=getattr(args, "int8", False), context=getattr(args, "context", None),
-                       mimi_dtype=DTYPES[args.mimi_dtype] if getattr(args, "mimi_dtype", None) else None)
-    if model.random_weights:
-        print(f"npc-voice: no weights given: using the {model.config.name} model with RANDOM weights "
-              "(it babbles; pass --weights DIR for the real PersonaPlex)", file=sys.stderr)
-    return model
+_add_model_args = add_model_args  # the name npc-voice-mcp imports
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -48,7 +21,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load(args)
+    model = load_model_from_args(args)
     rows = [bench_tick(model, batch, frames=args.frames, warmup=args.warmup, context_fill=args.context_fill)
             for batch in args.batch]
     swap = None if args.no_swap else bench_swap(model, max(args.batch))
@@ -86,7 +59,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
     if args.character is None and (args.voice is None or args.prompt is None):
         print("npc-voice talk: give --character ID, or --voice and --prompt", file=sys.stderr)
         return 2
-    model = _load(args)
+    model = load_model_from_args(args)
     sampling = Sampling.greedy() if args.greedy else Sampling()
     if args.character is not None:  # a character from the store: its voice, role and sampling
         from .characters.cli import persona_for_talk
@@ -103,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npc-voice", description="Full-duplex voice conversations for game NPCs.")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time one 80 ms tick (Mimi encode + LM step + Mimi decode)")
-    _add_model_args(bench)
+    add_model_args(bench)
     bench.add_argument("--batch", type=int, nargs="+", default=[1], help="concurrent sessions (several: one row each)")
     bench.add_argument("--frames", type=int, default=100, help="timed ticks per row")
     bench.add_argument("--warmup", type=int, default=10)
@@ -114,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     talk = sub.add_parser("talk", help="offline conversation: a user recording in, the NPC's reply out (same timeline)")
-    _add_model_args(talk)
+    add_model_args(talk)
     talk.add_argument("--voice", help="voice sample (WAV/FLAC/OGG, 3-10 s) or PersonaPlex preset .pt")
     talk.add_argument("--prompt", help="the role: who the NPC is and what it wants")
     talk.add_argument("--input", required=True, help="the user's side (any rate, any channel count)")

@@ -23,19 +23,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import itertools
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-from .audio import float_to_pcm16, pcm16_to_float, wav_bytes
+from .audio import wav_bytes
 from .protocol import (
-    FRAME_SECONDS, MODEL_RATE, WS_PATH, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, ServerMessage, Started, State,
-    Switched, Text, decode_audio_frame, parse_server_text,
+    FRAME_SECONDS, MODEL_RATE, WS_PATH, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, Started, State, Switched,
+    Text,
 )
+# The connection's protocol, without I/O (`ClientSession` there; this module's `ClientSession` is the
+# asyncio handle of one conversation, a name kept for the programs that use it).
+from .protocol.session import Answer, AudioFrame, StrayError
+from .protocol.session import ClientSession as ClientProtocol
 
 __all__ = [
     "AudioFrame", "ClientSession", "Dropped", "Ended", "ErrorMsg", "NPCVoiceClient", "NPCVoiceError", "PlayoutClock",
@@ -49,23 +50,6 @@ class NPCVoiceError(Exception):
     def __init__(self, code: str, message: str, ref: Any = None):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.ref = code, message, ref
-
-
-@dataclass
-class AudioFrame:
-    """One 80 ms frame of the NPC's voice; play frame n at start + n * 80 ms (a gap in `frame`
-    means frames the server dropped because this client read too slowly)."""
-
-    frame: int
-    pcm: np.ndarray  # int16, session.frame_samples samples
-    sample_rate: int
-
-    @property
-    def time(self) -> float:
-        return self.frame * FRAME_SECONDS
-
-    def float32(self) -> np.ndarray:
-        return pcm16_to_float(self.pcm)
 
 
 Event = AudioFrame | Text | State | Switched | Dropped | ErrorMsg | Ended
@@ -203,11 +187,8 @@ class ClientSession:
 
     async def send_audio(self, pcm: np.ndarray | bytes) -> None:
         """User audio at `sample_rate`, any length: float samples in [-1, 1], int16, or PCM16 LE bytes."""
-        if isinstance(pcm, np.ndarray):
-            if pcm.dtype != np.int16:
-                pcm = float_to_pcm16(pcm)
-            pcm = pcm.astype("<i2", copy=False).tobytes()
-        await self.client.ws.send(pcm)
+        self.client.protocol.audio(pcm)
+        await self.client._write()
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event of this session, in order, up to and including `Ended` (or the connection's end)."""
@@ -224,20 +205,17 @@ class ClientSession:
 
     async def switch(self, character: str | dict[str, Any] | InlineCharacter, timeout: float = 30.0) -> Switched:
         """Another character for this NPC (the conversation starts over); returns once it speaks."""
-        return await self.client._request({"type": "switch", "character": _character(character)}, timeout)
+        return await self.client._request(lambda: self.client.protocol.switch(character), timeout)
 
     async def say(self, text: str) -> None:
         """Makes the NPC say `text` (forced into its text stream, one token every 3 frames)."""
-        await self.client._send_json({"type": "say", "text": text})
+        self.client.protocol.say(text)
+        await self.client._write()
 
     async def end(self, timeout: float = 10.0) -> Ended:
         if self.ended is not None:
             return self.ended
-        return await self.client._request({"type": "end"}, timeout)
-
-
-def _character(character: str | dict[str, Any] | InlineCharacter) -> Any:
-    return character.model_dump() if isinstance(character, InlineCharacter) else character
+        return await self.client._request(self.client.protocol.end, timeout)
 
 
 class NPCVoiceClient:
@@ -255,8 +233,8 @@ class NPCVoiceClient:
         self.hello: Hello | None = None
         self.session: ClientSession | None = None
         self.errors: list[ErrorMsg] = []  # errors outside a session and without a pending request
+        self.protocol = ClientProtocol()
         self._pending: dict[Any, asyncio.Future[Any]] = {}
-        self._refs = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
         self._hello = None
 
@@ -286,72 +264,70 @@ class NPCVoiceClient:
     async def start(self, character: str | dict[str, Any] | InlineCharacter, *, sample_rate: int = MODEL_RATE,
                     seed: int | None = None, timeout: float = 60.0) -> ClientSession:
         """Starts a conversation; returns when the NPC's first frame is on its way."""
-        msg: dict[str, Any] = {"type": "start", "character": _character(character), "sample_rate": sample_rate}
-        if seed is not None:
-            msg["seed"] = seed
-        await self._request(msg, timeout)
+        await self._request(lambda: self.protocol.start(character, sample_rate, seed), timeout)
         assert self.session is not None
         return self.session
 
     # --- internals ------------------------------------------------------------------------------
 
-    async def _send_json(self, msg: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(msg))
+    async def _write(self) -> None:
+        """Writes what the protocol has queued, in order."""
+        for data in self.protocol.data_to_send():
+            await self.ws.send(data)
 
-    async def _request(self, msg: dict[str, Any], timeout: float) -> Any:
-        ref = next(self._refs)
+    async def _request(self, queue: Callable[[], int], timeout: float) -> Any:
+        """Queues a request (`queue` returns its ref), writes it, and waits for its answer."""
+        ref = queue()
         future = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
         try:
-            await self._send_json(msg | {"ref": ref})
+            await self._write()
             return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(ref, None)
+            self.protocol.forget(ref)
 
-    def _resolve(self, msg: Any) -> bool:
-        ref = getattr(msg, "ref", None)
-        future = self._pending.get(ref) if ref is not None else None
+    def _answer(self, answer: Answer) -> None:
+        future = self._pending.get(answer.ref)
         if future is None or future.done():
-            return False
+            return
+        msg = answer.message
         if isinstance(msg, ErrorMsg):
-            future.set_exception(NPCVoiceError(msg.code, msg.message, ref))
+            future.set_exception(NPCVoiceError(msg.code, msg.message, answer.ref))
         else:
             future.set_result(msg)
-        return True
+
+    def _dispatch(self) -> None:
+        """Routes the protocol's events: answers to their requests, the rest to the live session."""
+        for event in self.protocol.events_received():
+            if isinstance(event, Hello):
+                if not self._hello.done():
+                    self._hello.set_result(event)
+            elif isinstance(event, Started):
+                self.session = ClientSession(self, event, self.max_events)
+            elif isinstance(event, Answer):
+                self._answer(event)
+            elif isinstance(event, StrayError):
+                self.errors.append(event.message)
+            elif self.session is not None:
+                self.session._events.put(event)
+                if isinstance(event, Ended):
+                    self.session.ended = event
+                    self.session = None
 
     async def _read_loop(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
         try:
             async for data in self.ws:
-                if isinstance(data, bytes):
-                    if self.session is not None:
-                        frame, pcm = decode_audio_frame(data)
-                        self.session._events.put(AudioFrame(frame, pcm, self.session.sample_rate))
-                    continue
-                msg: ServerMessage = parse_server_text(data)
-                if isinstance(msg, Hello):
-                    if not self._hello.done():
-                        self._hello.set_result(msg)
-                    continue
-                if isinstance(msg, Started):
-                    self.session = ClientSession(self, msg, self.max_events)
-                    self._resolve(msg)
-                    continue
-                session = self.session
-                if isinstance(msg, Ended) and session is not None:
-                    session.ended = msg
-                    session._events.put(msg)
-                    self.session = None
-                    self._resolve(msg)
-                    continue
-                resolved = self._resolve(msg)
-                if isinstance(msg, ErrorMsg) and resolved:
-                    continue  # raised by the request that caused it
-                if session is not None:
-                    session._events.put(msg)
-                elif isinstance(msg, ErrorMsg):
-                    self.errors.append(msg)
+                try:
+                    if isinstance(data, bytes):
+                        self.protocol.receive_bytes(data)
+                    else:
+                        self.protocol.receive_text(data)
+                except ValueError:  # a message type of a newer server (or a malformed frame): ignored
+                    pass
+                self._dispatch()
         except ConnectionClosed:
             pass
         finally:

@@ -37,7 +37,7 @@ def server():
     from npc_voice.engine import Engine, PrefixCache
     from npc_voice.model.generator import Generator
     from npc_voice.model.loading import random_model
-    from npc_voice.server import BackgroundServer, ServerConfig
+    from npc_voice.serve import BackgroundServer, ServerConfig
 
     torch.set_num_threads(1)  # 2-core machine: the engine on one core, the game on the other
     model = random_model("tiny", seed=3)

@@ -676,7 +676,8 @@ def test_player_session_embedded(model, folders, ferryman) -> None:
 def test_remote_server(model, folders, ferryman) -> None:
     from npc_voice.client import NPCVoiceClient
     from npc_voice.engine import Engine
-    from npc_voice.server import BackgroundServer, ServerConfig, open_store
+    from npc_voice.serve import BackgroundServer, ServerConfig
+    from npc_voice.characters import open_store
 
     token = "remote-token-0123456789"
     engine = Engine(model, slots=2)

@@ -119,7 +119,7 @@ def start_local_server(characters: str | None = None, weights: str | None = None
     from npc_voice.characters import open_store
     from npc_voice.engine import Engine
     from npc_voice.model.loading import load_model
-    from npc_voice.server import BackgroundServer, ServerConfig
+    from npc_voice.serve import BackgroundServer, ServerConfig
 
     if weights is None:
         print("village: starting an in-process npc-voice server with the tiny built-in model "

@@ -1,0 +1,120 @@
+"""`NPCVoiceServer`: the asyncio websocket server around an `Engine` (docs/protocol.md): the
+listener, the engine's real-time loop, and the watch on it. Each client is a `Connection`; the HTTP
+side of a handshake is `handshake.py`, /health `health.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..engine import Engine, EngineLoop
+from .config import PKG_VERSION, ServerConfig, check_bind
+from .connection import Connection
+from .handshake import process_request
+from .health import health
+from .manager import SessionManager
+
+log = logging.getLogger("npc_voice.server")
+
+
+class NPCVoiceServer:
+    """The websocket server around an `Engine`. Use `async with NPCVoiceServer(engine, config, store)`
+    (or `await start()` / `await stop()`); `port` is the bound port."""
+
+    def __init__(self, engine: Engine, config: ServerConfig | None = None, store: Any = None):
+        self.engine = engine
+        self.config = config or ServerConfig()
+        check_bind(self.config.host, self.config.token)
+        self.store = store
+        max_conn = self.config.max_connections or 4 * engine.slots + 4
+        self.manager = SessionManager(engine, max_conn, self.config.build_workers)
+        self.loop_runner: EngineLoop | None = None
+        self.closing = False
+        self.started_at = time.monotonic()
+        self._server: Any = None
+        self._monitor: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    @property
+    def loop_error(self) -> BaseException | None:
+        return self.loop_runner.error if self.loop_runner is not None else None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> NPCVoiceServer:
+        from websockets.asyncio.server import serve
+
+        self.loop_runner = EngineLoop(self.engine).start()
+        cfg = self.config
+        self._server = await serve(
+            self._handle, cfg.host, cfg.port, process_request=self._process_request,
+            max_size=cfg.limits.max_message_bytes, max_queue=32, compression=None, write_limit=cfg.write_limit,
+            ping_interval=cfg.ping_interval, ping_timeout=cfg.ping_timeout, close_timeout=cfg.close_grace_s,
+            server_header=f"npc-voice/{PKG_VERSION}",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.started_at = time.monotonic()
+        self._monitor = asyncio.create_task(self._watch_engine())
+        return self
+
+    async def stop(self) -> None:
+        self.closing = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for conn in list(self.manager.connections):
+            conn.shut_down()
+        # The grace period: each connection sends what it has queued and closes (1001); meanwhile the
+        # listener stays open and answers handshakes with HTTP 503 `shutting_down`, /health `stopping`.
+        deadline = time.monotonic() + self.config.close_grace_s + 1
+        while self.manager.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            self._server.close()  # a connection still open now is closed with 1001
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), self.config.close_grace_s + 1)
+            except asyncio.TimeoutError:
+                pass
+        if self.loop_runner is not None:
+            await asyncio.to_thread(self.loop_runner.stop)
+        self.manager.shutdown()
+
+    async def __aenter__(self) -> NPCVoiceServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    # --- websockets hooks -----------------------------------------------------------------------
+
+    def _process_request(self, connection: Any, request: Any) -> Any:
+        return process_request(self, connection, request)
+
+    async def _handle(self, ws: Any) -> None:
+        sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+        if sock is not None and self.config.send_buffer_bytes:
+            import socket
+
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
+        conn = Connection(self, ws)
+        self.manager.connections.add(conn)
+        try:
+            await conn.run()  # a fault outside a message is logged by websockets and closes with 1011
+        finally:
+            self.manager.connections.discard(conn)
+
+    async def _watch_engine(self) -> None:
+        """Should the engine's thread die, every live session is told (`internal_error`, then
+        `ended` with reason `error`) and new ones are refused; /health says `error`."""
+        while self.loop_error is None:
+            await asyncio.sleep(0.25)
+        log.error("the engine loop stopped: %r", self.loop_error)
+        for conn in list(self.manager.connections):
+            conn.engine_failed(self.loop_error)
+
+    def health(self) -> dict[str, Any]:
+        return health(self)
