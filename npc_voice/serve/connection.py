@@ -55,6 +55,8 @@ class Connection:
         self.handling = False  # a message is being handled (a start may wait for a build): the idle timer waits
         self.closed = False
         self._close_with: tuple[int, str] | None = None
+        self._tasks: set[asyncio.Task] = set()  # switches waiting for their character
+        self._switch_order = asyncio.Lock()  # switches reach the engine in the order they were sent
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -89,9 +91,9 @@ class Connection:
             self.closed = True
             self.protocol.end(None)  # a vanished client frees its slot at the engine's next tick
             self.pump()
-            watchdog.cancel()
-            sender.cancel()
-            await asyncio.gather(watchdog, sender, return_exceptions=True)
+            for task in (watchdog, sender, *self._tasks):
+                task.cancel()
+            await asyncio.gather(watchdog, sender, *self._tasks, return_exceptions=True)
 
     def shut_down(self) -> None:
         """The server is stopping: `shutting_down` (fatal), `ended` for a live session, close 1001."""
@@ -173,11 +175,10 @@ class Connection:
             for event in events:
                 if isinstance(event, StartRequest):
                     await self._start(event.message)
-                elif isinstance(event, SwitchRequest):
-                    try:
-                        await self._switch(event.message)
-                    except Exception as exc:
-                        self._refuse(exc, event.message)
+                elif isinstance(event, SwitchRequest):  # the player's audio keeps flowing meanwhile
+                    task = asyncio.create_task(self._switch_in_background(event.message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
                 else:
                     self._carry_out_now(event)
             self.flush()
@@ -254,6 +255,16 @@ class Connection:
         if self.closed:  # the client left while its character was being prepared
             self.protocol.end(None)
 
+    async def _switch_in_background(self, msg: Switch) -> None:
+        """A switch carried out beside the receive loop: a character that must be built first
+        takes its time (most of a second on a CPU) while the player's audio is still read, so
+        none of it piles up and is dropped."""
+        try:
+            await self._switch(msg)
+        except Exception as exc:
+            self._refuse(exc, msg)
+        self.pump()
+
     async def _switch(self, msg: Switch) -> None:
         if self.current is None or self.first_frame is None:
             raise ProtocolError(ErrorCode.NO_SESSION, "switch: the session has ended")
@@ -265,17 +276,21 @@ class Connection:
                 raise ProtocolError(ErrorCode.NO_SESSION, "switch: the session has ended") from None
             raise
         manager = self.server.manager
-        persona, label = await manager.run_blocking(resolve_character, self.server.store, msg.character, self.limits)
-        if self.current is None or self.current[0] is not live:
-            return  # ended meanwhile
-        ack = self.protocol.switch_accepted(label, msg)
-        done = None
+        done = ack = None
         try:
-            # Returns once the voice is read; the character is installed (and `switched` sent with
-            # its first frame) when the engine thread has built it, while the old one goes on.
-            done = await manager.run_blocking(self.server.engine.switch, session, persona)
+            async with self._switch_order:
+                persona, label = await manager.run_blocking(resolve_character, self.server.store, msg.character,
+                                                            self.limits)
+                if self.current is None or self.current[0] is not live:
+                    return  # ended meanwhile
+                ack = self.protocol.switch_accepted(label, msg)
+                # Returns once the voice is read; the character is installed (and `switched` sent
+                # with its first frame) when the engine thread has built it, while the old one goes on.
+                done = await manager.run_blocking(self.server.engine.switch, session, persona)
             await asyncio.wrap_future(done)
         except BaseException as exc:
+            if ack is None:
+                raise
             self.protocol.switch_settled(ack)
             if done is not None and done.cancelled():
                 return  # superseded by a later switch, or the session ended
