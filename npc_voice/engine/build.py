@@ -290,9 +290,9 @@ class PrefixBuilder:
         with fused.eager():
             hidden, text_logits = self.model.lm.text_head(self.out[lane : lane + 1, last : last + 1])
         n = min(F, self.context)
-        if F <= self.capacity:  # rows 0..F-1, in order: one gathering copy per tensor
-            keys = torch.stack([c.keys[lane, :, :F] for c in self.state.layers])  # [L, H, n, D]
-            values = torch.stack([c.values[lane, :, :F] for c in self.state.layers])
+        if F <= self.capacity:  # position p in row p: one gathering copy per tensor
+            keys = torch.stack([c.keys[lane, :, F - n : F] for c in self.state.layers])  # [L, H, n, D]
+            values = torch.stack([c.values[lane, :, F - n : F] for c in self.state.layers])
         else:  # the ring wrapped (a prompt longer than the context)
             rows = torch.remainder(torch.arange(F - n, F, device=self.device), self.capacity)
             keys = torch.stack([c.keys[lane].index_select(1, rows) for c in self.state.layers])
