@@ -183,7 +183,7 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
         for _ in range(11):
             sync()
             t = time.perf_counter()
-            install_prefix(engine.gen, engine.state, sessions[0].slot, p, seed=0)
+            install_prefix(engine.gen, engine.state, sessions[0].slot, p, seed=0, first=engine.first)
             sync()
             times.append((time.perf_counter() - t) * 1000)
         store = []  # copying a freshly built prefix (on the GPU) there (a background thread does it)
