@@ -326,7 +326,7 @@ class Backend:
     def _ensure_player_server(self) -> Any:
         with self._player_lock:
             if self._player is None:
-                from npc_voice.server import BackgroundServer, ServerConfig
+                from npc_voice.serve import BackgroundServer, ServerConfig
 
                 engine, driver = self.engine(), self._driver
                 config = ServerConfig(host=self.settings.player_host, port=self.settings.player_port,

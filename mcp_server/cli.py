@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from npc_voice.cli import _add_model_args
+    from npc_voice.model_args import add_model_args
 
     p = argparse.ArgumentParser(prog="npc-voice-mcp", description="MCP server of npc-voice: AI assistants create "
                                 "NPC characters and run voice conversations (docs/mcp.md).")
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $NPC_VOICE_SERVER_URL)")
     p.add_argument("--token", default=os.environ.get("NPC_VOICE_TOKEN"), help="its token (default $NPC_VOICE_TOKEN)")
     g = p.add_argument_group("embedded engine (without --server-url)")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--slots", type=int, default=6, help="slots of the one embedded engine, shared by talks, scenes "
                    "(two each) and player sessions (default 6)")
     g.add_argument("--player-slots", type=int, default=None, help=argparse.SUPPRESS)  # deprecated: shares --slots
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from npc_voice.cli import DTYPES
+    from npc_voice.model_args import DTYPES
 
     from .backend import Settings
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from .backend import Backend
 
     try:
-        from npc_voice.server import is_loopback
+        from npc_voice.serve import is_loopback
 
         if args.transport == "http" and not is_loopback(args.host) and not args.allow_remote_http:
             raise ValueError(f"refusing to serve MCP over HTTP on {args.host}: the endpoint has no authentication and "

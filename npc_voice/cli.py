@@ -9,10 +9,8 @@ import sys
 import torch
 
 from .characters.cli import add_parser as add_characters_parser, add_talk_args
-from .model_args import DTYPES, add_model_args, load_model_from_args  # noqa: F401  (npc-voice-mcp: DTYPES)
+from .model_args import add_model_args, load_model_from_args
 from .serve.cli import add_serve_command
-
-_add_model_args = add_model_args  # the name npc-voice-mcp imports
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
