@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .engine.engine import percentile
+from .engine.session import percentile
 from .model.generator import Generator
 from .model.loading import LoadedModel
 

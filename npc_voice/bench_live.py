@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .bench import peak_memory_gb
-from .engine.engine import percentile
+from .engine.session import percentile
 from .model.config import FRAME_SECONDS
 from .model.loading import LoadedModel
 

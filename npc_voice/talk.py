@@ -16,7 +16,7 @@ import numpy as np
 
 from .audio import load_mono, write_wav
 from .engine import Engine, FrameEvent, Persona
-from .engine.engine import FRAME_SECONDS
+from .model.config import FRAME_SECONDS
 from .model.loading import LoadedModel
 
 

@@ -253,7 +253,7 @@ def test_memory_cache_evicts_the_least_recently_used_by_bytes(model: LoadedModel
 
 
 def test_input_buffer_reframes_and_drops_oldest() -> None:
-    from npc_voice.engine.engine import InputBuffer
+    from npc_voice.engine.session import InputBuffer
 
     buf = InputBuffer(frame_size=4, max_frames=2)
     buf.push(np.arange(3, dtype=np.float32))

@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from npc_voice.cli import main
-from npc_voice.engine.engine import FrameEvent
+from npc_voice.engine.session import FrameEvent
 from npc_voice.talk import words_from_frames
 
 

@@ -1,8 +1,9 @@
 """The engine: many NPC conversations on one shared model, characters built between ticks and installed by copying."""
 
-from .engine import Engine, EngineFull, FrameEvent, Session
-from .loop import EngineLoop
 from ..model.generator import Sampling
+from .engine import Engine
+from .loop import EngineLoop
 from .persona import Persona, PrefixCache
+from .session import EngineFull, FrameEvent, Session
 
 __all__ = ["Engine", "EngineFull", "EngineLoop", "FrameEvent", "Persona", "PrefixCache", "Sampling", "Session"]

@@ -16,113 +16,21 @@ import itertools
 import math
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..characters.model import ROLE_TOKENS_MAX, VOICE_MAX_S
 from ..model import fused
-from ..model.config import FRAME_SECONDS, prompt_length  # FRAME_SECONDS re-exported (loop.py, talk.py)
+from ..model.config import FRAME_SECONDS, prompt_length
 from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
 from .prompt import FirstPosition, Prefix, install_prefix
+from .session import RESERVED, EngineFull, FrameEvent, InputBuffer, Session, Install
 from .step import BatchedStep
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """The nearest-rank `q`-quantile (0 <= q <= 1) of `values`; 0.0 when there are none."""
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-class EngineFull(RuntimeError):
-    """Every slot is taken."""
-
-
-_RESERVED = object()  # a slot's owner between `Engine.reserve` and `Engine.open`
-
-
-@dataclass
-class FrameEvent:
-    """One 80 ms frame of an NPC's output."""
-
-    session_id: str
-    frame: int  # conversation frame: 0 is the first frame after the prompt (answers user frame 0)
-    pcm: np.ndarray  # float32 [1920], 24 kHz
-    text_token: int
-    text: str  # what the frame adds to the NPC's words ('' when none)
-
-    @property
-    def time(self) -> float:
-        return self.frame * FRAME_SECONDS
-
-
-class InputBuffer:
-    """Re-frames user audio of any chunk size into whole frames; holds at most `max_frames` (the
-    oldest are dropped and counted, so a client sending faster than real time cannot grow memory)."""
-
-    def __init__(self, frame_size: int, max_frames: int):
-        self.frame_size, self.max_frames = frame_size, max_frames
-        self._frames: collections.deque[np.ndarray] = collections.deque()
-        self._partial = np.zeros(0, dtype=np.float32)
-        self.dropped_frames = 0
-        self._lock = threading.Lock()
-
-    def push(self, samples: np.ndarray) -> None:
-        with self._lock:
-            data = np.concatenate([self._partial, np.asarray(samples, dtype=np.float32).reshape(-1)])
-            whole = data.shape[0] // self.frame_size
-            for i in range(whole):
-                self._frames.append(data[i * self.frame_size : (i + 1) * self.frame_size])
-            self._partial = data[whole * self.frame_size :]
-            while len(self._frames) > self.max_frames:
-                self._frames.popleft()
-                self.dropped_frames += 1
-
-    def pop(self) -> np.ndarray | None:
-        with self._lock:
-            return self._frames.popleft() if self._frames else None
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-
-@dataclass
-class Session:
-    id: str
-    slot: int
-    persona: Persona
-    seed: int
-    input: InputBuffer
-    prefix_length: int = 0  # generator frames the prompt took; conversation frame = t - this
-    frames_out: int = 0
-    forced_text: collections.deque[int] = field(default_factory=collections.deque)
-    listener: Callable[[FrameEvent], None] | None = None
-    closed: bool = False
-    # Resolved when the first character is installed (its first frame comes at the next tick), or
-    # with the error that failed its build (the slot is then free again).
-    started: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    wanted: int = 0  # the latest open/switch: an older one's install is skipped
-
-    def push_audio(self, samples: np.ndarray) -> None:
-        """User audio, 24 kHz mono float32, any length."""
-        self.input.push(samples)
-
-
-@dataclass
-class _Install:
-    session: Session
-    persona: Persona
-    prefix: Prefix
-    wanted: int
-    done: concurrent.futures.Future
-    queued: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -154,8 +62,8 @@ class Engine:
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
-        self._owners: list[Session | object | None] = [None] * slots  # who holds each slot: a Session or _RESERVED
-        self._pending: list[_Install | Session] = []  # installs, and closes (a Session), in order
+        self._owners: list[Session | object | None] = [None] * slots  # who holds each slot: a Session or RESERVED
+        self._pending: list[Install | Session] = []  # installs, and closes (a Session), in order
         self._waiting: dict[str, list[tuple[Session, Persona, int, concurrent.futures.Future]]] = {}  # builds
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -186,13 +94,13 @@ class Engine:
         that open does not happen. The engine is the one owner of free slots."""
         with self._lock:
             slot = self._free_slot()
-            self._owners[slot] = _RESERVED
+            self._owners[slot] = RESERVED
             return slot
 
     def release(self, slot: int) -> None:
         """Gives back a slot `reserve` took and no session got (anything else is left alone)."""
         with self._lock:
-            if self._owners[slot] is _RESERVED:
+            if self._owners[slot] is RESERVED:
                 self._owners[slot] = None
 
     def _free_slot(self) -> int:
@@ -212,7 +120,7 @@ class Engine:
         with self._lock:
             if slot is None:
                 slot = self._free_slot()
-            elif self._owners[slot] is not _RESERVED:
+            elif self._owners[slot] is not RESERVED:
                 raise ValueError(f"slot {slot} was not reserved")
             session = Session(f"s{next(self._ids)}", slot, persona,
                               seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()),
@@ -276,7 +184,7 @@ class Engine:
         """(under the lock) Queues the install of a cached prefix, or joins/starts its build."""
         self.work.set()  # a real-time loop idling until its next tick starts on it now
         if prefix is not None:
-            self._pending.append(_Install(session, persona, prefix, session.wanted, done))
+            self._pending.append(Install(session, persona, prefix, session.wanted, done))
             return
         waiting = self._waiting.get(request.key)
         if waiting is None:
@@ -357,7 +265,7 @@ class Engine:
                     if not done.done():
                         done.set_exception(result)
                 else:
-                    self._pending.append(_Install(session, persona, result, wanted, done))
+                    self._pending.append(Install(session, persona, result, wanted, done))
 
     def _apply_pending(self, budget_s: float | None = None) -> None:
         """Applies closes and installs in order; an install only while its cost fits `budget_s`."""
@@ -368,7 +276,7 @@ class Engine:
                     return
                 op = self._pending[0]
                 now = time.perf_counter()
-                if isinstance(op, _Install) and budget_s is not None \
+                if isinstance(op, Install) and budget_s is not None \
                         and now - op.queued < self.builder.max_wait_s \
                         and now - start + self.install_cost.estimate >= budget_s:
                     return  # no time left in this period (an install waiting too long goes anyway)

@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 
-from .engine import FRAME_SECONDS, Engine, percentile
+from ..model.config import FRAME_SECONDS
+from .engine import Engine
+from .session import percentile
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine, EngineLoop
-from ..engine.engine import percentile
+from ..engine.session import percentile
 from ..protocol import PROTOCOL_VERSION
 from .config import SERVER_NAME
 
