@@ -6,6 +6,9 @@ Two levels of checking:
   an unsafe id, an empty role, a role whose prompt would eat the context, bad sampling values;
 - `check_character` also looks at the files (the voice sample's length and readability, a preset's
   `.pt`) and gives warnings for what works but is unwise (a long role, a sample outside 3-10 s).
+
+Over 400 lines because the schema and the checks share every limit and every wording of a problem
+(a refusal by the schema and the same problem found by `check_character` must read alike).
 """
 
 from __future__ import annotations

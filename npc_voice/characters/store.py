@@ -9,6 +9,9 @@ Safe to share between processes (the engine's server, an MCP server, the command
 - ids are checked slugs and every path is resolved and checked to stay inside the root (a symlink
   pointing elsewhere is refused), and the only audio file name is `voice.wav`.
 Imported audio (WAV/FLAC/OGG, any rate, any channel count) is stored as 24 kHz mono 16-bit WAV.
+
+Over 400 lines because the crash-safe write protocol above (lock, temporary folder, renames,
+recovery of a left-over aside folder) must be read as one piece to be trusted.
 """
 
 from __future__ import annotations
