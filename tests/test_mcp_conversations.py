@@ -1,7 +1,7 @@
 """mcp_server/conversations.py: one interface, two implementations. The same feed runs on the
 shared engine (local.py) and through a real `npc-voice serve` (remote.py): each NPC is fed from its
 frames as they come, in order, closed after its frames, and its voice and words kept on its line.
-Fixtures are test_mcp.py's and test_mcp_remote.py's."""
+Fixtures are tests/mcp_helpers.py's and test_mcp_remote.py's."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ pytest.importorskip("mcp")
 from mcp_server.conversations import FRAME, Side  # noqa: E402
 from mcp_server.local import LocalConversations  # noqa: E402
 from mcp_server.remote import RemoteConversations  # noqa: E402
-from test_mcp import backend, ferryman, folders, model, run  # noqa: E402,F401
+from mcp_helpers import run  # noqa: E402
+from mcp_helpers import model, folders, backend, ferryman  # noqa: E402,F401 (fixtures)
 from test_mcp_remote import remote  # noqa: E402,F401
 
 

@@ -1,7 +1,9 @@
 """mcp_server/remote.py through the SDK's own client, against a real `npc-voice serve` child process
 on 127.0.0.1 (tiny model): a scene relays each NPC's frames to the other (cross-feed) and names the
-two sides of a character with itself apart; `say` reads as words; concurrent talks overlap.
-Fixtures are test_mcp.py's (the tiny model, generated voices, the `ferryman` character)."""
+two sides of a character with itself apart; `say` reads as words; concurrent talks overlap. First,
+the MCP tools against a `BackgroundServer` in this process (with and without the characters folder,
+every slot taken, unreachable). Fixtures are tests/mcp_helpers.py's (the tiny model, generated voices,
+the `ferryman` character)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from mcp import Client  # noqa: E402
 from conftest import serve_child  # noqa: E402
 from mcp_server import Backend, Settings, build_server  # noqa: E402
 from npc_voice.audio import float_to_pcm16, pcm16_to_float  # noqa: E402
-from test_mcp import b64, backend, ferryman, folders, model, run, tone, wav  # noqa: E402,F401
+from mcp_helpers import RATE, b64, decode_wav, error_text, run, tone, wav  # noqa: E402
+from mcp_helpers import model, folders, backend, ferryman  # noqa: E402,F401 (fixtures)
 
 FRAME = 1920
 
@@ -40,6 +43,77 @@ def wav_int16(content) -> np.ndarray:
 
     data, _ = soundfile.read(io.BytesIO(base64.b64decode(content.data)), dtype="int16", always_2d=True)
     return data
+
+
+def test_remote_server(model, folders, ferryman) -> None:
+    from npc_voice.client import NPCVoiceClient
+    from npc_voice.engine import Engine
+    from npc_voice.serve import BackgroundServer, ServerConfig
+    from npc_voice.characters import open_store
+
+    token = "remote-token-0123456789"
+    engine = Engine(model, slots=2)
+    with BackgroundServer(engine, ServerConfig(port=0, token=token), open_store(folders["characters"])) as bg:
+        backend = Backend(Settings(characters=folders["characters"], server_url=bg.url.removesuffix("/ws"),
+                                   token=token), model=model)
+
+        async def go():
+            async with Client(build_server(backend)) as client:
+                status = (await client.call_tool("server_status", {})).structured_content
+                assert status["mode"] == "remote" and status["server"]["status"] == "ok"
+                result = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                      "audio_base64": b64(wav(tone(1.0)))})
+                assert not result.is_error, result.content[0].text
+                samples, _ = decode_wav([c for c in result.content if c.type == "audio"][0])
+                assert samples.shape == (RATE, 1) and result.structured_content["status"] == "finished"
+                info = (await client.call_tool("start_player_session", {"character": ferryman})).structured_content
+                assert info["websocket_url"] == bg.url and info["token"] == token and not info["embedded"]
+                assert "unknown character" in error_text(await client.call_tool(
+                    "talk_to_character", {"character": "ghost", "audio_base64": b64(wav(tone(1.0)))}))
+                scene = await client.call_tool("run_scene", {"character_a": ferryman, "character_b": ferryman,
+                                                             "seconds": 1.0})
+                assert not scene.is_error, scene.content[0].text
+                samples, _ = decode_wav([c for c in scene.content if c.type == "audio"][0])
+                assert samples.shape == (13 * 1920, 2)  # ceil(1.0 s / 80 ms) frames
+                assert scene.structured_content["status"] == "finished"
+                sides = [f"{ferryman} (A)", f"{ferryman} (B)"]  # a character with itself, named apart
+                assert scene.structured_content["speakers"] == sides
+                assert {w["speaker"] for w in scene.structured_content["words"]} <= set(sides)
+                said = await client.call_tool("say", {"character": ferryman, "text": "A coin.", "audio_output": "none"})
+                assert not said.is_error, said.content[0].text
+                assert said.structured_content["kind"] == "say" and said.structured_content["status"] == "finished"
+                assert "Acoin." in "".join(w["word"] for w in said.structured_content["words"])
+                # every slot taken by games: server busy
+                async with NPCVoiceClient(bg.url, token) as g1, NPCVoiceClient(bg.url, token) as g2:
+                    await g1.start(character=ferryman)
+                    await g2.start(character=ferryman)
+                    busy = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                        "audio_base64": b64(wav(tone(1.0)))})
+                    assert "server busy" in error_text(busy)
+
+        run(go())
+
+    # a server without this MCP server's characters folder: the character is sent inline
+    with BackgroundServer(Engine(model, slots=1), ServerConfig(port=0), None) as bare:
+        inline = Backend(Settings(characters=folders["characters"], server_url=bare.url), model=model)
+
+        async def go_inline():
+            async with Client(build_server(inline)) as client:
+                result = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                      "audio_base64": b64(wav(tone(0.5)))})
+                assert not result.is_error, result.content[0].text
+
+        run(go_inline())
+
+    wrong = Backend(Settings(characters=folders["characters"], server_url="ws://127.0.0.1:9", token="x"), model=model)
+
+    async def unreachable():
+        async with Client(build_server(wrong)) as client:
+            result = await client.call_tool("talk_to_character", {"character": ferryman,
+                                                                  "audio_base64": b64(wav(tone(1.0)))})
+            assert "cannot reach the npc-voice server" in error_text(result)
+
+    run(unreachable())
 
 
 def test_remote_scene_cross_feeds_and_names_the_sides_apart(remote, ferryman, monkeypatch) -> None:

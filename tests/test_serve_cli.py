@@ -1,0 +1,102 @@
+"""npc_voice/serve/cli.py: `npc-voice serve` as its own process, shut down by a real signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from npc_voice.client import AudioFrame, NPCVoiceClient
+from npc_voice.protocol import Ended, ErrorMsg, State, Text
+from serve_helpers import CAST, REPO, run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(port: int, *extra: str) -> subprocess.Popen:
+    """`npc-voice serve` on the tiny model as a child process (this checkout's code), up once /health answers."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "2",
+                             "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"npc-voice serve did not start: {proc.communicate()[0]}")
+            time.sleep(0.2)
+
+
+def _silent_websocket(port: int) -> socket.socket:
+    """A websocket client that completes the handshake and then reads nothing, nor answers the close:
+    the server keeps it for its grace period (close_grace_s), the window this test looks into."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_shuts_down_gracefully_on_a_signal(sig: str) -> None:
+    """SIGTERM or SIGINT to `npc-voice serve`: a live session gets `error` shutting_down (fatal), then
+    `ended` (reason shutting_down), then close 1001; while the server waits for its last connection
+    to close, a handshake gets HTTP 503 `shutting_down` and /health says `stopping`; then it exits 0."""
+    import signal
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    port = _free_port()
+    proc = _serve(port)
+    url = f"ws://127.0.0.1:{port}/ws"
+    try:
+        async def main() -> None:
+            async with NPCVoiceClient(url) as client:
+                session = await client.start("innkeeper")
+                assert isinstance(await session.next_event(timeout=10), (AudioFrame, Text, State))  # live
+                silent = _silent_websocket(port)
+                proc.send_signal(getattr(signal, sig))
+                events = [e async for e in session.events() if not isinstance(e, (AudioFrame, Text, State))]
+                assert [type(e) for e in events] == [ErrorMsg, Ended], events
+                assert events[0].code == "shutting_down" and events[0].fatal
+                assert events[1].reason == "shutting_down" and events[1].session == session.id
+                await asyncio.wait_for(client._reader, 5)  # the server closes the connection
+                assert client.ws.close_code == 1001
+                assert proc.poll() is None  # still in its grace period (the silent client)
+                with pytest.raises(InvalidStatus) as info:
+                    await connect(url)
+                assert info.value.response.status_code == 503
+                assert json.loads(info.value.response.body)["code"] == "shutting_down"
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                assert err.value.code == 503 and json.load(err.value)["status"] == "stopping"
+                silent.close()
+
+        run(main(), timeout=60)
+        assert proc.wait(timeout=20) == 0
+        output = proc.stdout.read()
+        assert "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
