@@ -238,3 +238,8 @@ def test_input_conversion_keeps_every_sample_in_place(rate: int) -> None:
     lag = int(np.argmax(np.correlate(got[:n], whole[:n], "full"))) - (n - 1)
     assert abs(lag) <= 2, lag
     np.testing.assert_allclose(got[:n], whole[:n], atol=1e-5)  # the same samples, not merely the same count
+
+
+def test_server_messages_ignore_unknown_fields() -> None:
+    msg = parse_server_text('{"type":"text","frame":1,"time":0.08,"text":" a","speaker":"npc"}')
+    assert msg.text == " a"

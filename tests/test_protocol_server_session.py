@@ -1,63 +1,18 @@
-"""The protocol's state machines without sockets, threads or an engine (npc_voice/protocol/session.py):
-strings and bytes in, what to write and what to do out, as docs/protocol.md specifies."""
+"""The server side of the protocol's state machines without sockets, threads or an engine
+(npc_voice/protocol/server_session.py): strings and bytes in, what to write and what to do out, as
+docs/protocol.md specifies."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from npc_voice.protocol import (
-    DEFAULT_LIMITS, MAX_JSON_DEPTH, Hello, Limits, ProtocolError, ErrorCode, encode_audio_frame, decode_audio_frame,
-    frame_samples, parse_server_text,
-)
+from npc_voice.protocol import MAX_JSON_DEPTH, Limits, ProtocolError, ErrorCode, decode_audio_frame, frame_samples
 from npc_voice.protocol.session import (
-    Answer, AudioFrame, AudioReceived, ClientPhase, ClientSession, OutgoingAudio, Phase, SayRequest, ServerSession,
-    SessionEnded, StartRequest, StrayError, SwitchRequest,
+    AudioReceived, OutgoingAudio, Phase, SayRequest, SessionEnded, StartRequest, SwitchRequest,
 )
-
-QUIET = np.zeros(1920, np.float32)
-LOUD = np.full(1920, 0.05, np.float32)
-
-
-def new_session(limits: Limits = DEFAULT_LIMITS) -> ServerSession:
-    server = ServerSession(limits, server="npc-voice test", idle_timeout=30.0)
-    hello = messages(server)
-    assert [m["type"] for m in hello] == ["hello"] and hello[0]["max_text_bytes"] == limits.max_text_bytes
-    return server
-
-
-def messages(server: ServerSession) -> list[dict]:
-    """The JSON messages the server has to send (audio frames left out)."""
-    return [json.loads(item) for item in server.data_to_send() if isinstance(item, str)]
-
-
-def output(server: ServerSession) -> list:
-    """Everything it has to send: JSON as dicts, audio as ("audio", frame index)."""
-    return [json.loads(i) if isinstance(i, str) else ("audio", i.frame) for i in server.data_to_send()]
-
-
-def live_session(rate: int = 24_000, ref=1, character: str = "innkeeper"):
-    """A server session whose `start` was carried out (engine id s7); `started` not yet sent."""
-    server = new_session()
-    server.receive_text(json.dumps({"type": "start", "character": character, "sample_rate": rate, "ref": ref}))
-    (request,) = server.events_received()
-    assert isinstance(request, StartRequest) and server.phase is Phase.STARTING
-    live = server.start_accepted(character, request.message)
-    server.start_opened(live, "s7")
-    assert server.phase is Phase.LIVE
-    return server, live
-
-
-def frame(server: ServerSession, live, index: int, text: str = "", pcm=QUIET, session_id: str = "s7") -> bool:
-    return server.receive_frame(live, session_id, index, text, pcm)
-
-
-def error_of(server: ServerSession) -> dict:
-    (msg,) = messages(server)
-    assert msg["type"] == "error", msg
-    return msg
+from protocol_helpers import LOUD, error_of, frame, live_session, messages, new_session, output
 
 
 def test_start_started_then_frames() -> None:
@@ -304,101 +259,3 @@ def test_engine_failure_ends_the_live_session() -> None:
     assert [(m["type"], m.get("code"), m.get("reason")) for m in out] == [
         ("error", "internal_error", None), ("ended", None, "error")]
     assert server.close_code is None  # the connection stays open
-
-
-# --- the client side ------------------------------------------------------------------------------
-
-
-def sent(client: ClientSession) -> list:
-    return [json.loads(d) if isinstance(d, str) else d for d in client.data_to_send()]
-
-
-def test_client_session_follows_the_server() -> None:
-    client = ClientSession()
-    assert client.phase is ClientPhase.CONNECTING
-    client.receive_text('{"type":"hello","protocol":1,"server":"x","sample_rates":[16000,24000,48000],"frame_ms":80,'
-                        '"max_audio_bytes":1,"max_text_bytes":1,"idle_timeout_s":30.0,"new_field":1}')
-    assert client.phase is ClientPhase.IDLE and client.hello.server == "x"  # an unknown field is ignored
-    ref = client.start("innkeeper", sample_rate=16_000, seed=3)
-    assert sent(client) == [{"type": "start", "character": "innkeeper", "sample_rate": 16000, "seed": 3, "ref": ref}]
-    client.receive_bytes(encode_audio_frame(0, np.zeros(1280, np.int16)))  # before `started`: ignored
-    assert client.events_received()[1:] == []
-    client.receive_text(f'{{"type":"started","session":"s1","character":"innkeeper","sample_rate":16000,'
-                        f'"frame_samples":1280,"ref":{ref}}}')
-    events = client.events_received()
-    assert [type(e).__name__ for e in events] == ["Started", "Answer"] and events[1].ref == ref
-    assert client.phase is ClientPhase.LIVE and client.pending == {}
-    client.receive_bytes(encode_audio_frame(0, np.ones(1280, np.int16)))
-    (audio,) = client.events_received()
-    assert isinstance(audio, AudioFrame) and audio.frame == 0 and audio.sample_rate == 16_000
-    client.audio(np.zeros(4, np.float32))
-    assert sent(client) == [b"\0" * 8]
-    ref = client.switch("blacksmith")
-    sent(client)
-    client.receive_text('{"type":"error","code":"unknown_character","message":"no","ref":%d}' % ref)
-    (answer,) = client.events_received()  # an error that answers a request is not also a session event
-    assert isinstance(answer, Answer) and answer.message.code == "unknown_character"
-    client.receive_text('{"type":"dropped","output_frames":1,"input_frames":0,"total_output_frames":1,'
-                        '"total_input_frames":0}')
-    assert type(client.events_received()[0]).__name__ == "Dropped"
-    with pytest.raises(ValueError):
-        client.receive_text('{"type":"from_the_future"}')  # the caller ignores it
-    ref = client.end()
-    client.receive_text(f'{{"type":"ended","session":"s1","reason":"client","frames":2,"dropped_output_frames":1,'
-                        f'"dropped_input_frames":0,"ref":{ref}}}')
-    events = client.events_received()
-    assert [type(e).__name__ for e in events] == ["Ended", "Answer"] and client.phase is ClientPhase.IDLE
-    client.receive_text('{"type":"error","code":"no_session","message":"audio before start"}')
-    assert isinstance(client.events_received()[0], StrayError)
-
-
-def test_client_and_server_sessions_talk_without_sockets() -> None:
-    """Each side's output fed to the other: start, frames, a switch, end."""
-    server, client = new_session(), ClientSession()
-    client.receive_text(ServerSession(DEFAULT_LIMITS, server="s", idle_timeout=1.0).data_to_send()[0])
-    assert isinstance(client.events_received()[0], Hello)
-
-    def to_server() -> None:
-        for data in client.data_to_send():
-            server.receive_text(data) if isinstance(data, str) else server.receive_bytes(data)
-
-    def to_client() -> None:
-        for item in server.data_to_send():
-            if isinstance(item, str):
-                client.receive_text(item)
-            else:
-                client.receive_bytes(item.live.encode(item.frame, item.pcm))
-
-    start_ref = client.start("innkeeper", seed=1)
-    to_server()
-    (request,) = server.events_received()
-    live = server.start_accepted("innkeeper", request.message)
-    server.start_opened(live, "s3")
-    for i in range(3):
-        frame(server, live, i, " hi" if i == 1 else "", session_id="s3")
-    to_client()
-    events = client.events_received()
-    assert [type(e).__name__ for e in events] == ["Started", "Answer", "AudioFrame", "Text", "State", "AudioFrame",
-                                                  "AudioFrame"]
-    assert events[1].ref == start_ref and events[0].session == "s3"
-    switch_ref = client.switch("blacksmith")
-    to_server()
-    (request,) = server.events_received()
-    server.switch_accepted("blacksmith", request.message)
-    frame(server, live, 0, session_id="s3")
-    to_client()
-    events = client.events_received()
-    assert events[0].frame == 3 and isinstance(events[1], Answer) and events[1].ref == switch_ref
-    assert client.character == "blacksmith"
-    client.audio(np.zeros(1920, np.int16))
-    end_ref = client.end()
-    to_server()
-    assert [type(e) for e in server.events_received()] == [AudioReceived, SessionEnded]
-    to_client()
-    answer = client.events_received()[-1]
-    assert answer.ref == end_ref and answer.message.frames == 4 and client.phase is ClientPhase.IDLE
-
-
-def test_server_messages_ignore_unknown_fields() -> None:
-    msg = parse_server_text('{"type":"text","frame":1,"time":0.08,"text":" a","speaker":"npc"}')
-    assert msg.text == " a"
