@@ -15,6 +15,9 @@ From the checkpoint make_golden.py wrote:
     ring KV cache) by overwriting its token cache with the forced prompt tokens after each step;
     `fork_check.py` runs NVIDIA's fork itself on the same inputs to check the procedure.
 (c) Two contexts: 64 (the prompt fits) and the checkpoint's 16 (the ring cache wraps in the prompt).
+
+Over 400 lines for the same reason as make_golden.py: each fixture beside the reference call
+that makes it.
 """
 
 from __future__ import annotations

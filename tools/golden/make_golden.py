@@ -29,6 +29,9 @@ Files written (all computed in fp32 on CPU with fixed seeds; see the README.md w
   whole-clip encode/decode).
 - `generation.safetensors` (golden_generation.py): greedy generation by moshi's `LMGen`, and the
   PersonaPlex prompt phase followed by a greedy conversation, at contexts 64 and 16.
+
+Over 400 lines because every fixture is written next to the reference call that makes it, so a
+reader checks each golden value against the code that produced it in one place.
 """
 
 from __future__ import annotations
