@@ -21,7 +21,9 @@ import urllib.request
 
 import numpy as np
 
-CHUNK = np.zeros(1920, np.int16)
+from npc_voice.protocol import FRAME_SECONDS, MODEL_RATE, frame_samples
+
+CHUNK = np.zeros(frame_samples(MODEL_RATE), np.int16)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -42,7 +44,7 @@ async def native(port: int, seconds: float, character: str) -> int:
             while True:
                 await session.send_audio(CHUNK)
                 i += 1
-                await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
+                await asyncio.sleep(max(0.0, t0 + i * FRAME_SECONDS - time.monotonic()))
 
         feeder = asyncio.create_task(feed())
         async for ev in session.events():
@@ -67,7 +69,7 @@ async def realtime(port: int, seconds: float, character: str) -> int:
             while True:
                 await conn.input_audio_buffer.append(audio=audio)
                 i += 1
-                await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
+                await asyncio.sleep(max(0.0, t0 + i * FRAME_SECONDS - time.monotonic()))
 
         feeder = asyncio.create_task(feed())
         while time.monotonic() - t0 < seconds:

@@ -15,10 +15,10 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..protocol import ErrorCode
+from ..protocol import MODEL_RATE, ErrorCode
 
-PCM_RATES = (16_000, 24_000, 48_000)  # `audio/pcm` rates we convert to and from (the model runs at 24 kHz)
-DEFAULT_RATE = 24_000
+PCM_RATES = (16_000, MODEL_RATE, 48_000)  # `audio/pcm` rates we convert to and from (the model runs at 24 kHz)
+DEFAULT_RATE = MODEL_RATE
 
 
 class RealtimeErrorCode(str, enum.Enum):
