@@ -15,6 +15,7 @@ from .connection import Connection
 from .handshake import process_request
 from .health import health
 from .manager import SessionManager
+from .realtime import REALTIME_PATH, RealtimeConnection
 
 log = logging.getLogger("npc_voice.server")
 
@@ -100,7 +101,13 @@ class NPCVoiceServer:
             import socket
 
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
-        conn = Connection(self, ws)
+        from urllib.parse import parse_qs, urlsplit
+
+        url = urlsplit(ws.request.path)
+        if url.path == REALTIME_PATH:
+            conn: Connection | RealtimeConnection = RealtimeConnection(self, ws, parse_qs(url.query).get("model", [""])[0])
+        else:
+            conn = Connection(self, ws)
         self.manager.connections.add(conn)
         try:
             await conn.run()  # a fault outside a message is logged by websockets and closes with 1011

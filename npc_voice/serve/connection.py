@@ -41,6 +41,8 @@ def _resolve_future(future: asyncio.Future[None]) -> None:
 class Connection:
     """One websocket client; a sender task is the only writer to the socket."""
 
+    kind = "ws"  # the protocol, as /health counts connections
+
     def __init__(self, server: NPCVoiceServer, ws: Any):
         self.server, self.ws = server, ws
         self.config = server.config
@@ -249,7 +251,7 @@ class Connection:
         except Exception as exc:
             self._refuse(exc, msg)
             return
-        manager.started += 1
+        manager.count_started(self.kind)
         self.current = (live, session)
         self.protocol.start_opened(live, session.id)  # a connection closing meanwhile ends it at once
         if self.closed:  # the client left while its character was being prepared

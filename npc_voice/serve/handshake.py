@@ -1,4 +1,4 @@
-"""The HTTP side of a connection, before any websocket: the routes (`/ws`, `/health`, anything else
+"""The HTTP side of a connection, before any websocket: the routes (`/ws`, `/v1/realtime`, `/health`, anything else
 404), the token check (401) and the connection limit (503), each refusal a JSON body with the
 protocol's error code (docs/protocol.md, "Connecting")."""
 
@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..protocol import HEALTH_PATH, WS_PATH, ErrorCode
 from .health import health
+from .realtime import REALTIME_PATH
 
 if TYPE_CHECKING:
     from .app import NPCVoiceServer
@@ -45,10 +46,11 @@ def process_request(server: NPCVoiceServer, connection: Any, request: Any) -> An
     if url.path == HEALTH_PATH:
         doc = health(server)
         return json_response(connection, 200 if doc["status"] == "ok" else 503, doc)
-    if url.path != WS_PATH:
+    if url.path not in (WS_PATH, REALTIME_PATH):
         return json_response(connection, http.HTTPStatus.NOT_FOUND, {
             "type": "error", "code": ErrorCode.NOT_FOUND.value,
-            "message": f"no such path: the websocket endpoint is {WS_PATH}, the health check {HEALTH_PATH}"})
+            "message": f"no such path: the websocket endpoints are {WS_PATH} and {REALTIME_PATH} (OpenAI Realtime), "
+                       f"the health check {HEALTH_PATH}"})
     if not authorized(server.config.token, request, parse_qs(url.query)):
         return json_response(connection, http.HTTPStatus.UNAUTHORIZED, {
             "type": "error", "code": ErrorCode.UNAUTHORIZED.value,

@@ -44,6 +44,8 @@ def health(server: NPCVoiceServer) -> dict[str, Any]:
         "slots": {"total": server.manager.slots, "used": server.manager.reserved, "free": server.manager.free},
         "engine_sessions": len(server.engine.sessions),
         "connections": len(server.manager.connections),
+        "protocols": {kind: {"connections": n, "sessions": server.manager.started_by.get(kind, 0)}
+                      for kind, n in server.manager.by_protocol().items()},
         "tick_ms": _tick_stats(runner),
         "builds": {"pending": server.engine.builds_pending, "install_ms": _install_stats(server.engine)},
         "prefix_cache": server.engine.cache.stats(),

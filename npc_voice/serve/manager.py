@@ -14,6 +14,7 @@ from ..protocol import ErrorCode, InlineCharacter, Limits, ProtocolError
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .realtime import RealtimeConnection
 
 
 def resolve_character(store: Any, spec: str | InlineCharacter, limits: Limits) -> tuple[Persona, str]:
@@ -41,8 +42,9 @@ class SessionManager:
         self.engine, self.max_connections = engine, max_connections
         self._pool = concurrent.futures.ThreadPoolExecutor(build_workers, thread_name_prefix="npc-voice-build")
         self.slots = engine.slots
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection | RealtimeConnection] = set()
         self.started = self.refused_busy = 0
+        self.started_by: dict[str, int] = {"ws": 0, "realtime": 0}  # sessions started, per protocol
         self.dropped_output = self.dropped_input = 0
 
     def reserve(self) -> int | None:
@@ -52,6 +54,17 @@ class SessionManager:
         except EngineFull:
             self.refused_busy += 1
             return None
+
+    def count_started(self, kind: str) -> None:
+        self.started += 1
+        self.started_by[kind] = self.started_by.get(kind, 0) + 1
+
+    def by_protocol(self) -> dict[str, int]:
+        """Open connections per protocol: `ws` (docs/protocol.md), `realtime` (docs/realtime.md)."""
+        counts = {"ws": 0, "realtime": 0}
+        for conn in list(self.connections):
+            counts[conn.kind] = counts.get(conn.kind, 0) + 1
+        return counts
 
     def release(self, slot: int) -> None:
         self.engine.release(slot)
