@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .engine.session import percentile
+from .model.config import FRAME_MS
 from .model.generator import Generator
 from .model.loading import LoadedModel
 
-FRAME_MS = 80.0
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from ..model.config import FRAME_SECONDS, SAMPLE_RATE, SILENCE_FRAMES, LMConfig, prompt_length
+from ..model.config import FRAME_MS, FRAME_SECONDS, SAMPLE_RATE, SILENCE_FRAMES, LMConfig, prompt_length
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,7 +51,6 @@ KNOWN_PRESETS = tuple(f"{kind}{sex}{i}" for kind, n in (("NAT", 4), ("VAR", 5)) 
 # model in use (`--context` changes it); CONTEXT_FRAMES, the PersonaPlex default, is only for callers
 # without a model at hand.
 CONTEXT_FRAMES = LMConfig.context
-FRAME_MS = round(FRAME_SECONDS * 1000)  # 80, for messages
 ROLE_TOKENS_WARN = 200  # above: a warning (16 s of prompt; the PersonaPlex examples are 30-90 tokens)
 ROLE_TOKENS_MAX = 1000  # above: refused (80 s of prompt, a third of PersonaPlex's context)
 VOICE_MIN_S, VOICE_MAX_S = 2.0, 20.0  # refused outside

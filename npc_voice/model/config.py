@@ -15,6 +15,7 @@ from typing import Any, Mapping
 SAMPLE_RATE = 24_000  # Mimi's rate: what the model hears and says
 FRAME_RATE = 12.5  # model frames a second
 FRAME_SECONDS = 1 / FRAME_RATE  # 0.08: one 80 ms frame
+FRAME_MS = round(FRAME_SECONDS * 1000)  # 80, for messages and wire formats
 FRAME_SIZE = int(SAMPLE_RATE / FRAME_RATE)  # 1920 samples a frame at 24 kHz
 # A character prompt is: voice frames, SILENCE_FRAMES, one frame per text token, SILENCE_FRAMES
 # (the reference's `audio_silence_frame_cnt = int(0.5 * frame_rate)`).

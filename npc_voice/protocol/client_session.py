@@ -19,9 +19,21 @@ from typing import Any, Union
 import numpy as np
 
 from ..audio import float_to_pcm16, pcm16_to_float
+from ..model.config import FRAME_SECONDS
 from .messages import (
-    FRAME_SECONDS, MODEL_RATE, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, ServerMessage, Started, State,
-    Switched, Text, decode_audio_frame, parse_server_text,
+    MODEL_RATE,
+    Dropped,
+    Ended,
+    ErrorMsg,
+    Hello,
+    InlineCharacter,
+    ServerMessage,
+    Started,
+    State,
+    Switched,
+    Text,
+    decode_audio_frame,
+    parse_server_text,
 )
 
 

@@ -23,13 +23,11 @@ from typing import Annotated, ClassVar, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..model.config import FRAME_SECONDS
+from ..model.config import FRAME_MS
 from ..model.config import SAMPLE_RATE as MODEL_RATE  # what the model hears and says
-
 
 PROTOCOL_VERSION = 1
 SAMPLE_RATES = (16_000, MODEL_RATE, 48_000)  # a client may declare any of these; the server converts with soxr
-FRAME_MS = round(FRAME_SECONDS * 1000)  # 80
 WS_PATH = "/ws"
 HEALTH_PATH = "/health"
 AUDIO_HEADER = struct.Struct("<I")  # server audio frames: uint32 LE frame index, then PCM16 LE

@@ -18,8 +18,19 @@ import numpy as np
 from pydantic import ValidationError
 
 from .messages import (
-    CLIENT_TYPES, DEFAULT_LIMITS, PROTOCOL_VERSION, SAMPLE_RATES, CharacterSpec, ClientMessage, ErrorCode,
-    InlineVoice, Limits, ProtocolError, Say, Start, Switch,
+    CLIENT_TYPES,
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    SAMPLE_RATES,
+    CharacterSpec,
+    ClientMessage,
+    ErrorCode,
+    InlineVoice,
+    Limits,
+    ProtocolError,
+    Say,
+    Start,
+    Switch,
 )
 
 _TYPE_ERRORS = {"string_type", "int_type", "model_type", "dict_type", "model_attributes_type", "none_required"}

@@ -21,9 +21,26 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..model.config import FRAME_SECONDS
 from .messages import (
-    FRAME_SECONDS, ClientMessage, Dropped, End, Ended, ErrorCode, ErrorMsg, Hello, Limits, ProtocolError, Say, Start,
-    Started, State, Switch, Switched, Text, encode_audio_frame, frame_samples,
+    ClientMessage,
+    Dropped,
+    End,
+    Ended,
+    ErrorCode,
+    ErrorMsg,
+    Hello,
+    Limits,
+    ProtocolError,
+    Say,
+    Start,
+    Started,
+    State,
+    Switch,
+    Switched,
+    Text,
+    encode_audio_frame,
+    frame_samples,
 )
 from .parse import parse_client_audio, parse_client_text
 from .rates import InputConverter, OutputFramer

@@ -22,101 +22,51 @@ import binascii
 import collections
 import contextlib
 import json
-from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
+from ..model.config import FRAME_MS
 from ..protocol.rates import InputConverter, OutputFramer
 from ..protocol.speech import SpeechState
 from .events import (
-    DEFAULT_RATE, PCM_RATES, ConversationItemCreate, ConversationItemTruncate, InputAudioBufferAppend,
-    InputAudioBufferClear, InputAudioBufferCommit, RealtimeError, RealtimeErrorCode as Code, ResponseCancel,
-    ResponseCreate, SessionConfig, SessionUpdate, assistant_item, error_event, event, new_id, parse_client_event,
-    response_object, session_object,
+    DEFAULT_RATE,
+    PCM_RATES,
+    ConversationItemCreate,
+    ConversationItemTruncate,
+    InputAudioBufferAppend,
+    InputAudioBufferClear,
+    InputAudioBufferCommit,
+    RealtimeError,
+    ResponseCancel,
+    ResponseCreate,
+    SessionConfig,
+    SessionUpdate,
+    assistant_item,
+    error_event,
+    event,
+    new_id,
+    parse_client_event,
+    response_object,
+    session_object,
+)
+from .events import (
+    RealtimeErrorCode as Code,
+)
+from .requests import (
+    AudioDelta,
+    Character,
+    CloseConversation,
+    DropScript,
+    OpenConversation,
+    PushAudio,
+    Reply,
+    Request,
+    SayLine,
+    SwitchCharacter,
 )
 
-FRAME_MS = 80
 KEPT_ITEMS = 64  # assistant items a truncate may still name
-
-
-@dataclass(frozen=True)
-class Character:
-    """What the NPC is: `voice` (a stored character's id, or a preset voice name) and `instructions`
-    (the role prompt; None: the stored character's own role)."""
-
-    voice: str
-    instructions: str | None = None
-
-
-# --- what the I/O layer is asked to do (requests) -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpenConversation:
-    """Reserve a slot, resolve and open `character`; then `opened()` or `refused(...)`."""
-
-    character: Character
-
-
-@dataclass(frozen=True)
-class SwitchCharacter:
-    """Resolve `character`, `Engine.switch` (hot swap); then `switched()` or `refused(...)`."""
-
-    character: Character
-
-
-@dataclass(frozen=True)
-class SayLine:
-    text: str
-
-
-@dataclass(frozen=True)
-class PushAudio:
-    samples: np.ndarray  # float32 at 24 kHz
-
-
-@dataclass(frozen=True)
-class DropScript:
-    """Forget the rest of a scripted line not voiced yet (response.cancel, truncate)."""
-
-
-@dataclass(frozen=True)
-class CloseConversation:
-    """Close the engine session (its slot is free at the engine's next tick)."""
-
-
-Request = Union[OpenConversation, SwitchCharacter, SayLine, PushAudio, DropScript, CloseConversation]
-
-
-@dataclass(eq=False)
-class AudioDelta:
-    """A `response.output_audio.delta` to write: `render()` converts and encodes it."""
-
-    framer: OutputFramer
-    response_id: str
-    item_id: str
-    pcm: np.ndarray  # float32 at 24 kHz, one frame
-    dropped_output: int = 0  # counted by an outbox that drops it
-
-    def render(self) -> str:
-        pcm16 = self.framer(self.pcm)
-        return json.dumps(event("response.output_audio.delta", response_id=self.response_id, item_id=self.item_id,
-                                output_index=0, content_index=0,
-                                delta=base64.b64encode(pcm16.astype("<i2").tobytes()).decode()))
-
-
-@dataclass
-class Reply:
-    """One response and its assistant item: the audio sent (in frames) and the words, by time."""
-
-    response_id: str
-    item_id: str
-    frames: int = 0
-    pieces: list[tuple[int, str]] = field(default_factory=list)  # (ms into the item's audio, text)
-
-    def transcript(self, end_ms: int | None = None) -> str:
-        return "".join(t for ms, t in self.pieces if end_ms is None or ms < end_ms)
 
 
 class RealtimeSession:
