@@ -15,7 +15,7 @@ from .messages import (
     AUDIO_HEADER, CLIENT_TYPES, DEFAULT_LIMITS, FRAME_MS, FRAME_SECONDS, HEALTH_PATH, MODEL_RATE, PROTOCOL_VERSION,
     SAMPLE_RATES, SERVER_TYPES, WS_PATH, CharacterSpec, ClientMessage, Dropped, End, Ended, ErrorCode, ErrorMsg, Hello,
     InlineCharacter, InlineVoice, Limits, ProtocolError, Ref, Say, ServerMessage, Start, Started, State, Switch,
-    Switched, Text, decode_audio_frame, encode_audio_frame, frame_samples, parse_server_text,
+    Switched, Text, Visemes, decode_audio_frame, encode_audio_frame, frame_samples, parse_server_text,
 )
 from .parse import MAX_INT_DIGITS, MAX_JSON_DEPTH, decode_inline_voice, parse_client_audio, parse_client_text
 from .rates import InputConverter, OutputFramer
@@ -27,6 +27,6 @@ __all__ = [
     "MAX_JSON_DEPTH", "MODEL_RATE", "PROTOCOL_VERSION", "SAMPLE_RATES", "SERVER_TYPES", "WS_PATH", "CharacterSpec",
     "ClientMessage", "Dropped", "End", "Ended", "ErrorCode", "ErrorMsg", "Hello", "InlineCharacter", "InlineVoice",
     "Limits", "ProtocolError", "InputConverter", "OutputFramer", "ClientSession", "ServerSession", "Ref", "Say", "ServerMessage", "SpeechState", "Start", "Started", "State", "Switch",
-    "Switched", "Text", "decode_audio_frame", "decode_inline_voice", "encode_audio_frame", "frame_samples",
+    "Switched", "Text", "Visemes", "decode_audio_frame", "decode_inline_voice", "encode_audio_frame", "frame_samples",
     "parse_client_audio", "parse_client_text", "parse_server_text",
 ]
