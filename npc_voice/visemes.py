@@ -90,8 +90,8 @@ def text_to_visemes(text: str) -> list[str]:
     """A piece of text -> viseme classes by the letter rules (no `sil`; non-letters are skipped)."""
     out: list[str] = []
     for word in "".join(c if c.isalpha() else " " for c in text.lower()).split():
-        if len(word) > 2 and word.endswith("e") and word[-2] not in "aeiouy":
-            word = word[:-1]  # a silent final e ("make", "stone")
+        if len(word) > 2 and word[-1] == "e" and word[-2] not in "aeiouy" and word[-3] in "aeiou":
+            word = word[:-1]  # a silent final e ("make", "stone"; not "the")
         i = 0
         while i < len(word):
             for n in range(min(_MAX_RULE, len(word) - i), 0, -1):
