@@ -29,10 +29,11 @@ from typing import Iterable
 
 import numpy as np
 
-MODEL_RATE = 24_000
+from .model.config import FRAME_SIZE as FRAME_SAMPLES  # 80 ms at the model's rate (no torch imported)
+from .model.config import SAMPLE_RATE as MODEL_RATE
+
 STEP_MS = 20
 STEP_SAMPLES = MODEL_RATE * STEP_MS // 1000  # 480
-FRAME_SAMPLES = 1920
 STEPS_PER_FRAME = FRAME_SAMPLES // STEP_SAMPLES  # 4
 
 # The 15 visemes of the Oculus/Meta Lipsync SDK, in its order (index = its viseme id).

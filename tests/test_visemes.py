@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from npc_voice.visemes import (
-    ARKIT, FRAME_SAMPLES, OPENNESS, STEP_MS, STEPS_PER_FRAME, VISEMES, VisemeAnalyzer, text_to_visemes, track,
+    ARKIT, FRAME_SAMPLES, MODEL_RATE, OPENNESS, STEP_MS, STEPS_PER_FRAME, VISEMES, VisemeAnalyzer, text_to_visemes, track,
 )
 
-RATE = 24_000
+RATE = MODEL_RATE
 
 
 def tone(freq: float, amp: float = 0.3, n: int = FRAME_SAMPLES, phase: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from npc_voice.visemes import FRAME_SAMPLES, OPENNESS, STEP_SAMPLES, VISEMES, VisemeAnalyzer  # noqa: E402
+from npc_voice.visemes import FRAME_SAMPLES, MODEL_RATE, OPENNESS, STEP_SAMPLES, VISEMES, VisemeAnalyzer  # noqa: E402
 
 LINES = [
     "Welcome to the Gilded Stag, traveller. Sit by the fire and warm your hands.",
@@ -130,7 +130,7 @@ def reference_track(phonemes: list[tuple[int, str]], n_samples: int, rate: int, 
     classes = [c or "sil" for c in classes]
     out = []
     for k in range(steps):
-        t = (k + 0.5) * STEP_SAMPLES / 24_000
+        t = (k + 0.5) * STEP_SAMPLES / MODEL_RATE
         i = int(np.searchsorted(starts, t, side="right")) - 1
         out.append(classes[i] if 0 <= i < len(classes) else "sil")
     return out
@@ -156,18 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     for voice in args.voices.split(","):
         for line in LINES:
             audio, phonemes, words = tts.say(line, voice, args.wpm)
-            pcm = soxr.resample(audio.astype(np.float32) / 32768.0, tts.rate, 24_000)
+            pcm = soxr.resample(audio.astype(np.float32) / 32768.0, tts.rate, MODEL_RATE)
             pad = (-pcm.shape[0]) % FRAME_SAMPLES + 2 * FRAME_SAMPLES  # whole frames, some silence after
             pcm = np.concatenate([np.zeros(FRAME_SAMPLES, np.float32), pcm, np.zeros(pad, np.float32)])
-            offset = FRAME_SAMPLES / 24_000  # one frame of silence first
+            offset = FRAME_SAMPLES / MODEL_RATE  # one frame of silence first
             n_frames = pcm.shape[0] // FRAME_SAMPLES
             texts = [""] * n_frames
             if not args.no_text:
                 for sample, word in words:
-                    f = max(0, int((sample / tts.rate + offset) * 24_000) // FRAME_SAMPLES - args.text_lead)
+                    f = max(0, int((sample / tts.rate + offset) * MODEL_RATE) // FRAME_SAMPLES - args.text_lead)
                     texts[f] += " " + word
             shifted = [(s + int(offset * tts.rate), p) for s, p in phonemes]
-            ref += reference_track([(0, "_")] + shifted, int(pcm.shape[0] / 24_000 * tts.rate), tts.rate,
+            ref += reference_track([(0, "_")] + shifted, int(pcm.shape[0] / MODEL_RATE * tts.rate), tts.rate,
                                    n_frames * FRAME_SAMPLES // STEP_SAMPLES)
             analyzer = VisemeAnalyzer()
             t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     openness = np.array([OPENNESS[r] for r in ref])
     result = {
         "voices": args.voices, "wpm": args.wpm, "text": "none" if args.no_text else f"words, lead {args.text_lead} frames",
-        "steps": len(ref), "seconds_of_speech": round(len(ref) * STEP_SAMPLES / 24_000, 1),
+        "steps": len(ref), "seconds_of_speech": round(len(ref) * STEP_SAMPLES / MODEL_RATE, 1),
         "accuracy": round(float(np.mean(hyp_a == ref_a)), 3),
         "accuracy_speaking": round(float(np.mean(hyp_a[speaking] == ref_a[speaking])), 3),
         "silence_agreement": round(float(np.mean((hyp_a == "sil") == (ref_a == "sil"))), 3),
