@@ -3,7 +3,7 @@
     async with NPCVoiceClient("ws://127.0.0.1:8765/ws", token=...) as client:
         session = await client.start(character="innkeeper")
         await session.send_audio(pcm)            # float32 in [-1, 1] or int16, at session.sample_rate
-        async for event in session.events():     # AudioFrame, Text, State, Switched, Dropped, ErrorMsg, Ended
+        async for event in session.events():     # AudioFrame, Text, State, Visemes, Switched, Dropped, ErrorMsg, Ended
             ...
         await session.switch("blacksmith")       # hot swap: returns the `switched` message
         await session.say("Welcome, traveller!") # a scripted line, forced into the NPC's text stream
@@ -31,7 +31,7 @@ import numpy as np
 from .audio import wav_bytes
 from .protocol import (
     FRAME_SECONDS, MODEL_RATE, WS_PATH, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, Started, State, Switched,
-    Text,
+    Text, Visemes,
 )
 # The connection's protocol, without I/O (`ClientSession` there; this module's `ClientSession` is the
 # asyncio handle of one conversation, a name kept for the programs that use it).
@@ -40,7 +40,7 @@ from .protocol.session import ClientSession as ClientProtocol
 
 __all__ = [
     "AudioFrame", "ClientSession", "Dropped", "Ended", "ErrorMsg", "NPCVoiceClient", "NPCVoiceError", "PlayoutClock",
-    "State", "Switched", "Text", "inline_character",
+    "State", "Switched", "Text", "Visemes", "inline_character",
 ]
 
 
@@ -52,7 +52,7 @@ class NPCVoiceError(Exception):
         self.code, self.message, self.ref = code, message, ref
 
 
-Event = AudioFrame | Text | State | Switched | Dropped | ErrorMsg | Ended
+Event = AudioFrame | Text | State | Visemes | Switched | Dropped | ErrorMsg | Ended
 
 
 class PlayoutClock:
@@ -262,9 +262,10 @@ class NPCVoiceClient:
         await self.close()
 
     async def start(self, character: str | dict[str, Any] | InlineCharacter, *, sample_rate: int = MODEL_RATE,
-                    seed: int | None = None, timeout: float = 60.0) -> ClientSession:
-        """Starts a conversation; returns when the NPC's first frame is on its way."""
-        await self._request(lambda: self.protocol.start(character, sample_rate, seed), timeout)
+                    seed: int | None = None, visemes: bool = False, timeout: float = 60.0) -> ClientSession:
+        """Starts a conversation; returns when the NPC's first frame is on its way. `visemes`: the
+        session's events include a `Visemes` (the NPC's mouth track) before each `AudioFrame`."""
+        await self._request(lambda: self.protocol.start(character, sample_rate, seed, visemes), timeout)
         assert self.session is not None
         return self.session
 

@@ -116,6 +116,9 @@ def test_walk_up_talk_and_walk_away(server, timing) -> None:
         # subtitles grew as text arrived; the indicator followed the NPC's state
         assert conv.text_events > 0 and len(trace["subtitles"]) >= 3 and trace["subtitles"][-1].strip()
         assert "speaking" in trace["states"]
+        # the game asked for visemes: a mouth track came with the audio, and the NPC's mouth moved
+        assert conv.viseme_events > 0 and conv.viseme_events >= conv.audio_frames - 1
+        assert conv.mouth_max > 0, "the NPC's mouth never opened"
         # walking away closed it: the server ended the session at the client's request
         assert game.conversation is None and len(game.history) == 1
         assert math.dist(game.player, target.pos) > village.LEAVE_RADIUS

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import random
+import time
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ try:
 except ImportError:  # run from a checkout without installing: use the repository's package
     sys.path.insert(0, str(HERE.parents[1]))
 
-from village_audio import RATE, Microphone, Playback  # noqa: E402
+from village_audio import FRAME_S, RATE, Microphone, Playback  # noqa: E402
 from village_net import NetEvent, VoiceLink  # noqa: E402
 
 TILE = 32
@@ -71,6 +72,7 @@ class NPC:
     color: tuple[int, int, int]
     role: str = ""
     speaking: bool = False
+    mouth: float = 0.0  # jaw opening 0-1 now (from the server's visemes, in step with playback)
 
 
 VILLAGERS = [
@@ -94,6 +96,9 @@ class Conversation:
     audio_frames: int = 0
     text_events: int = 0
     states: list[str] = field(default_factory=list)
+    mouth_track: dict[int, list[float]] = field(default_factory=dict)  # frame -> jaw per step (visemes)
+    viseme_events: int = 0
+    mouth_max: float = 0.0  # the widest the NPC's mouth was drawn
     started_frame: int | None = None
     closed_frame: int | None = None
     ended: dict[str, Any] | None = None
@@ -334,6 +339,11 @@ class Game:
         elif event.kind == "audio":
             conv.audio_frames += 1
             self.playback.push(event.frame, event.pcm, now=event.at)
+        elif event.kind == "visemes":
+            conv.viseme_events += 1
+            conv.mouth_track[event.frame] = event.data["jaw"]
+            for old in [f for f in conv.mouth_track if f < event.frame - 50]:  # 4 s of history at most
+                del conv.mouth_track[old]
         elif event.kind == "text":
             conv.text_events += 1
             conv.subtitles = (conv.subtitles + event.text)[-400:]
@@ -455,11 +465,29 @@ class Game:
         self.screen.blit(surf, surf.get_rect(center=box.center))
         return box
 
+    def update_mouth(self, now: float | None = None) -> None:
+        """The NPC's jaw now: the step of the frame being played (the playout clock's frame n plays
+        at t0 + n * 80 ms), from the server's visemes."""
+        conv = self.conversation
+        for npc in self.npcs:
+            npc.mouth = 0.0
+        clock = self.playback.clock
+        if conv is None or conv.status != "live" or clock.t0 is None or not conv.mouth_track:
+            return
+        at = ((time.monotonic() if now is None else now) - clock.t0) / FRAME_S
+        jaw = conv.mouth_track.get(int(at))
+        if jaw:
+            conv.npc.mouth = float(jaw[min(len(jaw) - 1, int((at % 1.0) * len(jaw)))])
+            conv.mouth_max = max(conv.mouth_max, conv.npc.mouth)
+
     def draw(self) -> None:
         self.screen.blit(self.background, (0, 0))
         conv = self.conversation
+        self.update_mouth()
         for npc in self.npcs:
             self._person(npc.pos, npc.color)
+            x, y = int(npc.pos[0]), int(npc.pos[1])  # the mouth: a line, opening with the jaw
+            pygame.draw.ellipse(self.screen, INK, (x - 3, y - 6, 6, 1 + round(npc.mouth * 5)))
             talking_to = conv is not None and conv.npc is npc
             if talking_to:
                 pygame.draw.circle(self.screen, SPEAK if npc.speaking else LISTEN, npc.pos, 24, 2)

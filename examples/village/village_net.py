@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from npc_voice.client import AudioFrame, Ended, ErrorMsg, NPCVoiceClient, NPCVoiceError, State, Text
+from npc_voice.client import AudioFrame, Ended, ErrorMsg, NPCVoiceClient, NPCVoiceError, State, Text, Visemes
 from npc_voice.protocol import MODEL_RATE as RATE, frame_samples
 
 CHUNK = frame_samples(RATE)  # one 80 ms frame at the session's rate
@@ -28,7 +28,8 @@ MAX_INPUT_S = 12.0  # player audio waiting to be sent (a prepared line is ~4 s);
 
 @dataclass
 class NetEvent:
-    """What the network thread tells the game. kind: opening, started, audio, text, state, ended, error."""
+    """What the network thread tells the game. kind: opening, started, audio, text, state, visemes
+    (data: jaw, visemes), ended, error."""
 
     kind: str
     session: int  # the game's own conversation number (events of an older one are stale)
@@ -177,7 +178,7 @@ class VoiceLink:
                 try:
                     if client is None or client.ws is None or client.ws.state.name != "OPEN":
                         client = await NPCVoiceClient(self.url, self.token).connect()
-                    session = await client.start(character, seed=self.seed)
+                    session = await client.start(character, seed=self.seed, visemes=True)
                 except (NPCVoiceError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
                     code = getattr(exc, "code", type(exc).__name__)
                     self.events.put(NetEvent("error", number, character, text=f"{code}: {exc}"))
@@ -197,6 +198,9 @@ class VoiceLink:
                 self.events.put(NetEvent("audio", number, session.character, frame=event.frame, pcm=event.pcm))
             elif isinstance(event, Text):
                 self.events.put(NetEvent("text", number, session.character, frame=event.frame, text=event.text))
+            elif isinstance(event, Visemes):  # the mouth track of frame `frame` (just before its audio)
+                self.events.put(NetEvent("visemes", number, session.character, frame=event.frame,
+                                         data={"jaw": event.jaw, "visemes": event.visemes, "step_ms": event.step_ms}))
             elif isinstance(event, State):
                 self.events.put(NetEvent("state", number, session.character, frame=event.frame, text=event.state))
             elif isinstance(event, ErrorMsg):

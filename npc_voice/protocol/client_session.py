@@ -21,19 +21,8 @@ import numpy as np
 from ..audio import float_to_pcm16, pcm16_to_float
 from ..model.config import FRAME_SECONDS
 from .messages import (
-    MODEL_RATE,
-    Dropped,
-    Ended,
-    ErrorMsg,
-    Hello,
-    InlineCharacter,
-    ServerMessage,
-    Started,
-    State,
-    Switched,
-    Text,
-    decode_audio_frame,
-    parse_server_text,
+    MODEL_RATE, Dropped, Ended, ErrorMsg, Hello, InlineCharacter, ServerMessage, Started, State, Switched, Text,
+    Visemes, decode_audio_frame, parse_server_text,
 )
 
 
@@ -70,8 +59,9 @@ class StrayError:
     message: ErrorMsg
 
 
-SessionEvent = Union[AudioFrame, Text, State, Switched, Dropped, ErrorMsg, Ended]
-ClientEvent = Union[Hello, Started, Answer, StrayError, AudioFrame, Text, State, Switched, Dropped, ErrorMsg, Ended]
+SessionEvent = Union[AudioFrame, Text, State, Visemes, Switched, Dropped, ErrorMsg, Ended]
+ClientEvent = Union[Hello, Started, Answer, StrayError, AudioFrame, Text, State, Visemes, Switched, Dropped, ErrorMsg,
+                    Ended]
 
 
 class ClientPhase(str, enum.Enum):
@@ -119,11 +109,14 @@ class ClientSession:
         return ref
 
     def start(self, character: str | dict[str, Any] | InlineCharacter, sample_rate: int = MODEL_RATE,
-              seed: int | None = None) -> int:
-        """Queues `start`; returns its ref (answered by `started` or `error`)."""
+              seed: int | None = None, visemes: bool = False) -> int:
+        """Queues `start`; returns its ref (answered by `started` or `error`). `visemes`: ask for the
+        NPC's mouth track (a `Visemes` event before each audio frame)."""
         msg: dict[str, Any] = {"type": "start", "character": character_field(character), "sample_rate": sample_rate}
         if seed is not None:
             msg["seed"] = seed
+        if visemes:
+            msg["visemes"] = True
         return self._request(msg)
 
     def switch(self, character: str | dict[str, Any] | InlineCharacter) -> int:

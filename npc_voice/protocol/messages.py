@@ -53,6 +53,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_CHARACTER = "unknown_character"  # no character with that id (or an id that is not a valid id)
     INVALID_CHARACTER = "invalid_character"  # an inline character or stored character that cannot be used
     UNKNOWN_VOICE = "unknown_voice"  # an inline character's voice preset that does not exist
+    VISEMES_UNAVAILABLE = "visemes_unavailable"  # start asked for visemes of a server started with --no-visemes
     SERVER_BUSY = "server_busy"  # every conversation slot (or connection) is taken: retry later
     UNAUTHORIZED = "unauthorized"  # missing or wrong token (HTTP 401 at the handshake)
     NOT_FOUND = "not_found"  # an HTTP path that is neither the websocket endpoint nor /health (HTTP 404)
@@ -136,6 +137,7 @@ class Start(_Msg):
     sample_rate: int = MODEL_RATE
     protocol: int = PROTOCOL_VERSION
     seed: int | None = Field(default=None, ge=0, lt=2**31)
+    visemes: bool = False  # a `visemes` message (mouth track) before each NPC audio frame
     ref: Ref = None
 
 
@@ -225,6 +227,18 @@ class State(ServerMessage):
     time: float
 
 
+class Visemes(ServerMessage):
+    """The mouth track of NPC audio frame `frame` (sent just before it, when `start` asked for
+    visemes): per `step_ms` step, a jaw opening 0-1 and one of the 15 Oculus visemes
+    (npc_voice.visemes)."""
+
+    TYPE: ClassVar[str] = "visemes"
+    frame: int
+    step_ms: int
+    jaw: list[float]
+    visemes: list[str]
+
+
 class Dropped(ServerMessage):
     """Audio frames lost since the last report: `output` (the client read too slowly) and `input`
     (the client sent faster than real time); totals since the session started."""
@@ -257,7 +271,7 @@ class Ended(ServerMessage):
 
 
 SERVER_TYPES: dict[str, type[ServerMessage]] = {
-    cls.TYPE: cls for cls in (Hello, Started, Switched, Text, State, Dropped, ErrorMsg, Ended)
+    cls.TYPE: cls for cls in (Hello, Started, Switched, Text, State, Visemes, Dropped, ErrorMsg, Ended)
 }
 
 

@@ -23,25 +23,10 @@ import numpy as np
 
 from ..model.config import FRAME_SECONDS
 from .messages import (
-    ClientMessage,
-    Dropped,
-    End,
-    Ended,
-    ErrorCode,
-    ErrorMsg,
-    Hello,
-    Limits,
-    ProtocolError,
-    Say,
-    Start,
-    Started,
-    State,
-    Switch,
-    Switched,
-    Text,
-    encode_audio_frame,
-    frame_samples,
+    ClientMessage, Dropped, End, Ended, ErrorCode, ErrorMsg, Hello, Limits, ProtocolError, Say, Start, Started, State,
+    Switch, Switched, Text, Visemes, encode_audio_frame, frame_samples,
 )
+from ..visemes import STEP_MS, VisemeAnalyzer
 from .parse import parse_client_audio, parse_client_text
 from .rates import InputConverter, OutputFramer
 from .speech import SpeechState
@@ -98,11 +83,14 @@ ServerEvent = Union[StartRequest, SwitchRequest, SayRequest, AudioReceived, Sess
 
 @dataclass(frozen=True, eq=False)
 class OutgoingAudio:
-    """An NPC audio frame to write: `live.encode(frame, pcm)` when it is written."""
+    """An NPC audio frame to write: the JSON text `before` if any (its `visemes` message), then
+    `live.encode(frame, pcm)`, when it is written; a frame dropped on the way (a slow reader) takes
+    its `before` with it."""
 
     live: LiveSession
     frame: int
     pcm: np.ndarray  # float32 at the model's rate
+    before: str | None = None
 
 
 @dataclass(eq=False)
@@ -122,6 +110,7 @@ class LiveSession:
     reported_input: int = 0
     pending_switches: list[Switched] = field(default_factory=list)
     speech: SpeechState = field(default_factory=SpeechState)
+    visemes: VisemeAnalyzer | None = None  # the mouth track, when `start` asked for it
 
     def __post_init__(self) -> None:
         self.input = InputConverter(self.sample_rate)
@@ -143,8 +132,9 @@ class ServerSession:
     """One websocket connection's protocol, on the server side. See the module's docstring."""
 
     def __init__(self, limits: Limits, *, server: str, idle_timeout: float, dropped_report_s: float = 1.0,
-                 lock: Any = None):
+                 lock: Any = None, visemes: bool = True):
         self.limits, self.dropped_report_s = limits, dropped_report_s
+        self.visemes = visemes  # False: the server was started with --no-visemes
         self._lock = lock if lock is not None else contextlib.nullcontext()
         self.phase = Phase.IDLE
         self.live: LiveSession | None = None
@@ -195,6 +185,9 @@ class ServerSession:
                     reason = self.close_code[1] if self.close_code else ErrorCode.SHUTTING_DOWN.value
                     self.refuse(ProtocolError(ErrorCode(reason), "the server is shutting down"
                                               if reason == ErrorCode.SHUTTING_DOWN.value else "this connection is closing"), msg)
+                elif msg.visemes and not self.visemes:
+                    self.refuse(ProtocolError(ErrorCode.VISEMES_UNAVAILABLE, "this server was started with "
+                                              "--no-visemes: start without \"visemes\""), msg)
                 else:
                     self.phase = Phase.STARTING
                     self._events.append(StartRequest(msg))
@@ -244,7 +237,8 @@ class ServerSession:
         """The character of a `start` is resolved (labelled `character`): the session that the engine
         is about to open, whose frames `receive_frame` takes from now on."""
         with self._lock:
-            self.live = LiveSession(character, request.sample_rate, request.ref)
+            self.live = LiveSession(character, request.sample_rate, request.ref,
+                                    visemes=VisemeAnalyzer() if request.visemes else None)
             return self.live
 
     def start_opened(self, live: LiveSession, session_id: str) -> None:
@@ -275,6 +269,8 @@ class ServerSession:
                     self._out.append(ack.model_copy(update={"frame": index}).encode())
                 live.character = live.pending_switches[-1].character
                 live.pending_switches.clear()
+                if live.visemes is not None:
+                    live.visemes.reset()
             time_s = round(index * FRAME_SECONDS, 2)
             if text:
                 self._out.append(Text(frame=index, time=time_s, text=text).encode())
@@ -282,7 +278,11 @@ class ServerSession:
             if change is not None:
                 state, at = change
                 self._out.append(State(state=state, frame=at, time=round(at * FRAME_SECONDS, 2)).encode())
-            self._out.append(OutgoingAudio(live, index, pcm))
+            before = None
+            if live.visemes is not None:  # the mouth track goes out just before its frame
+                jaw, names = live.visemes.frame(pcm, text)
+                before = Visemes(frame=index, step_ms=STEP_MS, jaw=jaw, visemes=names).encode()
+            self._out.append(OutgoingAudio(live, index, pcm, before))
             return index == 0
 
     def switch_accepted(self, character: str, request: Switch) -> Switched:

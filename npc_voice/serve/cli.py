@@ -41,6 +41,8 @@ def add_serve_command(sub: Any) -> None:
     p.add_argument("--prefix-cache-on", choices=["host", "device"], default="device",
                    help="where cached prompts live on a GPU machine: GPU memory (default; installed in ~6 ms at 7B) "
                    "or host memory (leaves GPU memory to conversations; copied back at each install)")
+    p.add_argument("--no-visemes", dest="visemes", action="store_false",
+                   help="refuse clients' requests for mouth tracks (start \"visemes\": true answers visemes_unavailable)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
 
@@ -71,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Player audio more than 0.5 s ahead of the engine is dropped (oldest first): after a hiccup the
     # conversation catches up instead of keeping the backlog as lag for good.
     engine = Engine(model, slots=args.slots, cache=cache, max_input_seconds=SERVE_MAX_INPUT_SECONDS)
-    config = ServerConfig(host=args.host, port=args.port, token=args.token, idle_timeout=args.idle_timeout)
+    config = ServerConfig(host=args.host, port=args.port, token=args.token, idle_timeout=args.idle_timeout,
+                          visemes=args.visemes)
 
     async def main() -> None:
         async with NPCVoiceServer(engine, config, store) as server:

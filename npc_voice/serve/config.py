@@ -41,6 +41,7 @@ class ServerConfig:
     build_workers: int = 4  # threads that read and decode characters' files (prompts are built by the engine thread)
     ping_interval: float | None = 20.0  # websocket keepalive: a vanished peer is found within ping_interval + ping_timeout
     ping_timeout: float | None = 20.0
+    visemes: bool = True  # a client may ask for mouth tracks (`start` "visemes"); --no-visemes: refused
     close_grace_s: float = 2.0  # a closing client that does not read is cut off after this
     limits: Limits = field(default_factory=Limits)
 

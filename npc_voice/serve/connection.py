@@ -50,7 +50,8 @@ class Connection:
         self.lock = threading.RLock()
         self.outbox = Outbox(asyncio.get_running_loop(), self.config.out_audio_frames, self.config.out_events)
         self.protocol = ServerSession(self.limits, server=SERVER_NAME, idle_timeout=self.config.idle_timeout,
-                                      dropped_report_s=self.config.dropped_report_s, lock=self.lock)
+                                      dropped_report_s=self.config.dropped_report_s, lock=self.lock,
+                                      visemes=self.config.visemes)
         self.current: tuple[LiveSession, Session] | None = None  # the live session and its engine session
         self.first_frame: asyncio.Future[None] | None = None  # the live session's `started` is queued
         self.last_rx = time.monotonic()
@@ -112,7 +113,7 @@ class Connection:
         with self.lock:
             for item in self.protocol.data_to_send():
                 if isinstance(item, OutgoingAudio):
-                    self.outbox.put_audio(item.live, item.frame, item.pcm)
+                    self.outbox.put_audio(item.live, item.frame, item.pcm, item.before)
                 else:
                     self.outbox.put_json(item)
 
@@ -151,7 +152,9 @@ class Connection:
             if item[0] == "json":
                 await ws.send(item[1])
                 continue
-            _, live, frame, pcm = item
+            _, live, frame, pcm, before = item
+            if before is not None:
+                await ws.send(before)
             await ws.send(live.encode(frame, pcm))
             dropped = self.protocol.audio_sent(live, time.monotonic())
             if dropped is not None:
@@ -219,7 +222,8 @@ class Connection:
         manager.dropped_input += live.dropped_input - live.reported_input
 
     def _on_frame(self, live: LiveSession, first_frame: asyncio.Future[None], event: FrameEvent) -> None:
-        """The engine listener (engine thread): never blocks, never raises into the engine."""
+        """The engine's frame listener (its dispatcher thread, not the engine thread: the mouth track
+        is computed here, in `receive_frame`): never blocks, never raises into the engine."""
         try:
             if self.protocol.receive_frame(live, event.session_id, event.frame, event.text, event.pcm):
                 self.outbox.loop.call_soon_threadsafe(_resolve_future, first_frame)

@@ -45,10 +45,11 @@ class Outbox:
         if wake:
             self._wake()
 
-    def put_audio(self, link: Any, frame: int, pcm: np.ndarray) -> None:
-        """`link`: whose `dropped_output` counts this frame if it is dropped (a `LiveSession`)."""
+    def put_audio(self, link: Any, frame: int, pcm: np.ndarray, before: str | None = None) -> None:
+        """`link`: whose `dropped_output` counts this frame if it is dropped (a `LiveSession`);
+        `before`: a JSON text sent just before the frame (its visemes), dropped with it."""
         with self._lock:
-            self._items.append(("audio", link, frame, pcm))
+            self._items.append(("audio", link, frame, pcm, before))
             self._n_audio += 1
             while self._n_audio > self.max_audio:
                 dropped = self._drop_oldest("audio")
