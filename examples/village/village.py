@@ -15,6 +15,10 @@ The NPC's audio plays through `village_audio.Playback` (a jitter buffer on a res
 
 For tests and screenshots the game runs headless (SDL_VIDEODRIVER=dummy, SDL_AUDIODRIVER=dummy) and
 is driven by a script: `Game.run(frames=N, script=...)`.
+
+Over 400 lines because it is meant to be read as one example, top to bottom: a game developer sees
+the whole loop (world, input, conversations, drawing, mouths) in one file; the network and the
+audio playback, which a game would reuse, live in village_net.py and village_audio.py.
 """
 
 from __future__ import annotations
