@@ -1,5 +1,5 @@
-"""`NPCVoiceServer`: the asyncio websocket server around an `Engine` (docs/protocol.md): the
-listener, the engine's real-time loop, and the watch on it. Each client is a `Connection`; the HTTP
+"""`NPCVoiceServer`: the asyncio websocket server around one `Engine` or several (one per device,
+docs/deploy.md) (docs/protocol.md): the listener, each engine's real-time loop, and the watch on them. Each client is a `Connection`; the HTTP
 side of a handshake is `handshake.py`, /health `health.py`."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from ..engine import Engine, EngineLoop
 from .config import PKG_VERSION, ServerConfig, check_bind
+from .agent import start_agent
 from .connection import Connection
 from .handshake import process_request
 from .health import health
@@ -21,33 +22,43 @@ log = logging.getLogger("npc_voice.server")
 
 
 class NPCVoiceServer:
-    """The websocket server around an `Engine`. Use `async with NPCVoiceServer(engine, config, store)`
-    (or `await start()` / `await stop()`); `port` is the bound port."""
+    """The websocket server around an `Engine`, or a list of them (one per device: a session stays on
+    the engine it was opened on). Use `async with NPCVoiceServer(engine, config, store)` (or
+    `await start()` / `await stop()`); `port` is the bound port."""
 
-    def __init__(self, engine: Engine, config: ServerConfig | None = None, store: Any = None):
-        self.engine = engine
+    def __init__(self, engine: Engine | Sequence[Engine], config: ServerConfig | None = None, store: Any = None):
+        self.engines: list[Engine] = [engine] if isinstance(engine, Engine) else list(engine)
+        self.engine = self.engines[0]  # the first (the only one unless --devices names several)
         self.config = config or ServerConfig()
         check_bind(self.config.host, self.config.token)
         self.store = store
-        max_conn = self.config.max_connections or 4 * engine.slots + 4
-        self.manager = SessionManager(engine, max_conn, self.config.build_workers)
-        self.loop_runner: EngineLoop | None = None
-        self.closing = False
+        max_conn = self.config.max_connections or 4 * sum(e.slots for e in self.engines) + 4
+        self.manager = SessionManager(self.engines, max_conn, self.config.build_workers)
+        self.loop_runners: list[EngineLoop] = []
+        self.closing = False  # draining or stopping: no new connection or session (HTTP 503, `shutting_down`)
         self.started_at = time.monotonic()
         self._server: Any = None
         self._monitor: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self._agent: Any = None
+        self.agent_port: int | None = None  # the bound agent check port (ServerConfig.agent_port)
+
+    @property
+    def loop_runner(self) -> EngineLoop | None:
+        """The first engine's loop."""
+        return self.loop_runners[0] if self.loop_runners else None
 
     @property
     def loop_error(self) -> BaseException | None:
-        return self.loop_runner.error if self.loop_runner is not None else None
+        """The first error of any engine's loop (one engine down: the server reports `error`)."""
+        return next((r.error for r in self.loop_runners if r.error is not None), None)
 
     # --- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> NPCVoiceServer:
         from websockets.asyncio.server import serve
 
-        self.loop_runner = EngineLoop(self.engine).start()
+        self.loop_runners = [EngineLoop(engine).start() for engine in self.engines]
         cfg = self.config
         self._server = await serve(
             self._handle, cfg.host, cfg.port, process_request=self._process_request,
@@ -56,12 +67,22 @@ class NPCVoiceServer:
             server_header=f"npc-voice/{PKG_VERSION}",
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if cfg.agent_port is not None:
+            self._agent = await start_agent(self, cfg.host, cfg.agent_port)
+            self.agent_port = self._agent.sockets[0].getsockname()[1]
         self.started_at = time.monotonic()
         self._monitor = asyncio.create_task(self._watch_engine())
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stops the server. `drain_s` > 0 (`npc-voice serve --drain-grace`): first a drain, where new
+        connections and sessions are refused (`shutting_down`, /health `stopping`, the agent check
+        `drain`) while live sessions go on, for at most `drain_s` seconds or until none is left;
+        then every connection gets `shutting_down` (and `ended` for a live session) and close 1001."""
         self.closing = True
+        deadline = time.monotonic() + drain_s
+        while self.manager.reserved and time.monotonic() < deadline and self.loop_error is None:
+            await asyncio.sleep(0.05)
         if self._monitor is not None:
             self._monitor.cancel()
         for conn in list(self.manager.connections):
@@ -77,8 +98,10 @@ class NPCVoiceServer:
                 await asyncio.wait_for(self._server.wait_closed(), self.config.close_grace_s + 1)
             except asyncio.TimeoutError:
                 pass
-        if self.loop_runner is not None:
-            await asyncio.to_thread(self.loop_runner.stop)
+        if self._agent is not None:
+            self._agent.close()
+        for runner in self.loop_runners:
+            await asyncio.to_thread(runner.stop)
         self.manager.shutdown()
 
     async def __aenter__(self) -> NPCVoiceServer:

@@ -26,7 +26,15 @@ def add_serve_command(sub: Any) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --token)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
-    p.add_argument("--slots", type=int, default=8, help="concurrent conversations (default 8)")
+    p.add_argument("--slots", type=int, default=8, help="concurrent conversations per device (default 8)")
+    p.add_argument("--devices", help="several devices, one engine (model copy + --slots slots) each: "
+                   "cuda:0,cuda:1 ..., `all` (every CUDA device) or cpu,cpu (tests); overrides --device "
+                   "(docs/deploy.md)")
+    p.add_argument("--agent-port", type=int, help="serve the HAProxy agent check on this TCP port (on --host): "
+                   "weight = share of free slots, `drain` when full or stopping (docs/deploy.md)")
+    p.add_argument("--drain-grace", type=float, default=0.0,
+                   help="on SIGTERM, refuse new sessions but let live ones go on up to this many seconds before "
+                   "ending them with `shutting_down` (default 0: at once; SIGINT always stops at once)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"shared secret clients must send (default: ${TOKEN_ENV}); required off loopback")
     p.add_argument("--characters", help="characters folder (default: $NPC_VOICE_CHARACTERS, ./characters, the shipped cast)")
@@ -47,6 +55,23 @@ def add_serve_command(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def parse_devices(spec: str | None) -> list[str] | None:
+    """`--devices`: None (one engine on --device), a comma-separated list, or `all` (every CUDA device)."""
+    if spec is None:
+        return None
+    if spec.strip() == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError("--devices all: no CUDA device here (name them instead, e.g. --devices cpu,cpu)")
+        return [f"cuda:{i}" for i in range(count)]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise ValueError(f"--devices {spec!r}: name at least one device (cuda:0,cuda:1 ..., all)")
+    return devices
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..engine import PrefixCache
 
@@ -64,32 +89,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.weights:
         print("npc-voice serve: no --weights: serving the tiny built-in model with RANDOM weights (its NPCs babble)",
               file=sys.stderr)
-    model = load_model_from_args(args)
+    try:
+        devices = parse_devices(args.devices)
+    except ValueError as exc:
+        print(f"npc-voice serve: {exc}", file=sys.stderr)
+        return 2
+    engines = []
+    for device in devices or [args.device]:  # one model copy per device
+        model = load_model_from_args(argparse.Namespace(**{**vars(args), "device": device}))
+        # Each engine has its own prompt cache on its device; --prefix-cache's folder is shared by all
+        # (and by other server processes: files are written atomically).
+        cache = PrefixCache(model, max_bytes=args.prefix_cache_mb << 20, directory=args.prefix_cache,
+                            on=args.prefix_cache_on)
+        # Player audio more than 0.5 s ahead of the engine is dropped (oldest first): after a hiccup the
+        # conversation catches up instead of keeping the backlog as lag for good.
+        engines.append(Engine(model, slots=args.slots, cache=cache, max_input_seconds=SERVE_MAX_INPUT_SECONDS))
+    model = engines[0].model
     if store is not None:
         store.tokenizer = model.tokenizer  # roles counted as this model tokenizes them
         store.context_frames = model.config.lm.context  # prompts held to this model's context (--context)
-    cache = PrefixCache(model, max_bytes=args.prefix_cache_mb << 20, directory=args.prefix_cache,
-                        on=args.prefix_cache_on)
-    # Player audio more than 0.5 s ahead of the engine is dropped (oldest first): after a hiccup the
-    # conversation catches up instead of keeping the backlog as lag for good.
-    engine = Engine(model, slots=args.slots, cache=cache, max_input_seconds=SERVE_MAX_INPUT_SECONDS)
     config = ServerConfig(host=args.host, port=args.port, token=args.token, idle_timeout=args.idle_timeout,
-                          visemes=args.visemes)
+                          visemes=args.visemes, agent_port=args.agent_port, drain_grace_s=args.drain_grace)
 
     async def main() -> None:
-        async with NPCVoiceServer(engine, config, store) as server:
-            where = f"ws://{args.host}:{server.port}{WS_PATH}"
-            print(f"npc-voice serve: {where} ({engine.slots} slots, model {model.config.name} on {model.device}, "
-                  f"characters: {getattr(store, 'root', 'none')}, token: {'yes' if args.token else 'no'}); "
-                  f"health: http://{args.host}:{server.port}{HEALTH_PATH}", file=sys.stderr, flush=True)
-            stop = asyncio.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):  # both: a graceful stop (NPCVoiceServer.stop)
-                try:
-                    asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-                except (NotImplementedError, AttributeError):  # pragma: no cover - Windows: Ctrl-C stops at once
-                    pass
+        server = await NPCVoiceServer(engines, config, store).start()
+        where = f"ws://{args.host}:{server.port}{WS_PATH}"
+        on = ", ".join(str(e.model.device) for e in engines)
+        agent = f"; agent check: tcp {args.host}:{server.agent_port}" if server.agent_port is not None else ""
+        print(f"npc-voice serve: {where} ({server.manager.slots} slots, model {model.config.name} on {on}, "
+              f"characters: {getattr(store, 'root', 'none')}, token: {'yes' if args.token else 'no'}); "
+              f"health: http://{args.host}:{server.port}{HEALTH_PATH}{agent}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        drain: list[float] = []  # SIGTERM: drain for --drain-grace first; SIGINT (or a second signal): at once
+
+        def on_signal(sig: int) -> None:
+            drain.append(config.drain_grace_s if sig == signal.SIGTERM and not stop.is_set() else 0.0)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):  # both: a graceful stop (NPCVoiceServer.stop)
+            try:
+                asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
+            except (NotImplementedError, AttributeError):  # pragma: no cover - Windows: Ctrl-C stops at once
+                pass
+        try:
             await stop.wait()
-            print("npc-voice serve: shutting down", file=sys.stderr, flush=True)
+            grace = drain[0] if drain else 0.0
+            print(f"npc-voice serve: shutting down{f' (draining up to {grace:g} s)' if grace else ''}",
+                  file=sys.stderr, flush=True)
+            await server.stop(grace)
+        except BaseException:
+            await server.stop()
+            raise
 
     try:
         asyncio.run(main())

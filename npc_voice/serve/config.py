@@ -43,6 +43,8 @@ class ServerConfig:
     ping_timeout: float | None = 20.0
     visemes: bool = True  # a client may ask for mouth tracks (`start` "visemes"); --no-visemes: refused
     close_grace_s: float = 2.0  # a closing client that does not read is cut off after this
+    drain_grace_s: float = 0.0  # SIGTERM: live sessions go on this long (new ones refused) before `shutting_down`
+    agent_port: int | None = None  # the HAProxy agent check's TCP port (0: any free one; None: no agent)
     limits: Limits = field(default_factory=Limits)
 
 

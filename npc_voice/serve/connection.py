@@ -197,7 +197,7 @@ class Connection:
         elif isinstance(event, SayRequest):
             if self.current is not None:
                 try:
-                    self.server.engine.say(self.current[1], event.message.text)
+                    self.server.manager.say(self.current[1], event.message.text)
                 except Exception as exc:
                     self._refuse(exc, event.message)
         elif isinstance(event, SessionEnded):
@@ -216,7 +216,7 @@ class Connection:
         if self.current is None or self.current[0] is not live:
             return  # not opened yet: the start that opens it closes it
         session, self.current = self.current[1], None
-        self.server.engine.close(session)  # frees its slot
+        self.server.manager.close(session)  # frees its slot
         manager = self.server.manager
         manager.dropped_output += live.dropped_output - live.reported_output
         manager.dropped_input += live.dropped_input - live.reported_input
@@ -292,7 +292,7 @@ class Connection:
                 ack = self.protocol.switch_accepted(label, msg)
                 # Returns once the voice is read; the character is installed (and `switched` sent
                 # with its first frame) when the engine thread has built it, while the old one goes on.
-                done = await manager.run_blocking(self.server.engine.switch, session, persona)
+                done = await manager.run_blocking(manager.switch, session, persona)  # on the session's engine
             await asyncio.wrap_future(done)
         except BaseException as exc:
             if ack is None:

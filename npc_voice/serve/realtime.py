@@ -174,7 +174,7 @@ class RealtimeConnection:
     # --- what the session asks of the engine ----------------------------------------------------
 
     def _carry_out(self, request: Any) -> None:
-        engine = self.server.engine
+        engine = self.server.manager  # say/close go to the session's own engine
         if isinstance(request, PushAudio):
             if self.session is not None:
                 self.session.push_audio(request.samples)
@@ -240,7 +240,7 @@ class RealtimeConnection:
             raise RealtimeError(Code.CONVERSATION_NOT_STARTED, "the conversation has ended")
         persona, _ = await manager.run_blocking(resolve_realtime, self.server.store, character, self.config.limits)
         try:
-            await manager.run_blocking(functools.partial(self.server.engine.switch, session, persona))
+            await manager.run_blocking(functools.partial(manager.switch, session, persona))
         except (ValueError, OSError) as exc:
             raise character_error(exc, None, "switch: ") from None
         self.protocol.switched(character)  # installed at a tick soon; frame 0 then starts the new character
