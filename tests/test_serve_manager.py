@@ -124,3 +124,46 @@ def test_vanished_client_frees_its_slot_within_a_frame(server: BackgroundServer,
     # the next tick (one in flight at most)
     timing.check(ticks <= 2 and freed_after < 0.25, f"slot freed after {ticks} ticks, {freed_after * 1000:.0f} ms")
     timing.verdict()
+
+
+def test_several_engines_place_sessions_on_the_emptiest_and_keep_them_there() -> None:
+    """`npc-voice serve --devices cpu,cpu`: two engines (model copies) in one server; each new session
+    goes to the engine with the most free slots, a hot swap stays on its engine, /health has the
+    totals and each engine's figures."""
+    from conftest import serve_child
+
+    def used(doc: dict) -> list[int]:
+        return [e["slots"]["used"] for e in doc["engines"]]
+
+    with serve_child("--devices", "cpu,cpu", "--slots", "2", "--threads", "1") as (port, get_health):
+        doc = get_health()
+        assert [e["device"] for e in doc["engines"]] == ["cpu", "cpu"] and doc["slots"]["total"] == 4
+
+        async def main() -> None:
+            clients = [NPCVoiceClient(f"ws://127.0.0.1:{port}") for _ in range(5)]
+            for c in clients:
+                await c.connect()
+            a = await clients[0].start("innkeeper")
+            assert used(get_health()) == [1, 0]
+            b = await clients[1].start("innkeeper")
+            assert used(get_health()) == [1, 1]  # the emptier engine
+            await b.switch("blacksmith")  # hot swap: stays on engine 1
+            doc = get_health()
+            assert used(doc) == [1, 1] and [e["engine_sessions"] for e in doc["engines"]] == [1, 1]
+            assert [e["sessions"] for e in doc["engines"]] == [1, 1]
+            await a.end()
+            await asyncio.sleep(0.3)  # a close applies at the engine's next tick
+            await clients[2].start("blacksmith")
+            assert used(get_health()) == [1, 1]  # engine 0 had the free slots
+            await clients[3].start("innkeeper")
+            await clients[0].start("innkeeper")
+            doc = get_health()
+            assert used(doc) == [2, 2] and doc["slots"] == {"total": 4, "used": 4, "free": 0}
+            assert doc["engine_sessions"] == 4 and doc["totals"]["sessions"] == 5
+            with pytest.raises(NPCVoiceError) as info:
+                await clients[4].start("innkeeper")
+            assert info.value.code == "server_busy"
+            for c in clients:
+                await c.close()
+
+        run(main())

@@ -148,12 +148,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 class Server:
     """`npc-voice serve` with `slots` slots, as a child process (prompts cached on disk between steps)."""
 
     def __init__(self, args: argparse.Namespace, slots: int, cache_dir: str):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(self.port), "--slots", str(slots),
+        devices = ["--devices", args.devices] if args.devices else []
+        if args.devices:  # --slots is per device: N conversations over D devices need ceil(N / D) each
+            count = len(args.devices.split(",")) if args.devices != "all" else _cuda_count()
+            slots = -(-slots // max(1, count))
+        cmd = [sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(self.port), "--slots", str(slots), *devices,
                "--threads", str(args.threads), "--log-level", "WARNING", "--prefix-cache", cache_dir,
                "--characters", args.characters or str(REPO / "characters"), *args.serve_args]
         self.proc = subprocess.Popen(cmd, env=os.environ | {"PYTHONPATH": str(REPO)})
@@ -185,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.98, help="least share of real time every session must get")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server it starts")
     p.add_argument("--characters", help="characters folder of the server it starts (default: the shipped cast)")
+    p.add_argument("--devices", help="passed to the server it starts (`npc-voice serve --devices`, e.g. cuda:0,cuda:1 "
+                   "or all): one engine per device, each step's conversations spread over them")
     p.add_argument("--json", action="store_true")
     p.add_argument("serve_args", nargs="*", help="after --: more `npc-voice serve` options (--weights, --device ...)")
     args = p.parse_args(argv)
