@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import json
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
+from websockets.exceptions import InvalidStatus
 
 from .audio import wav_bytes
 from .protocol import (
@@ -50,6 +52,17 @@ class NPCVoiceError(Exception):
     def __init__(self, code: str, message: str, ref: Any = None):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.ref = code, message, ref
+
+
+def handshake_error(exc: InvalidStatus) -> NPCVoiceError:
+    """An HTTP refusal of the websocket handshake (401 `unauthorized`, 503 `server_busy` or
+    `shutting_down`, ...) as the `NPCVoiceError` its JSON body names (docs/protocol.md)."""
+    response = exc.response
+    try:
+        body = json.loads(response.body or b"")
+        return NPCVoiceError(str(body["code"]), str(body.get("message", "")))
+    except (ValueError, KeyError, TypeError):
+        return NPCVoiceError(f"http_{response.status_code}", f"the server refused the connection: {exc}")
 
 
 Event = AudioFrame | Text | State | Visemes | Switched | Dropped | ErrorMsg | Ended
@@ -243,7 +256,10 @@ class NPCVoiceClient:
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         kwargs = {"max_size": 4 << 20, "compression": None, "open_timeout": self.open_timeout} | self.connect_kwargs
-        self.ws = await connect(self.url, additional_headers=headers, **kwargs)
+        try:
+            self.ws = await connect(self.url, additional_headers=headers, **kwargs)
+        except InvalidStatus as exc:  # refused at the handshake: the documented JSON body says why
+            raise handshake_error(exc) from None
         self._hello = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read_loop())
         self.hello = await asyncio.wait_for(asyncio.shield(self._hello), self.open_timeout)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from npc_voice.client import AudioFrame, Dropped, Ended, ErrorMsg, NPCVoiceClient
+from npc_voice.client import AudioFrame, Dropped, Ended, ErrorMsg, NPCVoiceClient, NPCVoiceError
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "haproxy-test-token-0123456789"
@@ -136,14 +136,19 @@ class Talk:
 
 
 async def refused(port: int) -> tuple[int, dict]:
-    """A handshake through HAProxy that must be refused: (HTTP status, JSON body)."""
+    """A handshake through HAProxy that must be refused: (HTTP status, JSON body); the Python
+    client raises it as the `NPCVoiceError` the body names."""
+    from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
 
-    client = NPCVoiceClient(f"ws://127.0.0.1:{port}", TOKEN)
+    with pytest.raises(NPCVoiceError) as refusal:
+        await NPCVoiceClient(f"ws://127.0.0.1:{port}", TOKEN).connect()
     with pytest.raises(InvalidStatus) as info:
-        await client.connect()
+        await connect(f"ws://127.0.0.1:{port}", additional_headers={"Authorization": f"Bearer {TOKEN}"})
     response = info.value.response
-    return response.status_code, json.loads(response.body)
+    body = json.loads(response.body)
+    assert (refusal.value.code, refusal.value.message) == (body["code"], body["message"])
+    return response.status_code, body
 
 
 def test_three_servers_behind_haproxy(tmp_path, timing):

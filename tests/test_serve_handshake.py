@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from npc_voice.client import NPCVoiceClient
+from npc_voice.client import NPCVoiceClient, NPCVoiceError
 from serve_helpers import Witness, expect, health, make_server, run
 from serve_helpers import model, cache, store  # noqa: F401 (fixtures)
 
@@ -41,6 +41,9 @@ def test_token_and_health(model, cache, store, timing) -> None:
                 await expect(ws, "hello")
             async with NPCVoiceClient(bg.url, token=token) as client:
                 assert client.hello.protocol == 1
+            with pytest.raises(NPCVoiceError) as refusal:  # the Python client names the refusal
+                await NPCVoiceClient(bg.url, token="wrong-token-0123456789").connect()
+            assert refusal.value.code == "unauthorized"
             with pytest.raises(InvalidStatus) as info:
                 await connect(bg.url.replace("/ws", "/elsewhere"), additional_headers={"Authorization": f"Bearer {token}"})
             assert info.value.response.status_code == 404

@@ -33,6 +33,9 @@ from .session import RESERVED, EngineFull, FrameEvent, InputBuffer, Session, Ins
 from .step import BatchedStep
 
 
+_SESSION_IDS = itertools.count(1)  # session ids, unique in the process (a server may run several engines)
+
+
 class Engine:
     """Slots over one model. `tick()` steps all live sessions; call it and `build()` from one
     thread (the real-time `EngineLoop`, or an offline loop); the other methods are safe from any
@@ -66,7 +69,6 @@ class Engine:
         self._pending: list[Install | Session] = []  # installs, and closes (a Session), in order
         self._waiting: dict[str, list[tuple[Session, Persona, int, concurrent.futures.Future]]] = {}  # builds
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self.ticks = 0
         self.install_ms: collections.deque[float] = collections.deque(maxlen=256)
         self.install_cost = Cost(0.005)
@@ -122,7 +124,7 @@ class Engine:
                 slot = self._free_slot()
             elif self._owners[slot] is not RESERVED:
                 raise ValueError(f"slot {slot} was not reserved")
-            session = Session(f"s{next(self._ids)}", slot, persona,
+            session = Session(f"s{next(_SESSION_IDS)}", slot, persona,
                               seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()),
                               InputBuffer(self.frame_size, self.max_input_frames), listener=listener)
             self._owners[session.slot] = session

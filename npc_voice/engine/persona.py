@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -182,7 +183,8 @@ class PrefixCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"{key}.safetensors"
             if not path.exists():
-                tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+                # unique per process and thread: several servers may share the folder
+                tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
                 save_file({k: v.contiguous().cpu() for k, v in vars(prefix).items()}, str(tmp))
                 tmp.replace(path)  # atomic: a reader never sees half a file
         except OSError:
