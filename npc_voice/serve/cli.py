@@ -18,6 +18,7 @@ from ..model_args import add_model_args, load_model_from_args
 from ..protocol import HEALTH_PATH, WS_PATH
 from .app import NPCVoiceServer
 from .config import DEFAULT_PORT, SERVE_MAX_INPUT_SECONDS, TOKEN_ENV, ServerConfig, check_bind
+from .demo import demo_enabled
 
 
 def add_serve_command(sub: Any) -> None:
@@ -43,6 +44,8 @@ def add_serve_command(sub: Any) -> None:
                    "or host memory (leaves GPU memory to conversations; copied back at each install)")
     p.add_argument("--no-visemes", dest="visemes", action="store_false",
                    help="refuse clients' requests for mouth tracks (start \"visemes\": true answers visemes_unavailable)")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve the browser demo at /demo/ (default: on without a token, off with one; docs/demo.md)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
 
@@ -77,11 +80,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           visemes=args.visemes)
 
     async def main() -> None:
-        async with NPCVoiceServer(engine, config, store) as server:
+        server = NPCVoiceServer(engine, config, store)
+        server.demo = args.demo  # None: the default rule (npc_voice/serve/demo.py)
+        async with server:
             where = f"ws://{args.host}:{server.port}{WS_PATH}"
             print(f"npc-voice serve: {where} ({engine.slots} slots, model {model.config.name} on {model.device}, "
                   f"characters: {getattr(store, 'root', 'none')}, token: {'yes' if args.token else 'no'}); "
-                  f"health: http://{args.host}:{server.port}{HEALTH_PATH}", file=sys.stderr, flush=True)
+                  f"health: http://{args.host}:{server.port}{HEALTH_PATH}"
+                  + (f"; demo page: http://{args.host}:{server.port}/demo/" if demo_enabled(server) else ""),
+                  file=sys.stderr, flush=True)
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):  # both: a graceful stop (NPCVoiceServer.stop)
                 try:
