@@ -21,7 +21,7 @@ const ui = {
   character: $("character"), token: $("token"), connect: $("connect"), hangup: $("hangup"),
   description: $("description"), face: $("face"), indicator: $("indicator"), state: $("state"),
   mic: $("mic"), subtitles: $("subtitles"), error: $("error"), errorText: $("error-text"),
-  reconnect: $("reconnect"), nomic: $("nomic"), stats: $("stats"),
+  reconnect: $("reconnect"), nomic: $("nomic"), stats: $("stats"), server: $("server"),
 };
 
 let conv = null;             // the live conversation, see connect()
@@ -359,7 +359,12 @@ function resetView() {
 
 function addText(piece) {
   if (!lines.length || lines[lines.length - 1].done) lines.push({ text: "", done: false });
-  lines[lines.length - 1].text += piece;
+  const line = lines[lines.length - 1];
+  line.text += piece;
+  if (line.text.length > 160) {   // a long turn: keep its end on screen, from a word
+    const cut = line.text.indexOf(" ", line.text.length - 140);
+    line.text = "…" + line.text.slice(cut < 0 ? line.text.length - 140 : cut);
+  }
   lines = lines.slice(-3);
   stats.subtitlesShown++;
   stats.subtitle = lines[lines.length - 1].text.trim();
@@ -444,4 +449,9 @@ ui.reconnect.addEventListener("click", () => connect(stats.errorKind === "microp
 ui.nomic.addEventListener("click", () => connect(false));
 setInterval(tick, 30);
 loadCharacters().then((ok) => { if (ok) clearError(); });
+fetch("/health", { cache: "no-store" }).then((r) => r.json()).then((doc) => {
+  ui.server.textContent = `${doc.server} · model ${doc.model}` +
+    (doc.weights === "random" ? " with random weights: the NPCs babble" : "") +
+    ` · ${doc.slots.free} of ${doc.slots.total} slots free`;
+}).catch(() => {});
 drawFace();
