@@ -107,3 +107,62 @@ def test_demo_page_talks_plays_and_survives_the_server(tmp_path, timing):
         finally:
             browser.close()
     timing.verdict()
+
+
+def test_demo_page_says_wrong_token_busy_and_no_microphone(tmp_path, timing):
+    """With a token and --demo: a missing token is named as such; a second page while the only slot
+    is taken hears `server_busy`; a browser without a microphone offers to go on without one."""
+    pw, chromium = _browser_or_skip()
+    wav = speechy_wav(tmp_path / "mic.wav", seconds=2.0)
+    token = "browser-token-0123456789abcdef"
+    fake_mic = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
+    with pw.sync_playwright() as p, serve_child("--slots", "1", "--token", token, "--demo") as (port, health):
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=fake_mic)
+        bare = p.chromium.launch(executable_path=chromium, headless=True,
+                                 args=["--autoplay-policy=no-user-gesture-required"])
+        try:
+            url = f"http://127.0.0.1:{port}/demo/"
+            first = browser.new_page()
+            first.goto(url)
+            s = wait_for(first, "s.errorKind === 'token'", timeout=20)  # the page loads, the list needs the token
+            assert "token" in s["error"].lower() and first.is_visible("#reconnect")
+            first.fill("#token", "wrong-token")
+            first.click("#connect")
+            s = wait_for(first, "s.status === 'failed' && s.errorKind === 'token'", timeout=20)
+            first.fill("#token", token)
+            first.click("#reconnect")
+            wait_for(first, "s.status === 'live' && s.framesReceived > 0")
+
+            second = browser.new_page()
+            second.goto(url + f"?token={token}")
+            second.wait_for_function("document.querySelectorAll('#character option[value=\"innkeeper\"]').length")
+            second.click("#connect")
+            s = wait_for(second, "s.status === 'failed' && s.errorKind === 'busy'", timeout=30)
+            assert "busy" in s["error"] and second.is_visible("#reconnect")
+            assert first.evaluate("window.npcDemo.status") == "live"
+            first.click("#hangup")
+            wait_for(first, "s.status === 'idle'", timeout=10)
+            deadline = time.monotonic() + 10
+            while health()["slots"]["used"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            second.click("#reconnect")  # the slot is free again
+            wait_for(second, "s.status === 'live' && s.framesReceived > 0")
+            second.click("#hangup")
+
+            nomic = bare.new_page()
+            nomic.goto(url + f"?token={token}")
+            nomic.wait_for_function("document.querySelectorAll('#character option[value=\"innkeeper\"]').length")
+            deadline = time.monotonic() + 10
+            while health()["slots"]["used"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            nomic.click("#connect")
+            s = wait_for(nomic, "s.status === 'failed' && s.errorKind === 'microphone'", timeout=20)
+            assert "microphone" in s["error"].lower() and nomic.is_visible("#nomic")
+            nomic.click("#nomic")
+            s = wait_for(nomic, "s.status === 'live' && s.framesPlayed > 0 && s.micSamplesSent > 0")
+            assert not s["microphone"] and s["micPeak"] == 0  # silence, as the protocol asks
+        finally:
+            bare.close()
+            browser.close()
+    timing.verdict()
