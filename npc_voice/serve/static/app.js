@@ -452,6 +452,6 @@ loadCharacters().then((ok) => { if (ok) clearError(); });
 fetch("/health", { cache: "no-store" }).then((r) => r.json()).then((doc) => {
   ui.server.textContent = `${doc.server} · model ${doc.model}` +
     (doc.weights === "random" ? " with random weights: the NPCs babble" : "") +
-    ` · ${doc.slots.free} of ${doc.slots.total} slots free`;
+    ` · ${doc.slots.total} conversation slot${doc.slots.total === 1 ? "" : "s"}`;
 }).catch(() => {});
 drawFace();
