@@ -18,6 +18,7 @@ from ..model_args import add_model_args, load_model_from_args
 from ..protocol import HEALTH_PATH, WS_PATH
 from .app import NPCVoiceServer
 from .config import DEFAULT_PORT, SERVE_MAX_INPUT_SECONDS, TOKEN_ENV, ServerConfig, check_bind
+from .demo import demo_enabled
 
 
 def add_serve_command(sub: Any) -> None:
@@ -51,6 +52,8 @@ def add_serve_command(sub: Any) -> None:
                    "or host memory (leaves GPU memory to conversations; copied back at each install)")
     p.add_argument("--no-visemes", dest="visemes", action="store_false",
                    help="refuse clients' requests for mouth tracks (start \"visemes\": true answers visemes_unavailable)")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve the browser demo at /demo/ (default: on without a token, off with one; docs/demo.md)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
 
@@ -112,13 +115,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           visemes=args.visemes, agent_port=args.agent_port, drain_grace_s=args.drain_grace)
 
     async def main() -> None:
-        server = await NPCVoiceServer(engines, config, store).start()
+        server = NPCVoiceServer(engines, config, store)
+        server.demo = args.demo  # None: the default rule (npc_voice/serve/demo.py)
+        await server.start()
         where = f"ws://{args.host}:{server.port}{WS_PATH}"
         on = ", ".join(str(e.model.device) for e in engines)
         agent = f"; agent check: tcp {args.host}:{server.agent_port}" if server.agent_port is not None else ""
         print(f"npc-voice serve: {where} ({server.manager.slots} slots, model {model.config.name} on {on}, "
               f"characters: {getattr(store, 'root', 'none')}, token: {'yes' if args.token else 'no'}); "
-              f"health: http://{args.host}:{server.port}{HEALTH_PATH}{agent}", file=sys.stderr, flush=True)
+              f"health: http://{args.host}:{server.port}{HEALTH_PATH}{agent}"
+              + (f"; demo page: http://{args.host}:{server.port}/demo/" if demo_enabled(server) else ""),
+              file=sys.stderr, flush=True)
         stop = asyncio.Event()
         drain: list[float] = []  # SIGTERM: drain for --drain-grace first; SIGINT (or a second signal): at once
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..protocol import HEALTH_PATH, WS_PATH, ErrorCode
+from .demo import is_demo_path
+from .demo import respond as demo_respond
 from .health import health
 from .realtime import REALTIME_PATH
 
@@ -46,6 +48,8 @@ def process_request(server: NPCVoiceServer, connection: Any, request: Any) -> An
     if url.path == HEALTH_PATH:
         doc = health(server)
         return json_response(connection, 200 if doc["status"] == "ok" else 503, doc)
+    if is_demo_path(url.path):
+        return demo_respond(server, connection, request)
     if url.path not in (WS_PATH, REALTIME_PATH):
         return json_response(connection, http.HTTPStatus.NOT_FOUND, {
             "type": "error", "code": ErrorCode.NOT_FOUND.value,
