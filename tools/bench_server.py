@@ -166,7 +166,8 @@ class Server:
         cmd = [sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(self.port), "--slots", str(slots), *devices,
                "--threads", str(args.threads), "--log-level", "WARNING", "--prefix-cache", cache_dir,
                "--characters", args.characters or str(REPO / "characters"), *args.serve_args]
-        self.proc = subprocess.Popen(cmd, env=os.environ | {"PYTHONPATH": str(REPO)})
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+        self.proc = subprocess.Popen(cmd, env=os.environ | {"PYTHONPATH": path})
         self.url, self.base = f"ws://127.0.0.1:{self.port}/ws", f"http://127.0.0.1:{self.port}"
 
     def wait(self) -> dict:
