@@ -10,12 +10,13 @@ import time
 from typing import Any, Sequence
 
 from ..engine import Engine, EngineLoop
+from ..protocol import ErrorCode, ProtocolError
 from .config import PKG_VERSION, ServerConfig, check_bind
 from .agent import start_agent
 from .connection import Connection
 from .handshake import process_request
 from .health import health
-from .manager import SessionManager
+from .manager import Reservation, SessionManager
 from .realtime import REALTIME_PATH, RealtimeConnection
 
 log = logging.getLogger("npc_voice.server")
@@ -52,6 +53,19 @@ class NPCVoiceServer:
     def loop_error(self) -> BaseException | None:
         """The first error of any engine's loop (one engine down: the server reports `error`)."""
         return next((r.error for r in self.loop_runners if r.error is not None), None)
+
+    def claim_slot(self) -> Reservation:
+        """A slot for a session about to start, or the documented refusal (`shutting_down`,
+        `internal_error` once an engine stopped, `server_busy`): one rule for both protocols."""
+        if self.closing:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if self.loop_error is not None:
+            raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"the engine stopped: {self.loop_error}")
+        slot = self.manager.reserve()
+        if slot is None:
+            raise ProtocolError(ErrorCode.SERVER_BUSY, f"all {self.manager.slots} conversation slots are in use: "
+                                "retry later")
+        return slot
 
     # --- life cycle -----------------------------------------------------------------------------
 

@@ -234,14 +234,7 @@ class Connection:
     async def _start(self, msg: Start) -> None:
         server, manager = self.server, self.server.manager
         try:
-            if server.closing:
-                raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-            if server.loop_error is not None:
-                raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"the engine stopped: {server.loop_error}")
-            slot = manager.reserve()
-            if slot is None:
-                raise ProtocolError(ErrorCode.SERVER_BUSY, f"all {manager.slots} conversation slots are in use: "
-                                    "retry later")
+            slot = server.claim_slot()
             try:
                 persona, label = await manager.run_blocking(resolve_character, server.store, msg.character,
                                                             self.limits)

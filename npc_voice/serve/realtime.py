@@ -215,13 +215,7 @@ class RealtimeConnection:
 
     async def _open(self, character: Character) -> None:
         server, manager = self.server, self.server.manager
-        if server.closing:
-            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        if server.loop_error is not None:
-            raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"the engine stopped: {server.loop_error}")
-        slot = manager.reserve()
-        if slot is None:
-            raise ProtocolError(ErrorCode.SERVER_BUSY, f"all {manager.slots} conversation slots are in use: retry later")
+        slot = server.claim_slot()
         try:
             persona, _ = await manager.run_blocking(resolve_realtime, server.store, character, self.config.limits)
             session = await manager.open_session(persona, None, self._on_frame, None, slot)
