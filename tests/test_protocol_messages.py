@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from npc_voice.protocol import (
-    AUDIO_HEADER, DEFAULT_LIMITS, Dropped, Ended, ErrorMsg, InlineCharacter, Limits, ProtocolError, Say, SpeechState,
+    AUDIO_HEADER, DEFAULT_LIMITS, Dropped, Ended, ErrorCode, ErrorMsg, InlineCharacter, Limits, ProtocolError, Say, SpeechState,
     Start, State, Started, Switched, Text, decode_audio_frame, encode_audio_frame, frame_samples, parse_client_audio,
     parse_client_text, parse_server_text,
 )
@@ -243,3 +243,17 @@ def test_input_conversion_keeps_every_sample_in_place(rate: int) -> None:
 def test_server_messages_ignore_unknown_fields() -> None:
     msg = parse_server_text('{"type":"text","frame":1,"time":0.08,"text":" a","speaker":"npc"}')
     assert msg.text == " a"
+
+
+@pytest.mark.parametrize("text", [
+    '{"type":"start","character":{"role":"You are \\ud800 x","name":"X","voice":{"preset":"NATF0"}}}',
+    '{"type":"start","character":{"role":"You sell fish.","name":"\\udc00","voice":{"preset":"NATF0"}}}',
+    '{"type":"start","character":"\\ud800"}',
+    '{"type":"switch","character":{"role":"You \\ud800","name":"X","voice":{"preset":"NATF0"}},"ref":"sw"}',
+])
+def test_a_lone_surrogate_anywhere_is_invalid_message(text: str) -> None:
+    """docs/protocol.md: strings must be valid Unicode; "\\ud800" is invalid_message (it reached
+    the tokenizer before, an internal_error)."""
+    with pytest.raises(ProtocolError) as info:
+        parse_client_text(text)
+    assert info.value.code == ErrorCode.INVALID_MESSAGE and "not valid Unicode" in info.value.message

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from npc_voice.realtime import (
-    AudioDelta, Character, CloseConversation, DropScript, OpenConversation, PushAudio, RealtimeError,
+    AudioDelta, Character, CloseConversation, DropScript, OpenConversation, PushAudio, RealtimeError, RealtimeErrorCode,
     RealtimeSession, SayLine, SwitchCharacter, parse_client_event,
 )
 
@@ -187,3 +187,15 @@ def test_a_voice_change_is_a_switch_and_the_new_character_starts_a_response() ->
     evs = events(s)
     assert evs[-1]["error"]["code"] == "shutting_down" and evs[-1]["error"]["type"] == "server_error"
     assert [e for e in evs if e["type"] == "response.done"][0]["response"]["status"] == "incomplete"
+
+
+def test_deep_nesting_and_lone_surrogates_are_answered_not_faults() -> None:
+    """The Realtime reader is the protocol's hardened one: 1000 levels of nesting are invalid_json
+    (was a RecursionError, internal_error), and instructions with a lone surrogate are
+    invalid_event with the client's event_id (was accepted, then an internal_error at open)."""
+    with pytest.raises(RealtimeError) as info:
+        parse_client_event("[" * 1000 + "]" * 1000)
+    assert info.value.code == RealtimeErrorCode.INVALID_JSON
+    with pytest.raises(RealtimeError) as info:
+        parse_client_event('{"type":"session.update","event_id":"e1","session":{"instructions":"\\ud800"}}')
+    assert info.value.code == RealtimeErrorCode.INVALID_EVENT and info.value.event_id == "e1"

@@ -124,7 +124,7 @@ def _json_depth(text: str) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def _load_json(data: str | bytes) -> Any:
+def load_json(data: str | bytes) -> Any:
     """`json.loads` that refuses with `bad_json`, before decoding, a text nested deeper than
     `MAX_JSON_DEPTH` (the decoder recurses per level: RecursionError), and leaves integers over
     `MAX_INT_DIGITS` digits unconverted (Python refuses over 4300: ValueError), so that no field
@@ -144,13 +144,34 @@ def _load_json(data: str | bytes) -> Any:
         raise ProtocolError(ErrorCode.BAD_JSON, f"JSON this server cannot read: {str(exc)[:200]}") from None
 
 
+def lone_surrogate(obj: Any, where: str = "") -> str | None:
+    """Where a JSON value holds a string that is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON's escapes allow), or None. The nesting is already bounded."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the message"
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            found = lone_surrogate(key, where or "a key") or lone_surrogate(value, f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            found = lone_surrogate(value, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def parse_client_text(data: str | bytes, limits: Limits = DEFAULT_LIMITS) -> ClientMessage:
     """A client's JSON text frame -> a validated message; raises `ProtocolError` with the code to send."""
     size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
     if size > limits.max_text_bytes:
         raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE, f"a text message of {size} bytes; the limit is "
                             f"{limits.max_text_bytes} bytes")
-    obj = _load_json(data)
+    obj = load_json(data)
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, f"expected a JSON object, got {type(obj).__name__}")
     ref = obj.get("ref")  # echoed in the error only when it is a valid ref
@@ -163,6 +184,10 @@ def parse_client_text(data: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Cli
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, 'every message needs a string "type"', ref=ref)
+    bad = lone_surrogate(obj)
+    if bad is not None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{kind}: {bad} is not valid Unicode (a lone surrogate "
+                            "escape such as \\ud800): strings must be valid UTF-16 pairs", ref=ref)
     cls = CLIENT_TYPES.get(kind)
     if cls is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}; the client messages are "

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 import itertools
-import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..protocol import MODEL_RATE, ErrorCode
+from ..protocol import MODEL_RATE, ErrorCode, ProtocolError
+from ..protocol.parse import load_json, lone_surrogate
 
 PCM_RATES = (16_000, MODEL_RATE, 48_000)  # `audio/pcm` rates we convert to and from (the model runs at 24 kHz)
 DEFAULT_RATE = MODEL_RATE
@@ -171,13 +171,19 @@ EVENTS: dict[str, type[BaseModel]] = {cls.model_fields["type"].annotation.__args
 
 def parse_client_event(text: str) -> ClientEvent:
     """A client's text frame -> its event, or `RealtimeError` (invalid_json, unknown_event, invalid_event)."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise RealtimeError(RealtimeErrorCode.INVALID_JSON, f"not JSON: {exc}") from None
+    try:  # the same hardened reader as our own protocol: nesting and integer size bounded
+        data = load_json(text)
+    except ProtocolError as exc:
+        raise RealtimeError(RealtimeErrorCode.INVALID_JSON, exc.message) from None
     if not isinstance(data, dict):
         raise RealtimeError(RealtimeErrorCode.INVALID_JSON, "an event is a JSON object")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    if event_id is not None and lone_surrogate(event_id):
+        event_id = None
+    bad = lone_surrogate(data)
+    if bad is not None:
+        raise RealtimeError(RealtimeErrorCode.INVALID_EVENT, f"{bad} is not valid Unicode (a lone surrogate escape "
+                            "such as \\ud800)", param=bad, event_id=event_id)
     kind = data.get("type")
     cls = EVENTS.get(kind) if isinstance(kind, str) else None
     if cls is None:
