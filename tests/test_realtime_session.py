@@ -78,10 +78,11 @@ def test_session_update_formats_and_refusals() -> None:
         (err,) = events(s)
         assert err["error"]["code"] == code and err["error"]["event_id"] == "u"
     # a voice now opens the conversation with the instructions set before
-    send(s, type="session.update", session={"voice": "NATF2"})
+    send(s, type="session.update", session={"voice": "NATF2"}, event_id="v1")
     assert s.requests() == [OpenConversation(Character("NATF2", "Be terse."))]
     s.refused(RealtimeError("unknown_character", "no such voice"))
-    assert [e["error"]["code"] for e in events(s)] == ["unknown_character"] and s.phase == "idle"
+    (err,) = events(s)  # carries the event_id of the session.update that asked (docs/realtime.md)
+    assert (err["error"]["code"], err["error"]["event_id"]) == ("unknown_character", "v1") and s.phase == "idle"
     send(s, type="response.create", response={"instructions": "Hello"})
     assert [e["error"]["code"] for e in events(s)] == ["conversation_not_started"]
 

@@ -291,6 +291,8 @@ class RealtimeSession:
         """An open or switch failed: the error, and the client's wish falls back to what runs."""
         with self.lock:
             self.busy = False
+            if exc.event_id is None and self.pending_updates:  # the session.update that asked for it
+                exc.event_id = self.pending_updates[-1]
             self.pending_updates.clear()
             if self.phase == "opening":
                 self.phase, self.current = "idle", None
