@@ -100,3 +100,33 @@ def test_serve_shuts_down_gracefully_on_a_signal(sig: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_second_signal_cuts_the_drain_short() -> None:
+    """docs/deploy.md: SIGTERM with --drain-grace lets live sessions go on; a second signal during
+    the drain ends them at once (`shutting_down`), not at the end of the grace period."""
+    import signal
+
+    port = _free_port()
+    proc = _serve(port, "--drain-grace", "30")
+    url = f"ws://127.0.0.1:{port}/ws"
+    try:
+        async def main() -> float:
+            async with NPCVoiceClient(url) as client:
+                session = await client.start("innkeeper")
+                assert isinstance(await session.next_event(timeout=10), (AudioFrame, Text, State))  # live
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1.0)
+                assert isinstance(await session.next_event(timeout=5), (AudioFrame, Text, State))  # still draining
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                events = [e async for e in session.events() if not isinstance(e, (AudioFrame, Text, State))]
+                assert [type(e) for e in events] == [ErrorMsg, Ended] and events[0].code == "shutting_down"
+                return time.monotonic() - t0
+
+        assert run(main(), timeout=60) < 10  # not the 30 s grace
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -36,6 +36,7 @@ class NPCVoiceServer:
         max_conn = self.config.max_connections or 4 * sum(e.slots for e in self.engines) + 4
         self.manager = SessionManager(self.engines, max_conn, self.config.build_workers)
         self.loop_runners: list[EngineLoop] = []
+        self.drain_until = 0.0  # while draining: when live sessions are ended anyway
         self.closing = False  # draining or stopping: no new connection or session (HTTP 503, `shutting_down`)
         self.started_at = time.monotonic()
         self._server: Any = None
@@ -88,14 +89,18 @@ class NPCVoiceServer:
         self._monitor = asyncio.create_task(self._watch_engine())
         return self
 
+    def end_drain(self) -> None:
+        """Cuts a drain short (a second SIGTERM, or SIGINT, during it): live sessions end now."""
+        self.drain_until = 0.0
+
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stops the server. `drain_s` > 0 (`npc-voice serve --drain-grace`): first a drain, where new
         connections and sessions are refused (`shutting_down`, /health `stopping`, the agent check
         `drain`) while live sessions go on, for at most `drain_s` seconds or until none is left;
         then every connection gets `shutting_down` (and `ended` for a live session) and close 1001."""
         self.closing = True
-        deadline = time.monotonic() + drain_s
-        while self.manager.reserved and time.monotonic() < deadline and self.loop_error is None:
+        self.drain_until = time.monotonic() + drain_s
+        while self.manager.reserved and time.monotonic() < self.drain_until and self.loop_error is None:
             await asyncio.sleep(0.05)
         if self._monitor is not None:
             self._monitor.cancel()

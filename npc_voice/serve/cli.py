@@ -130,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain: list[float] = []  # SIGTERM: drain for --drain-grace first; SIGINT (or a second signal): at once
 
         def on_signal(sig: int) -> None:
+            if stop.is_set():  # a second signal during the drain: stop at once (docs/deploy.md)
+                server.end_drain()
             drain.append(config.drain_grace_s if sig == signal.SIGTERM and not stop.is_set() else 0.0)
             stop.set()
 
