@@ -129,7 +129,8 @@ def test_off_with_a_token_unless_asked_for(model, cache, store) -> None:  # noqa
 def test_no_demo_turns_it_off(open_server) -> None:
     open_server.server.demo = False  # npc-voice serve --no-demo
     try:
-        assert get(open_server, "/demo/")[0] == 404
+        status, _, body = get(open_server, "/demo/")
+        assert status == 404 and "--no-demo" in json.loads(body)["message"]  # not "it has a token"
         assert get(open_server, "/health")[0] == 200
     finally:
         open_server.server.demo = None

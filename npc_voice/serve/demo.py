@@ -105,7 +105,8 @@ def respond(server: NPCVoiceServer, connection: Any, request: Any) -> Any:
     if not demo_enabled(server):
         return json_response(connection, http.HTTPStatus.NOT_FOUND, {
             "type": "error", "code": ErrorCode.NOT_FOUND.value,
-            "message": "the demo page is off on this server (it has a token): start it with --demo to serve it"})
+            "message": ("the demo page is off on this server (it has a token): start it with --demo to serve it"
+                        if getattr(server, "demo", None) is None else "the demo page is off on this server (--no-demo)")})
     if url.path == DEMO_PATH:  # relative links need the trailing slash
         response = _response(connection, http.HTTPStatus.FOUND, b"", "text/plain; charset=utf-8")
         response.headers["Location"] = DEMO_PATH + "/" + (f"?{url.query}" if url.query else "")
