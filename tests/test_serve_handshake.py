@@ -64,3 +64,17 @@ def test_token_and_health(model, cache, store, timing) -> None:
     finally:
         bg.stop()
     timing.verdict()
+
+
+def test_a_plain_http_request_to_a_websocket_endpoint_is_426_json(model, cache, store) -> None:
+    """`curl http://host/ws`: HTTP 426 with the documented JSON body (`upgrade_required`), not the
+    websocket library's plain-text refusal and a logged traceback."""
+    bg = make_server(model, cache, store, slots=1)
+    try:
+        for path in ("/ws", "/v1/realtime"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(bg.url.replace("ws://", "http://").replace("/ws", path), timeout=5)
+            assert err.value.code == 426 and err.value.headers["Upgrade"] == "websocket"
+            assert json.load(err.value)["code"] == "upgrade_required"
+    finally:
+        bg.stop()

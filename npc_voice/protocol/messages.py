@@ -57,6 +57,7 @@ class ErrorCode(str, enum.Enum):
     SERVER_BUSY = "server_busy"  # every conversation slot (or connection) is taken: retry later
     UNAUTHORIZED = "unauthorized"  # missing or wrong token (HTTP 401 at the handshake)
     NOT_FOUND = "not_found"  # an HTTP path that is neither the websocket endpoint nor /health (HTTP 404)
+    UPGRADE_REQUIRED = "upgrade_required"  # a plain HTTP request to a websocket endpoint (HTTP 426)
     IDLE_TIMEOUT = "idle_timeout"  # nothing received for the idle timeout: the connection is closed
     SHUTTING_DOWN = "shutting_down"  # the server is stopping
     INTERNAL_ERROR = "internal_error"  # a server fault; the message says what

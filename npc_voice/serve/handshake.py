@@ -55,6 +55,12 @@ def process_request(server: NPCVoiceServer, connection: Any, request: Any) -> An
             "type": "error", "code": ErrorCode.NOT_FOUND.value,
             "message": f"no such path: the websocket endpoints are {WS_PATH} and {REALTIME_PATH} (OpenAI Realtime), "
                        f"the health check {HEALTH_PATH}"})
+    if "websocket" not in request.headers.get("Upgrade", "").lower():  # a browser or curl, not a websocket client
+        response = json_response(connection, http.HTTPStatus.UPGRADE_REQUIRED, {
+            "type": "error", "code": ErrorCode.UPGRADE_REQUIRED.value,
+            "message": f"{url.path} is a websocket endpoint: open it with a websocket client (Upgrade: websocket)"})
+        response.headers["Upgrade"] = "websocket"
+        return response
     if not authorized(server.config.token, request, parse_qs(url.query)):
         return json_response(connection, http.HTTPStatus.UNAUTHORIZED, {
             "type": "error", "code": ErrorCode.UNAUTHORIZED.value,
