@@ -41,7 +41,7 @@ from .prompt import (
     Prefix, PromptFrames, SpecialCodes, Voice, VoiceEncoder, delayed_positions, prompt_frames, prompt_ring,
     special_codes,
 )
-from .step import window_for
+from .step import capture_graph, window_for
 
 
 @dataclass
@@ -306,15 +306,8 @@ class PrefixBuilder:
             saved = self.active.clone()
             self.active.zero_()  # warm up and capture with every lane inactive: no state changes
             position = self.state.position.clone()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):
-                    self._forward(b, window)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-                self._forward(b, window)
+            with torch.inference_mode():
+                graph, _ = capture_graph(lambda: self._forward(b, window), self.device, warmups=2, pool=self._pool)
             self.active.copy_(saved)
             self.state.position.copy_(position)
             self._graphs[(b, window)] = graph

@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+import torch
+
 from ..model.config import FRAME_SECONDS
 from .engine import Engine
 from .session import percentile
@@ -68,6 +70,9 @@ class EngineLoop:
                 log.exception("a frame listener failed")
 
     def _run(self) -> None:
+        device = self.engine.model.device
+        if device.type == "cuda" and device.index is not None:  # this thread's launches and replays go
+            torch.cuda.set_device(device)  # to its engine's GPU (--devices: one engine per GPU)
         try:
             self.engine.warm_up_thread()
         except BaseException as exc:

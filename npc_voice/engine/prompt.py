@@ -27,6 +27,7 @@ from ..model.generator import Generator, GeneratorState, Sampling
 from ..model.loading import LoadedModel
 from ..model.mimi import Mimi
 from ..model.sampling import sample, uniform_noise
+from .step import capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,8 @@ class VoiceEncoder:
         try:
             for bucket in range(VOICE_BUCKET_FRAMES, voice_bucket_frames(max_frames) + 1, VOICE_BUCKET_FRAMES):
                 pcm = self._pcm[..., : bucket * size]
-                stream = torch.cuda.Stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream), torch.inference_mode():
-                    self._pass(pcm)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
-                    codes = self._pass(pcm)
-                self._graphs[bucket] = (graph, codes)
+                with torch.inference_mode():
+                    self._graphs[bucket] = capture_graph(lambda: self._pass(pcm), self.device, pool=self.pool)
         except RuntimeError as exc:  # eager encoding still works, at a few milliseconds more per voice
             self._graphs.clear()
             self.error = exc
@@ -352,13 +346,6 @@ class FirstPosition:
             self._run()
             return self.out
         if self._graph is None:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._run()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._run()
+            self._graph, _ = capture_graph(self._run, self.device)
         self._graph.replay()
         return self.out

@@ -9,6 +9,7 @@ static buffers before a replay and the outputs read back after it: one host sync
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,25 @@ from ..model.mimi import MimiState
 class StepOutput:
     pcm: np.ndarray  # float32 [B, frame_size]
     text: np.ndarray  # int64 [B]
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmups: int = 1, pool: Any = None
+                  ) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """`fn` captured as a CUDA graph on `device` (its warm-up runs first on a side stream, as CUDA
+    graphs require); returns the graph and what the captured call returned (its output tensors,
+    which every replay rewrites). `pool`: a memory pool shared with graphs replayed one after
+    another, never at once. The one way npc-voice captures a graph: step, builds, voices, installs."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    return graph, out
 
 
 def window_for(frames_seen: int, capacity: int, smallest: int = 64) -> int:
@@ -70,15 +90,7 @@ class BatchedStep:
             # Warm up with every slot inactive: a masked step leaves every state bit-identical.
             saved = self.active.clone()
             self.active.zero_()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._run(window)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._run(window)
+            graph, _ = capture_graph(lambda: self._run(window), self.active.device, warmups=2)
             self.active.copy_(saved)
             self._graphs[window] = graph
         return graph
