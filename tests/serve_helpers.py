@@ -20,6 +20,7 @@ from npc_voice.model.generator import Generator
 from npc_voice.model.loading import LoadedModel, random_model
 from npc_voice.protocol import Dropped, ErrorMsg, State, Text
 from npc_voice.serve import BackgroundServer, ServerConfig
+from conftest import stream_silence
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,14 +95,7 @@ class Witness:
             session = await client.start(self.character)
             self.ready.set()
 
-            async def feed() -> None:
-                t0, i = time.monotonic(), 0
-                while not stop.is_set():
-                    await session.send_audio(np.zeros(1920, np.int16))
-                    i += 1
-                    await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
-
-            feeder = asyncio.create_task(feed())
+            feeder = asyncio.create_task(stream_silence(session))
             async for event in session.events():
                 if isinstance(event, AudioFrame):
                     self.frames.append((time.monotonic(), event.frame))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from npc_voice.client import AudioFrame, NPCVoiceClient
-from conftest import serve_child
+from conftest import serve_child, stream_silence
 
 openai = pytest.importorskip("openai")
 
@@ -42,14 +42,7 @@ def test_openai_sdk_against_the_realtime_endpoint(timing) -> None:
             async with NPCVoiceClient(f"ws://127.0.0.1:{port}/ws", token=TOKEN) as client:
                 session = await client.start("city-guard")
 
-                async def feed() -> None:
-                    t0, i = time.monotonic(), 0
-                    while True:
-                        await session.send_audio(np.zeros(1920, np.int16))
-                        i += 1
-                        await asyncio.sleep(max(0.0, t0 + i * 0.08 - time.monotonic()))
-
-                feeder = asyncio.create_task(feed())
+                feeder = asyncio.create_task(stream_silence(session))
                 async for ev in session.events():
                     if isinstance(ev, AudioFrame):
                         frames.append((time.monotonic(), ev.frame))
