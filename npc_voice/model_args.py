@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .model.config import FRAME_SECONDS, LMConfig
+from .model.kvcache import KV_CHOICES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -23,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mimi-dtype", choices=sorted(DTYPES), help="Mimi codec dtype (default: bf16 on GPU, "
                    "fp32 on CPU; the reference runs Mimi in fp32)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only LM (half the memory; for 24 GB cards)")
+    p.add_argument("--kv-dtype", choices=KV_CHOICES, default="auto",
+                   help="the conversations' KV cache: int8 / fp8 (8-bit, half the memory per conversation; GPU "
+                   "only), bf16 (not quantized: the LM's dtype); auto (default): int8 on a GPU, else bf16")
     p.add_argument("--context", type=int, help="frames each conversation remembers (default: the model's, "
                    f"{LMConfig.context} = {LMConfig.context * FRAME_SECONDS / 60:g} min); less memory per session, so "
                    "more sessions per GPU")
@@ -32,10 +36,14 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     """The model the arguments of `add_model_args` describe (says so on stderr when its weights are random)."""
     from .model.loading import load_model
 
-    model = load_model(args.weights, preset=args.preset, device=args.device,
-                       dtype=DTYPES[args.dtype] if args.dtype else None,
-                       int8=getattr(args, "int8", False), context=getattr(args, "context", None),
-                       mimi_dtype=DTYPES[args.mimi_dtype] if getattr(args, "mimi_dtype", None) else None)
+    try:
+        model = load_model(args.weights, preset=args.preset, device=args.device,
+                           dtype=DTYPES[args.dtype] if args.dtype else None,
+                           int8=getattr(args, "int8", False), context=getattr(args, "context", None),
+                           mimi_dtype=DTYPES[args.mimi_dtype] if getattr(args, "mimi_dtype", None) else None,
+                           kv_dtype=getattr(args, "kv_dtype", "auto"))
+    except ValueError as exc:  # an impossible option (--kv-dtype int8 on a CPU) or a checkpoint that does not fit
+        raise SystemExit(f"npc-voice: {exc}") from None
     if model.random_weights:
         print(f"npc-voice: no weights given: using the {model.config.name} model with RANDOM weights "
               "(it babbles; pass --weights DIR for the real PersonaPlex)", file=sys.stderr)

@@ -295,10 +295,12 @@ def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Pre
     if runs[0][2] < n:
         runs.append((0, runs[0][2], n - runs[0][2]))
     into, out_of = [], []  # every layer's rows in one multi-tensor copy (one launch, not 2 x L x runs)
-    for layer, cache in enumerate(state.temporal.layers):
+    caches = state.temporal.layers
+    parts = caches[0].encode(prefix.keys, prefix.values)  # [L, H, n, ...] each, in the cache's form (8-bit: quantized)
+    for layer, cache in enumerate(caches):
         for row, src, count in runs:
-            into += [cache.keys[slot, :, row : row + count], cache.values[slot, :, row : row + count]]
-            out_of += [prefix.keys[layer, :, src : src + count], prefix.values[layer, :, src : src + count]]
+            into += cache.rows(slot, row, count)
+            out_of += [part[layer, :, src : src + count] for part in parts]
     torch._foreach_copy_(into, out_of, non_blocking=True)
     state.temporal.position[slot] = N
     state.offset[slot] = N

@@ -83,6 +83,9 @@ class PersonaPlexLM(nn.Module):
         self.depformer_text_emb = ZeroableEmbedding(cfg.text_card + 1, cfg.depformer_dim)
         self.depformer = DepthTransformer(cfg)
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
+        # The conversation slots' KV cache: None = the compute dtype, int8 / float8_e4m3fn = 8-bit
+        # (`kvcache.QuantKVCache`); set by the loader (`--kv-dtype`), read by `init_state`.
+        self.kv_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +117,8 @@ class PersonaPlexLM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> TransformerState:
-        return self.transformer.init_state(batch_size, device, dtype)
+        """Conversation slots' temporal state, with the KV cache in `self.kv_dtype`."""
+        return self.transformer.init_state(batch_size, device, dtype, kv_dtype=self.kv_dtype)
 
     def step_text(self, tokens: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None,
                   window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

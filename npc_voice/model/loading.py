@@ -27,6 +27,7 @@ from .config import LMConfig, MimiConfig, ModelConfig, get_preset
 from .lm import PersonaPlexLM
 from .transformer import Transformer
 from .mimi import Mimi
+from .kvcache import resolve_kv_dtype
 from .quant import quantize_int8_
 from .tokenizer import TextTokenizer
 
@@ -76,7 +77,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_model(source: str | Path | None = None, *, preset: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                seed: int = 0, int8: bool = False, context: int | None = None,
-               mimi_dtype: torch.dtype | None = None) -> LoadedModel:
+               mimi_dtype: torch.dtype | None = None, kv_dtype: str = "auto") -> LoadedModel:
     """Loads a model.
 
     source: a weights directory, a Hugging Face repo id (needs `huggingface_hub` and the network),
@@ -84,16 +85,19 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
     directory's `config.json` overrides (default "personaplex-7b"). The LM is cast to `dtype`
     (default bf16 on GPU, fp32 on CPU); Mimi runs in `mimi_dtype` (the same default: bf16 saves
     about 0.6 ms a tick at one session on an H100; the reference runs Mimi in fp32).
-    `int8`: int8 weight-only LM. `context`: frames a conversation remembers.
+    `int8`: int8 weight-only LM. `context`: frames a conversation remembers. `kv_dtype`: the
+    conversations' KV cache (`kvcache.resolve_kv_dtype`: auto = 8-bit on a GPU).
     """
     device = torch.device(device) if device is not None else default_device()
+    resolve_kv_dtype(kv_dtype, device)  # an impossible choice fails before any weight is read
     dtype = dtype or default_dtype(device)
     mimi_dtype = mimi_dtype or default_dtype(device)
     if source is None:
         config = get_preset(preset or "tiny")
         if context is not None:
             config = replace(config, lm=replace(config.lm, context=context))
-        return random_model(config, device=device, dtype=dtype, seed=seed, int8=int8, mimi_dtype=mimi_dtype)
+        return random_model(config, device=device, dtype=dtype, seed=seed, int8=int8, mimi_dtype=mimi_dtype,
+                            kv_dtype=kv_dtype)
     path = Path(source)
     if not path.exists():
         if not _REPO_ID.match(str(source)):
@@ -101,8 +105,10 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
         path = download(str(source))
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory of weights")
-    return load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype, int8=int8,
-                          context=context, mimi_dtype=mimi_dtype)
+    model = load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype, int8=int8,
+                           context=context, mimi_dtype=mimi_dtype)
+    model.lm.kv_dtype = resolve_kv_dtype(kv_dtype, device)
+    return model
 
 
 def download(repo_id: str) -> Path:
@@ -214,11 +220,11 @@ def _inside(directory: Path, name: str) -> Path:
 # --- random weights ---------------------------------------------------------------------------
 def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, int8: bool = False,
-                 mimi_dtype: torch.dtype = torch.float32) -> LoadedModel:
+                 mimi_dtype: torch.dtype = torch.float32, kv_dtype: str = "auto") -> LoadedModel:
     """A model with random weights: the built-in `tiny` model, or any preset for benchmarks (the
     cost of a step does not depend on the weights' values). The LM is built part by part on the
     device (and quantized part by part with `int8`), so no more than one layer is ever held in a
-    wider format than the final one."""
+    wider format than the final one. `kv_dtype`: as `load_model`'s."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     tokenizer = TextTokenizer.builtin()
     if tokenizer.vocab_size > config.lm.text_card:
@@ -236,6 +242,7 @@ def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | s
     with torch.device(device):
         mimi = Mimi(config.mimi)
     randomize(mimi, seed + 10_000)
+    lm.kv_dtype = resolve_kv_dtype(kv_dtype, device)
     return LoadedModel(config, lm.eval(), mimi.to(mimi_dtype).eval(), tokenizer, "random")
 
 

@@ -9,8 +9,8 @@ Each layer has one body, `TransformerLayer.forward` (norm, projections, attentio
 the attention proper is the caller's: masked over the whole sequence (`Transformer.forward`), over
 a ring cache (`Transformer.step`) or over one frame's steps (the depth transformer).
 
-Streaming keeps a ring KV cache per layer in fixed-shape tensors with the slot first; positions are
-per slot, so slots advance, reset and skip steps independently.
+Streaming keeps a ring KV cache per layer in fixed-shape tensors with the slot first (`kvcache.py`:
+full precision or 8-bit); positions are per slot, so slots advance, reset and skip steps independently.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
+from .kvcache import KVCache, QuantKVCache, make_cache
 from .streaming import StreamState, state_field
 
 NormKind = Literal["rms_f32", "layer"]
@@ -94,18 +95,9 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, context: int | None,
 
 
 @dataclass
-class KVCache(StreamState):
-    keys: torch.Tensor  # [B, H, S + 1, D]: S ring rows, then the skipped slots' scratch row
-    values: torch.Tensor  # [B, H, S + 1, D]
-
-    def slot_view(self, slot: int) -> list[torch.Tensor]:
-        return [self.keys[slot, :, :-1], self.values[slot, :, :-1]]
-
-
-@dataclass
 class TransformerState(StreamState):
     position: torch.Tensor = state_field(0)  # [B] long: steps already seen by each slot
-    layers: list[KVCache] = state_field(0)
+    layers: list[KVCache | QuantKVCache] = state_field(0)
 
 
 class Attention(nn.Module):
@@ -239,8 +231,10 @@ class Transformer(nn.Module):
         return x
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None, capacity: int | None = None) -> TransformerState:
-        """Empty streaming state for `batch_size` slots; the ring holds `capacity` (default: context) steps."""
+                   dtype: torch.dtype | None = None, capacity: int | None = None,
+                   kv_dtype: torch.dtype | None = None) -> TransformerState:
+        """Empty streaming state for `batch_size` slots; the ring holds `capacity` (default: context)
+        steps; `kv_dtype` int8 or float8_e4m3fn makes the KV cache 8-bit (`kvcache.QuantKVCache`)."""
         capacity = capacity or self.context
         if capacity is None:
             raise ValueError("a streaming transformer needs a context or an explicit capacity")
@@ -251,8 +245,7 @@ class Transformer(nn.Module):
         # One extra row at the end: skipped slots write there, so a step writes every slot with one
         # scatter instead of a gather, a select and a scatter. Attention never reads it.
         shape = (batch_size, H, capacity + 1, self.spec.dim // H)
-        layers = [KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                  for _ in self.layers]
+        layers = [make_cache(shape, device, dtype, kv_dtype) for _ in self.layers]
         return TransformerState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
 
     def step(self, x: torch.Tensor, state: TransformerState, active: torch.Tensor | None = None,
@@ -282,20 +275,13 @@ class Transformer(nn.Module):
         visible = visibility(q_pos, k_pos, self.context, always)
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
 
-        def attend(cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(cache: KVCache | QuantKVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k = fused.rope_pair(q, k, cos, sin)
-            _write_rows(cache.keys, rows, k)
-            _write_rows(cache.values, rows, v)
-            return F.scaled_dot_product_attention(q, cache.keys[:, :, :window], cache.values[:, :, :window],
-                                                  attn_mask=bias)
+            cache.write(rows, k, v)
+            return cache.attend(q, bias, window)
 
         for layer, cache in zip(self.layers, state.layers):
             x = layer(x, partial(attend, cache))
         state.position.copy_(end)
         return x
 
-
-def _write_rows(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
-    """cache [B, H, S + 1, D] gets `new` [B, H, T, D] at rows [B, T] (skipped slots: row S)."""
-    B, H, T, D = new.shape
-    cache.scatter_(2, rows[:, None, :, None].expand(B, H, T, D), new.to(cache.dtype))
