@@ -13,6 +13,7 @@ from .engine.session import percentile
 from .model.config import FRAME_MS
 from .model.generator import Generator
 from .model.loading import LoadedModel
+from .model.quant import weights_kind
 
 
 
@@ -21,6 +22,7 @@ class TickResult:
     preset: str
     device: str
     dtype: str
+    kv: str  # the conversations' KV cache: int8 / float8_e4m3fn, or the compute dtype (unquantized)
     batch: int
     frames: int
     fill: int  # KV rows filled per session (the full context: the worst case)
@@ -67,12 +69,13 @@ def bench_tick(model: LoadedModel, batch: int, frames: int = 100, warmup: int = 
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1000)
     dtype = str(model.dtype).removeprefix("torch.")
-    if not isinstance(model.lm.text_linear, torch.nn.Linear):
-        dtype = f"int8 weights, {dtype} compute"
+    if (weights := weights_kind(model.lm)) != "bf16":
+        dtype = f"{weights} weights, {dtype} compute"
     capacity = step.capacity
     del step
     return TickResult(
-        preset=model.config.name, device=str(device), dtype=dtype, batch=batch, frames=frames,
+        preset=model.config.name, device=str(device), dtype=dtype,
+        kv=str(model.lm.kv_dtype or model.dtype).removeprefix("torch."), batch=batch, frames=frames,
         fill=min(fill, capacity), window=window_for(fill, capacity),
         tick_p50_ms=round(statistics.median(times), 3),
         tick_p99_ms=round(percentile(times, 0.99), 3) if len(times) >= 100 else None,

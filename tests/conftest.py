@@ -13,8 +13,12 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pytest
-import torch
+# The fused decode attention (npc_voice/model/decode_attention.py) is Triton; on this CPU-only
+# machine its kernels run under Triton's interpreter, which must be chosen before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden"
 

@@ -5,9 +5,11 @@ A tick's attention is a pure read of the cache: at 64 conversations and the full
 bytes) and dequantizes them in registers, flash-decoding style: each (slot, head) is split over
 `splits` programs that each fold a run of rows into a running max, sum and weighted value
 (online softmax); a second kernel combines the splits. Row scales multiply the scores (keys) and
-the probabilities (values), never the tiles. `mode` picks how a tile is reduced: "dot" on the
-tensor cores (the query repeated over 16 rows, tiles cast to the query's dtype), "fma" in float32
-on the CUDA cores. Launch sizes are fixed by the shapes, so a CUDA graph captures it.
+the probabilities (values), never the tiles. The tiles go through the tensor cores (the query
+repeated over 16 rows) as fp16 made by bit operations alone ("offset" mode, the default: an int8
+conversion instruction per value would cost as much as reading it), or cast ("dot"), or in float32
+on the CUDA cores ("fma", also what a float32 query gets). Launch sizes are fixed by the shapes,
+so a CUDA graph captures it.
 
 On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1` before triton is
 imported: the tests set it); `kvcache.attend_dequantized` is the oracle they are checked against.
@@ -22,17 +24,23 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # cache rows per tile
+# How a launch is made: `mode` picks how a tile is reduced ("offset": the 8-bit rows become fp16 by
+# bit operations alone, tensor-core dots; "dot": cast to the query's dtype, tensor-core dots;
+# "fma": float32 on the CUDA cores); rows per tile; warps and pipeline stages per program.
+# tools/bench/gpu_kv.py measures each choice on the GPU (docs/performance.md).
+CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 64, "num_warps": 4,
+          "num_stages": 3}
+BLOCK_N = 64  # the default rows per tile (the launch plan's unit)
 TARGET_PROGRAMS = 1024  # enough (slot, head, split) programs to fill an H100/H200 (132 SMs)
-MODE = os.environ.get("NPC_VOICE_DECODE_ATTENTION", "dot")  # "dot" | "fma" (benchmarks compare them)
+MODES = {"fma": 0, "dot": 1, "offset": 2}
 
 
 @triton.jit
 def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
                   sq_b, sq_h, sk_b, sk_h, sk_n, ss_b, ss_h, sb_b, so_b, so_h,
                   H, W, sm_scale,
-                  CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                  DOT: tl.constexpr):
+                  CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SPLITS: tl.constexpr, MODE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -42,46 +50,62 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
     dmask = d < D
     kbase = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     sbase = b.to(tl.int64) * ss_b + h * ss_h
-    if DOT:  # 16 identical query rows: tl.dot needs 16; row 0 is stored
-        m_rows = tl.arange(0, 16)
-        q = tl.load(Q + b * sq_b + h * sq_h + m_rows[:, None] * 0 + d[None, :], mask=dmask[None, :], other=0.0)
-        m_i = tl.full([16], -1e30, tl.float32)
-        l_i = tl.zeros([16], tl.float32)
-        acc = tl.zeros([16, BLOCK_D], tl.float32)
-    else:
+    IS_INT: tl.constexpr = K.dtype.element_ty == tl.int8
+    # "offset": an int8 x read as the fp16 bits 0x6400 | (x + 128) is x + 1152 exactly, and an e4m3
+    # x moved into the fp16 fields is x / 256 exactly: one or two bit operations per value, no
+    # conversion instruction; the offset comes off the dot products, the 256 goes into the scales.
+    OFFSET: tl.constexpr = 1152.0 if (MODE == 2 and IS_INT) else 0.0
+    MULT: tl.constexpr = 1.0 if (MODE != 2 or IS_INT) else 256.0
+    if MODE == 0:
         q = tl.load(Q + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
         m_i = -1e30
         l_i = 0.0
         acc = tl.zeros([BLOCK_D], tl.float32)
+    else:  # 16 identical query rows (tl.dot's least); row 0 is kept
+        q = tl.load(Q + b * sq_b + h * sq_h + tl.arange(0, 16)[:, None] * 0 + d[None, :], mask=dmask[None, :],
+                    other=0.0)
+        if MODE == 2:
+            q = q.to(tl.float16)
+        q_sum = tl.sum(q.to(tl.float32), 1)  # [16]: what the offset adds to each score
+        m_i = tl.full([16], -1e30, tl.float32)
+        l_i = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, BLOCK_D], tl.float32)
     for n0 in range(0, CHUNK, BLOCK_N):
         n = start + n0 + tl.arange(0, BLOCK_N)
         nmask = n < W
         tile = nmask[:, None] & dmask[None, :]
         k = tl.load(K + kbase + n[:, None] * sk_n + d[None, :], mask=tile, other=0.0)
-        ks = tl.load(KS + sbase + n, mask=nmask, other=0.0)
+        ks = tl.load(KS + sbase + n, mask=nmask, other=0.0) * (sm_scale * MULT)
         bias = tl.load(BIAS + b * sb_b + n, mask=nmask, other=float("-inf")).to(tl.float32)
         v = tl.load(V + kbase + n[:, None] * sk_n + d[None, :], mask=tile, other=0.0)
-        vs = tl.load(VS + sbase + n, mask=nmask, other=0.0)
-        if DOT:
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * (ks * sm_scale)[None, :] + bias[None, :]  # [16, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype))
-        else:
-            s = tl.sum(k.to(tl.float32) * q[None, :], 1) * (ks * sm_scale) + bias  # [BLOCK_N]
+        vs = tl.load(VS + sbase + n, mask=nmask, other=0.0) * MULT
+        if MODE == 0:
+            s = tl.sum(k.to(tl.float32) * q[None, :], 1) * ks + bias  # [BLOCK_N]
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
             l_i = l_i * alpha + tl.sum(p, 0)
             acc = acc * alpha + tl.sum((p * vs)[:, None] * v.to(tl.float32), 0)
+        else:
+            if MODE == 2:
+                k = _as_fp16(k, IS_INT)
+                v = _as_fp16(v, IS_INT)
+            else:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            s = (tl.dot(q, tl.trans(k)) - OFFSET * q_sum[:, None]) * ks[None, :] + bias[None, :]  # [16, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = (p * vs[None, :]).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(pv, v) - OFFSET * tl.sum(pv.to(tl.float32), 1)[:, None]
         m_i = m_new
-    if DOT:  # every row holds the same numbers: keep row 0
-        first = tl.arange(0, 16)[:, None] == 0
-        acc = tl.sum(tl.where(first, acc, 0.0), 0)
-        m_i = tl.max(tl.where(tl.arange(0, 16) == 0, m_i, -1e30), 0)
-        l_i = tl.sum(tl.where(tl.arange(0, 16) == 0, l_i, 0.0), 0)
+    if MODE != 0:  # every row holds the same numbers: keep row 0
+        first = tl.arange(0, 16) == 0
+        acc = tl.sum(tl.where(first[:, None], acc, 0.0), 0)
+        m_i = tl.max(tl.where(first, m_i, -1e30), 0)
+        l_i = tl.sum(tl.where(first, l_i, 0.0), 0)
     if SPLITS == 1:  # nothing to combine: the normalised output
         out = acc / l_i
         tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty), mask=dmask)
@@ -92,29 +116,41 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
 
 
 @triton.jit
+def _as_fp16(x, IS_INT: tl.constexpr):
+    """8-bit values as fp16 by bit operations: int8 x -> x + 1152, e4m3 x -> x / 256 (exact)."""
+    bits = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+    if IS_INT:
+        bits = bits ^ 0x6480  # 0x6400 | (x + 128): x's sign bit flipped, under fp16's 2^10 exponent
+    else:
+        bits = ((bits & 0x7F) << 7) | ((bits & 0x80) << 8)  # sign, then exponent and mantissa, 8 bits left
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _combine_kernel(ACC, ML, OUT, so_b, so_h, H,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    s = tl.arange(0, SPLITS)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < SPLITS
     d = tl.arange(0, BLOCK_D)
-    m = tl.load(ML + (bh * SPLITS + s) * 2)
-    l = tl.load(ML + (bh * SPLITS + s) * 2 + 1)
+    m = tl.load(ML + (bh * SPLITS + s) * 2, mask=smask, other=-1e30)
+    l = tl.load(ML + (bh * SPLITS + s) * 2 + 1, mask=smask, other=0.0)
     top = tl.max(m, 0)
     w = tl.exp(m - top)  # splits that saw no visible row have m = -1e30: weight 0
-    acc = tl.load(ACC + (bh * SPLITS + s)[:, None] * BLOCK_D + d[None, :])
+    acc = tl.load(ACC + (bh * SPLITS + s)[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def plan(batch: int, heads: int, window: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """(splits, rows per split) for a launch: a power of two of splits so that there are about
-    TARGET_PROGRAMS programs, each over whole tiles."""
+    """(splits, rows per split) for a launch: about TARGET_PROGRAMS (slot, head, split) programs,
+    each over a run of whole tiles, none empty."""
     blocks = triton.cdiv(window, block_n)
-    want = max(1, triton.cdiv(TARGET_PROGRAMS, batch * heads))
-    splits = 1 << (min(want, blocks).bit_length() - 1)  # the largest power of two <= both
-    return splits, triton.cdiv(blocks, splits) * block_n
+    want = min(blocks, max(1, triton.cdiv(TARGET_PROGRAMS, batch * heads)))
+    tiles = triton.cdiv(blocks, want)
+    return triton.cdiv(blocks, tiles), tiles * block_n
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor, values: torch.Tensor,
@@ -127,10 +163,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
         raise ValueError(f"decode attention takes one query position, got {T}")
     if keys.stride(-1) != 1 or key_scale.stride(-1) != 1 or bias.stride(-1) != 1:
         raise ValueError("decode attention needs the cache rows, scales and bias contiguous in their last dim")
-    mode = mode or MODE
-    dot = mode == "dot" and q.dtype in (torch.bfloat16, torch.float16) and D >= 16
+    mode = mode or CONFIG["mode"]
+    if D < 16 or q.dtype not in (torch.bfloat16, torch.float16):
+        mode = "fma"  # tensor-core dots need 16-wide tiles, and a float32 query keeps float32 math
+    block_n = CONFIG["block_n"]
     block_d = max(16, triton.next_power_of_2(D))
-    splits, chunk = plan(B, H, window)
+    splits, chunk = plan(B, H, window, block_n)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     acc = torch.empty(B * H * splits * block_d if splits > 1 else 1, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * H * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
@@ -142,8 +180,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         key_scale.stride(0), key_scale.stride(1), bias.stride(0), out.stride(0), out.stride(1),
         H, window, 1.0 / math.sqrt(D),
-        CHUNK=chunk, D=D, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SPLITS=splits, DOT=dot,
+        CHUNK=chunk, D=D, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits, MODE=MODES[mode],
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
     if splits > 1:
-        _combine_kernel[(B * H,)](acc, ml, out, out.stride(0), out.stride(1), H, D=D, BLOCK_D=block_d, SPLITS=splits)
+        _combine_kernel[(B * H,)](acc, ml, out, out.stride(0), out.stride(1), H, D=D, BLOCK_D=block_d, SPLITS=splits,
+                              BLOCK_S=triton.next_power_of_2(splits))
     return out

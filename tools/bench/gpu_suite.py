@@ -42,9 +42,10 @@ def free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def stage_check() -> None:
-    """The graphed step computes what the eager step computes (same tokens, same audio)."""
-    model = random_model("tiny", device=DEVICE, dtype=torch.float32, seed=1)
+def stage_check(kv: str = "auto") -> None:
+    """The graphed step computes what the eager step computes (same tokens, same audio); `kv`: the
+    slots' KV cache (auto: int8 on a GPU, through the fused decode attention)."""
+    model = random_model("tiny", device=DEVICE, dtype=torch.float32, seed=1, kv_dtype=kv)
     rng = np.random.default_rng(0)
     frames = [(0.1 * rng.standard_normal((4, model.mimi.frame_size))).astype(np.float32) for _ in range(12)]
     runs = []
@@ -55,7 +56,7 @@ def stage_check() -> None:
                      for t, pcm in enumerate(frames)])
     tokens_equal = all(np.array_equal(a.text, b.text) for a, b in zip(*runs))
     pcm_err = max(float(np.abs(a.pcm - b.pcm).max()) for a, b in zip(*runs))
-    emit(what="graph_check", tokens_equal=tokens_equal, pcm_max_abs_diff=pcm_err)
+    emit(what="graph_check", kv=str(model.lm.kv_dtype), tokens_equal=tokens_equal, pcm_max_abs_diff=pcm_err)
 
     # The builder's graphs (lane widths, windows, voice buckets) build what its eager path builds.
     from npc_voice.bench_live import build_personas
@@ -90,7 +91,7 @@ def stage_check() -> None:
         frames = [engine.tick() for _ in range(6)]
         heard.append(([[e.text_token for e in tick] for tick in frames], np.stack([[e.pcm for e in tick] for tick in frames])))
         del engine, sessions
-    emit(what="engine_graph_check", tokens_equal=heard[0][0] == heard[1][0],
+    emit(what="engine_graph_check", kv=str(model.lm.kv_dtype), tokens_equal=heard[0][0] == heard[1][0],
          pcm_max_abs_diff=float(np.abs(heard[0][1] - heard[1][1]).max()))
 
 
@@ -253,22 +254,27 @@ def stage_builds(lives=(32, 63), new: int = 8) -> None:
     free()
 
 
-STAGES = {"check": stage_check, "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
+STAGES = {"check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
           "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
 
-if __name__ == "__main__":
+def main(stages: dict) -> None:
+    """Runs the stages named on the command line (all by default), one JSON line per result."""
     names = sys.argv[1:] or ["all"]
     if names == ["all"]:
-        names = list(STAGES)
+        names = list(stages)
     emit(what="device", name=torch.cuda.get_device_name(), torch=torch.__version__,
          date=time.strftime("%Y-%m-%d"))
     for name in names:
         start = time.time()
         try:
-            STAGES[name]()
+            stages[name]()
         except Exception as exc:  # keep going: one failed stage must not hide the others
             import traceback
 
             emit(what="error", stage=name, error=repr(exc)[:500], where=traceback.format_exc()[-1500:])
             free()
         emit(what="stage_done", stage=name, seconds=round(time.time() - start, 1))
+
+
+if __name__ == "__main__":
+    main(STAGES)

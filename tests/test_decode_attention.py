@@ -1,0 +1,97 @@
+"""The fused 8-bit decode attention (Triton, run here under its interpreter) computes what PyTorch's
+attention computes on the dequantized cache, for every layout a tick can give it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # a test dependency on Linux x86-64 (pyproject's test extra)
+
+from npc_voice.model import decode_attention as da  # noqa: E402
+from npc_voice.model.kvcache import QuantKVCache, attend_dequantized  # noqa: E402
+
+
+def filled_cache(B: int, H: int, S: int, D: int, dtype: torch.dtype, seed: int) -> QuantKVCache:
+    g = torch.Generator().manual_seed(seed)
+    cache = QuantKVCache.empty((B, H, S + 1, D), "cpu", dtype)
+    k = torch.randn(B, H, S, D, generator=g) * torch.rand(B, H, S, 1, generator=g) * 4  # rows of varied size
+    v = torch.randn(B, H, S, D, generator=g)
+    cache.write(torch.arange(S).expand(B, S), k, v)
+    return cache
+
+
+def mask(B: int, W: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask [B, 1, 1, W] as a step builds it: slot 0 sees a prefix of the window
+    (a young conversation), slot 1 a ring with a hole, slot 2 one row only (a skipped slot)."""
+    g = torch.Generator().manual_seed(seed)
+    visible = torch.ones(B, W, dtype=torch.bool)
+    visible[0, W // 3 :] = False
+    if B > 1:
+        start = int(torch.randint(1, W - 1, (1,), generator=g))
+        visible[1, start : start + W // 4] = False
+    if B > 2:
+        visible[2] = False
+        visible[2, 0] = True
+    return torch.zeros(B, 1, 1, W, dtype=dtype).masked_fill_(~visible[:, None, None], float("-inf"))
+
+
+CASES = [  # B, H, S, D, W, cache dtype, query dtype, mode
+    (3, 2, 100, 16, 100, torch.int8, torch.float32, "fma"),  # one split (a float32 query: float32 math)
+    (3, 4, 300, 16, 257, torch.int8, torch.bfloat16, "offset"),  # splits, a last partial tile
+    (3, 4, 300, 32, 300, torch.float8_e4m3fn, torch.bfloat16, "offset"),
+    (2, 3, 90, 32, 90, torch.float8_e4m3fn, torch.float16, "offset"),
+    (3, 2, 300, 16, 200, torch.int8, torch.float16, "dot"),  # (fp16: the interpreter's bf16 dot is wrong)
+    (2, 3, 90, 32, 90, torch.float8_e4m3fn, torch.float16, "dot"),
+    (3, 2, 300, 32, 300, torch.float8_e4m3fn, torch.bfloat16, "fma"),
+    (1, 1, 700, 24, 640, torch.int8, torch.float16, "offset"),  # head dim not a power of two, many splits
+]
+
+
+@pytest.mark.parametrize("B, H, S, D, W, kv, qdt, mode", CASES)
+def test_kernel_equals_attention_over_the_dequantized_cache(B, H, S, D, W, kv, qdt, mode) -> None:
+    seed = hash((B, H, S, D, W, str(kv), mode)) % 10_000
+    cache = filled_cache(B, H, S, D, kv, seed)
+    q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(seed + 1)).to(qdt)
+    bias = mask(B, W, seed, qdt)
+    out = da.decode_attention(q, cache.keys, cache.key_scale, cache.values, cache.value_scale, bias, W, mode=mode)
+    ref = attend_dequantized(q.double(), cache.keys, cache.key_scale, cache.values, cache.value_scale,
+                             bias.double(), W)
+    assert out.shape == (B, H, 1, D) and out.dtype == qdt
+    assert torch.isfinite(out).all()
+    rel = float((out.double() - ref).norm() / ref.norm())
+    # float32 math lands far under 1e-5; a 16-bit query/output rounds at ~1e-3
+    assert rel < (1e-5 if qdt == torch.float32 else 6e-3), rel
+
+
+def test_rows_past_the_window_and_masked_rows_are_never_read() -> None:
+    B, H, S, D, W = 2, 2, 200, 16, 130
+    cache = filled_cache(B, H, S, D, torch.int8, seed=4)
+    q = torch.randn(B, H, 1, D)
+    bias = mask(B, W, 4, torch.float32)
+    before = da.decode_attention(q, cache.keys, cache.key_scale, cache.values, cache.value_scale, bias, W, mode="fma")
+    cache.keys[:, :, W:] = 127  # rows past the window
+    cache.value_scale[:, :, W:] = float("nan")
+    hidden = torch.isinf(bias[:, 0, 0])  # [B, W] rows the mask hides
+    # rows the mask hides: what a slot's previous conversation left there
+    cache.values[:, :, :W][hidden[:, None, :, None].expand(B, H, W, D)] = -128
+    cache.key_scale[:, :, :W][hidden[:, None, :].expand(B, H, W)] = 1e3
+    after = da.decode_attention(q, cache.keys, cache.key_scale, cache.values, cache.value_scale, bias, W, mode="fma")
+    assert torch.equal(before, after)
+
+
+def test_the_launch_plan_fills_the_gpu_with_whole_tiles() -> None:
+    for B, H, W in [(1, 32, 3000), (64, 32, 3000), (128, 32, 3000), (1, 32, 64), (8, 32, 1024)]:
+        splits, chunk = da.plan(B, H, W)
+        assert chunk % da.BLOCK_N == 0
+        assert splits * chunk >= W and (splits - 1) * chunk < W  # every row covered, no split empty
+        assert B * H * splits >= min(da.TARGET_PROGRAMS, B * H * math.ceil(W / da.BLOCK_N)) // 2
+
+
+def test_it_refuses_what_it_cannot_compute() -> None:
+    cache = filled_cache(1, 1, 10, 16, torch.int8, seed=0)
+    with pytest.raises(ValueError, match="one query position"):
+        da.decode_attention(torch.zeros(1, 1, 2, 16), cache.keys, cache.key_scale, cache.values, cache.value_scale,
+                            torch.zeros(1, 1, 2, 10), 10)

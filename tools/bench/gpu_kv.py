@@ -1,0 +1,196 @@
+"""GPU measurements of the 8-bit KV cache (issue #14), one JSON line per result.
+
+Run on a CUDA machine from the repository root (reference: tools/bench/anchor_moshi.py, same call):
+    python3 tools/bench/gpu_kv.py kernel ticks accuracy | tee $OUT/kv.jsonl
+Stages: kernel (the fused decode attention vs PyTorch's attention over the dequantized cache at
+the 7B shapes: error, then time per layer against bf16 SDPA), ticks (7B, full 3000-frame context:
+whole ticks at 1/64/128 sessions with the 8-bit cache, 1/64 with bf16, peak memory), accuracy
+(teacher-forced text logits over 3000 frames, 2 streams, each cache vs the bf16 one).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_suite import DEVICE, emit, free, graphed_ms, main  # noqa: E402
+
+from npc_voice.bench import bench_tick  # noqa: E402
+from npc_voice.engine.step import capture_graph, window_for  # noqa: E402
+from npc_voice.model import decode_attention as da  # noqa: E402
+from npc_voice.model.kvcache import QuantKVCache, attend_dequantized  # noqa: E402
+from npc_voice.model.loading import random_model  # noqa: E402
+
+H, D, S = 32, 128, 3000  # the 7B temporal transformer's heads and head size; the full context
+KVS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def random_cache(B: int, kv: torch.dtype, seed: int = 0) -> QuantKVCache:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    cache = QuantKVCache.empty((B, H, S + 1, D), DEVICE, kv)
+    for start in range(0, S, 500):  # in pieces: the bf16 source of a 128-slot cache is 6 GB a chunk less
+        n = min(500, S - start)
+        k = torch.randn(B, H, n, D, device=DEVICE, generator=g, dtype=torch.bfloat16)
+        v = torch.randn(B, H, n, D, device=DEVICE, generator=g, dtype=torch.bfloat16)
+        cache.write(torch.arange(start, start + n, device=DEVICE).expand(B, n), k, v)
+    return cache
+
+
+def bias_for(B: int, W: int, filled: int) -> torch.Tensor:
+    bias = torch.zeros(B, 1, 1, W, dtype=torch.bfloat16, device=DEVICE)
+    bias[..., filled:] = float("-inf")
+    return bias
+
+
+def layer_ms(cache: QuantKVCache, q: torch.Tensor, bias: torch.Tensor, mode: str | None = None) -> float:
+    return graphed_ms(lambda: da.decode_attention(q, cache.keys, cache.key_scale, cache.values, cache.value_scale,
+                                                  bias, S, mode=mode))
+
+
+SWEEP = [dict(mode="offset", block_n=n, num_warps=w, num_stages=st) for n in (32, 64, 128) for w in (2, 4, 8)
+         for st in (2, 3, 4)] + [dict(mode=m, block_n=64, num_warps=4, num_stages=3) for m in ("dot", "fma")]
+
+
+@torch.inference_mode()
+def stage_kernel() -> None:
+    for kv_name, kv in KVS.items():  # correctness on fresh random data, 7B shapes
+        cache = random_cache(4, kv, seed=1)
+        q = torch.randn(4, H, 1, D, device=DEVICE, dtype=torch.bfloat16)
+        bias = bias_for(4, S, 2500)
+        ref = attend_dequantized(q.double(), cache.keys, cache.key_scale, cache.values, cache.value_scale,
+                                 bias.double(), S)
+        for mode in da.MODES:
+            out = da.decode_attention(q, cache.keys, cache.key_scale, cache.values, cache.value_scale, bias, S, mode=mode)
+            emit(what="kv_kernel_check", kv=kv_name, mode=mode, finite=bool(torch.isfinite(out).all()),
+                 rel_err_vs_dequantized=float((out.double() - ref).norm() / ref.norm()))
+        del cache
+        free()
+    # The launch configuration: swept at 64 sessions (int8, full context), the fastest kept for what follows.
+    cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S)
+    default, best = dict(da.CONFIG), None
+    for config in SWEEP:
+        da.CONFIG.update(config)
+        try:
+            ms = layer_ms(cache, q, bias)
+        except Exception as exc:  # a configuration Triton cannot build (too many registers)
+            emit(what="kv_kernel_sweep", **config, error=repr(exc)[:200])
+            continue
+        emit(what="kv_kernel_sweep", **config, B=64, ms=ms, gbps=round(cache.nbytes * S / (S + 1) / ms / 1e6))
+        if best is None or ms < best[0]:
+            best = (ms, dict(config))
+    da.CONFIG.update(best[1] if best else default)
+    emit(what="kv_kernel_config", default=default, chosen=da.CONFIG)
+    del cache
+    free()
+    for B in (1, 64, 128):  # one layer's attention at the full context: ours vs bf16 SDPA
+        bias = bias_for(B, S, S)
+        q = torch.randn(B, H, 1, D, device=DEVICE, dtype=torch.bfloat16)
+        row = dict(what="kv_kernel_time", B=B, window=S, config=da.CONFIG)
+        for kv_name, kv in KVS.items():
+            cache = random_cache(B, kv)
+            row[f"{kv_name}_ms"] = ms = layer_ms(cache, q, bias)
+            row[f"{kv_name}_gbps"] = round(cache.nbytes * S / (S + 1) / ms / 1e6)
+            del cache
+            free()
+        if B <= 64:
+            k = torch.randn(B, H, S + 1, D, device=DEVICE, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            ms = graphed_ms(lambda: F.scaled_dot_product_attention(q, k[:, :, :S], v[:, :, :S], attn_mask=bias))
+            row.update(bf16_sdpa_ms=ms, bf16_sdpa_gbps=round(2 * k.nbytes * S / (S + 1) / ms / 1e6))
+            del k, v
+        emit(**row)
+        free()
+
+
+def stage_ticks() -> None:
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
+    model.mimi.to(torch.bfloat16)  # the serving default on a GPU
+    for kv, batches in ((None, (1, 64)), (torch.int8, (1, 64, 128)), (torch.float8_e4m3fn, (64,))):
+        model.lm.kv_dtype = kv
+        for b in batches:
+            try:
+                emit(what="tick_kv", attention=da.CONFIG if kv is not None else "sdpa",
+                     **bench_tick(model, b, frames=200, warmup=10).as_dict())
+            except torch.cuda.OutOfMemoryError as exc:
+                emit(what="tick_kv", kv=str(kv), batch=b, error=str(exc)[:200])
+            free()
+    del model
+    free()
+
+
+@torch.inference_mode()
+def teacher_forced(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text logits [B, T, card] (float32) and hidden states of T frames streamed one at a time
+    through a slot state with the LM's KV cache, each step reading only the rows filled so far
+    (one CUDA graph per window, as the engine's tick; captured with the slots inactive, which
+    leaves the state untouched)."""
+    B = tokens.shape[0]
+    state = lm.init_state(B)
+    capacity = state.layers[0].keys.shape[2] - 1
+    frame = tokens[:, :, :1].clone()
+    active = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    graphs: dict[int, tuple] = {}
+    logits, hidden = [], []
+    for t in range(tokens.shape[2]):
+        window = window_for(t + 1, capacity)
+        if window not in graphs:
+            active.fill_(False)
+            graphs[window] = capture_graph(lambda: lm.step_text(frame, state, active, window=window),
+                                           tokens.device, warmups=2)
+            active.fill_(True)
+        graph, (h, lg) = graphs[window]
+        frame.copy_(tokens[:, :, t : t + 1])
+        graph.replay()
+        logits.append(lg.float())
+        hidden.append(h.float())
+    return torch.cat(logits, 1), torch.cat(hidden, 1)
+
+
+def stage_accuracy(frames: int = S) -> None:
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
+    cfg = model.config.lm
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, cfg.card, (2, cfg.num_codebooks, frames), generator=g)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, frames), generator=g)
+    tokens = tokens.to(DEVICE)
+    ref_logits, ref_hidden = teacher_forced(model.lm, tokens)
+    kept = {}
+    for name, kv in KVS.items():
+        model.lm.kv_dtype = kv
+        logits, hidden = teacher_forced(model.lm, tokens)
+        emit(what="kv_accuracy", kv=name, vs="bf16 cache", frames=frames, streams=2,
+             **compare(logits, ref_logits), hidden_rel_err=float((hidden - ref_hidden).norm() / ref_hidden.norm()))
+        kept[name] = logits
+        del hidden
+        free()
+    # Context: how far bf16 compute itself is from float32 (the same weights, cast up exactly)
+    model.lm.to(torch.float32)
+    model.lm.kv_dtype = None
+    exact, _ = teacher_forced(model.lm, tokens)
+    emit(what="kv_accuracy", kv="bf16", vs="float32 compute", frames=frames, streams=2, **compare(ref_logits, exact))
+    for name, logits in kept.items():
+        emit(what="kv_accuracy", kv=name, vs="float32 compute", frames=frames, streams=2, **compare(logits, exact))
+    del model
+    free()
+
+
+def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative error of text logits [B, T, card] against `ref`, overall, at the 99th-percentile
+    frame and over the last 500 frames; greedy-token agreement; the greedy token in the top 5."""
+    per_frame = (logits - ref).norm(dim=-1) / ref.norm(dim=-1)  # [B, T]
+    return dict(text_logits_rel_err=float((logits - ref).norm() / ref.norm()),
+                text_logits_rel_err_p99_frame=float(per_frame.flatten().quantile(0.99)),
+                text_logits_rel_err_last_500=float((logits[:, -500:] - ref[:, -500:]).norm() / ref[:, -500:].norm()),
+                greedy_agreement=float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+                top5_contains_greedy=float((logits.topk(5, -1).indices == ref.argmax(-1, keepdim=True)).any(-1)
+                                           .float().mean()))
+
+
+STAGES = {"kernel": stage_kernel, "ticks": stage_ticks, "accuracy": stage_accuracy}
+
+if __name__ == "__main__":
+    main(STAGES)
