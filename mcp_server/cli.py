@@ -60,7 +60,8 @@ def settings_from_args(args: argparse.Namespace):
         weights=args.weights, preset=args.preset, device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         mimi_dtype=DTYPES[args.mimi_dtype] if args.mimi_dtype else None,
-        int8=args.int8, context=args.context, slots=args.slots, player_slots=args.player_slots,
+        int8=args.int8, weights_dtype=args.weights_dtype, context=args.context, slots=args.slots,
+        player_slots=args.player_slots,
         player_host=args.player_host, player_port=args.player_port, prefix_cache=args.prefix_cache,
         busy_wait_s=args.busy_wait)
 

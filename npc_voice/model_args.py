@@ -11,6 +11,7 @@ import torch
 
 from .model.config import FRAME_SECONDS, LMConfig
 from .model.kvcache import KV_CHOICES
+from .model.quant import WEIGHT_CHOICES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -23,7 +24,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="LM dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--mimi-dtype", choices=sorted(DTYPES), help="Mimi codec dtype (default: bf16 on GPU, "
                    "fp32 on CPU; the reference runs Mimi in fp32)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only LM (half the memory; for 24 GB cards)")
+    p.add_argument("--weights-dtype", choices=WEIGHT_CHOICES, default="bf16",
+                   help="the LM's matrices: bf16 (default: not quantized, the --dtype), int8 (half the memory, "
+                   "slower; for 24 GB cards), fp8 (half the memory, fp8 matmuls; GPUs of compute capability 8.9+: "
+                   "Ada, Hopper)")
+    p.add_argument("--int8", action="store_true", help="the same as --weights-dtype int8")
     p.add_argument("--kv-dtype", choices=KV_CHOICES, default="auto",
                    help="the conversations' KV cache: int8 / fp8 (8-bit, half the memory per conversation; GPU "
                    "only), bf16 (not quantized: the LM's dtype); auto (default): int8 on a GPU, else bf16")
@@ -39,10 +44,12 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     try:
         model = load_model(args.weights, preset=args.preset, device=args.device,
                            dtype=DTYPES[args.dtype] if args.dtype else None,
-                           int8=getattr(args, "int8", False), context=getattr(args, "context", None),
+                           int8=getattr(args, "int8", False), weights_dtype=getattr(args, "weights_dtype", "bf16"),
+                           context=getattr(args, "context", None),
                            mimi_dtype=DTYPES[args.mimi_dtype] if getattr(args, "mimi_dtype", None) else None,
                            kv_dtype=getattr(args, "kv_dtype", "auto"))
-    except ValueError as exc:  # an impossible option (--kv-dtype int8 on a CPU) or a checkpoint that does not fit
+    except ValueError as exc:  # an impossible option (--kv-dtype int8 or --weights-dtype fp8 on a CPU) or a
+        # checkpoint that does not fit
         raise SystemExit(f"npc-voice: {exc}") from None
     if model.random_weights:
         print(f"npc-voice: no weights given: using the {model.config.name} model with RANDOM weights "

@@ -117,8 +117,13 @@ class QuantKVCache(StreamState):
         return attend_dequantized(q, self.keys, self.key_scale, self.values, self.value_scale, bias, window)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
-        kq, ks = quantize_rows(keys, self.keys.dtype)
-        vq, vs = quantize_rows(values, self.values.dtype)
+        """Quantized on the cache's device (a prefix kept in host memory is copied there first), in
+        plain PyTorch: a prompt's length varies, and compiling per length would cost seconds."""
+        device = self.keys.device
+        keys, values = keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
+        with fused.eager():
+            kq, ks = quantize_rows(keys, self.keys.dtype)
+            vq, vs = quantize_rows(values, self.values.dtype)
         return [kq, vq, ks, vs]
 
     def rows(self, slot: int, start: int, count: int) -> list[torch.Tensor]:

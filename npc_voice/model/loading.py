@@ -28,7 +28,7 @@ from .lm import PersonaPlexLM
 from .transformer import Transformer
 from .mimi import Mimi
 from .kvcache import resolve_kv_dtype
-from .quant import quantize_int8_
+from .quant import quantize_, resolve_weights_dtype
 from .tokenizer import TextTokenizer
 
 LM_FILE = "model.safetensors"
@@ -53,12 +53,12 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """The LM's device; cheap under int8 too (asked per session and by /health)."""
+        """The LM's device; cheap under 8-bit weights too (asked per session and by /health)."""
         return self.lm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The LM's compute dtype; cheap under int8 too (unlike `lm.text_linear.weight.dtype`)."""
+        """The LM's compute dtype; cheap under 8-bit weights too (unlike `lm.text_linear.weight.dtype`)."""
         return self.lm.dtype
 
     @property
@@ -77,7 +77,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_model(source: str | Path | None = None, *, preset: str | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                seed: int = 0, int8: bool = False, context: int | None = None,
-               mimi_dtype: torch.dtype | None = None, kv_dtype: str = "auto") -> LoadedModel:
+               mimi_dtype: torch.dtype | None = None, kv_dtype: str = "auto",
+               weights_dtype: str = "bf16") -> LoadedModel:
     """Loads a model.
 
     source: a weights directory, a Hugging Face repo id (needs `huggingface_hub` and the network),
@@ -85,19 +86,23 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
     directory's `config.json` overrides (default "personaplex-7b"). The LM is cast to `dtype`
     (default bf16 on GPU, fp32 on CPU); Mimi runs in `mimi_dtype` (the same default: bf16 saves
     about 0.6 ms a tick at one session on an H100; the reference runs Mimi in fp32).
-    `int8`: int8 weight-only LM. `context`: frames a conversation remembers. `kv_dtype`: the
-    conversations' KV cache (`kvcache.resolve_kv_dtype`: auto = 8-bit on a GPU).
+    `weights_dtype`: the LM's matrices, "bf16" (not quantized: `dtype`), "int8" or "fp8" (8-bit:
+    `quant.py`; fp8 needs a GPU of compute capability 8.9+); `int8=True` is "int8". `context`: frames
+    a conversation remembers. `kv_dtype`: the conversations' KV cache (`kvcache.resolve_kv_dtype`:
+    auto = 8-bit on a GPU).
     """
     device = torch.device(device) if device is not None else default_device()
-    resolve_kv_dtype(kv_dtype, device)  # an impossible choice fails before any weight is read
+    # an impossible choice fails before any weight is read
+    weights_dtype = resolve_weights_dtype(weights_dtype, device, int8)
+    resolve_kv_dtype(kv_dtype, device)
     dtype = dtype or default_dtype(device)
     mimi_dtype = mimi_dtype or default_dtype(device)
     if source is None:
         config = get_preset(preset or "tiny")
         if context is not None:
             config = replace(config, lm=replace(config.lm, context=context))
-        return random_model(config, device=device, dtype=dtype, seed=seed, int8=int8, mimi_dtype=mimi_dtype,
-                            kv_dtype=kv_dtype)
+        return random_model(config, device=device, dtype=dtype, seed=seed, weights_dtype=weights_dtype,
+                            mimi_dtype=mimi_dtype, kv_dtype=kv_dtype)
     path = Path(source)
     if not path.exists():
         if not _REPO_ID.match(str(source)):
@@ -105,8 +110,8 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
         path = download(str(source))
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory of weights")
-    model = load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype, int8=int8,
-                           context=context, mimi_dtype=mimi_dtype)
+    model = load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype,
+                           weights_dtype=weights_dtype, context=context, mimi_dtype=mimi_dtype)
     model.lm.kv_dtype = resolve_kv_dtype(kv_dtype, device)
     return model
 
@@ -151,7 +156,10 @@ def read_configs(directory: Path, base: ModelConfig) -> tuple[ModelConfig, dict[
 
 def load_directory(directory: Path, *, preset: str = "personaplex-7b", device: torch.device,
                    dtype: torch.dtype, int8: bool = False, context: int | None = None,
-                   mimi_dtype: torch.dtype = torch.float32) -> LoadedModel:
+                   mimi_dtype: torch.dtype = torch.float32, weights_dtype: str = "bf16") -> LoadedModel:
+    """A weights directory's model; `weights_dtype` as `load_model`'s (not checked against the device
+    here: on a CPU, fp8 runs its plain stand-in, for tests)."""
+    weights_dtype = "int8" if int8 else weights_dtype
     config, raw = read_configs(directory, get_preset(preset))
     if context is not None:
         config = replace(config, lm=replace(config.lm, context=context))
@@ -165,10 +173,12 @@ def load_directory(directory: Path, *, preset: str = "personaplex-7b", device: t
     with torch.device("meta"):
         lm = PersonaPlexLM(config.lm)
         mimi = Mimi(config.mimi)
-    # int8: load and quantize on the host, so the device never holds the full-width weights.
-    load_weights(lm, lm_file, device=torch.device("cpu") if int8 else device, dtype=dtype)
-    if int8:
-        lm = quantize_int8_(lm).to(device)
+    # int8 / fp8: load and quantize on the host, matrix by matrix, so the device never holds the
+    # full-width weights.
+    quantized = weights_dtype != "bf16"
+    load_weights(lm, lm_file, device=torch.device("cpu") if quantized else device, dtype=dtype)
+    if quantized:
+        lm = quantize_(lm, weights_dtype).to(device)
     load_weights(mimi, mimi_file, device=device, dtype=mimi_dtype)
     tokenizer = TextTokenizer(tokenizer_file)
     if tokenizer.vocab_size > config.lm.text_card:
@@ -220,11 +230,14 @@ def _inside(directory: Path, name: str) -> Path:
 # --- random weights ---------------------------------------------------------------------------
 def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, int8: bool = False,
-                 mimi_dtype: torch.dtype = torch.float32, kv_dtype: str = "auto") -> LoadedModel:
+                 mimi_dtype: torch.dtype = torch.float32, kv_dtype: str = "auto",
+                 weights_dtype: str = "bf16") -> LoadedModel:
     """A model with random weights: the built-in `tiny` model, or any preset for benchmarks (the
     cost of a step does not depend on the weights' values). The LM is built part by part on the
-    device (and quantized part by part with `int8`), so no more than one layer is ever held in a
-    wider format than the final one. `kv_dtype`: as `load_model`'s."""
+    device (and quantized part by part with `weights_dtype` int8 or fp8, or `int8`), so no more than
+    one layer is ever held in a wider format than the final one. `weights_dtype`, `kv_dtype`: as
+    `load_model`'s (fp8 is not checked against the device: on a CPU it runs its plain stand-in)."""
+    weights_dtype = "int8" if int8 else weights_dtype
     config = get_preset(preset) if isinstance(preset, str) else preset
     tokenizer = TextTokenizer.builtin()
     if tokenizer.vocab_size > config.lm.text_card:
@@ -235,10 +248,10 @@ def random_model(preset: str | ModelConfig = "tiny", *, device: torch.device | s
     for index, part in enumerate(_parts(lm)):
         part.to_empty(device=device).to(dtype)
         randomize(part, seed + index)
-        if int8:
-            quantize_int8_(part)
-    if int8:
-        quantize_int8_(lm)  # the LM's own top-level linears
+        if weights_dtype != "bf16":
+            quantize_(part, weights_dtype)
+    if weights_dtype != "bf16":
+        quantize_(lm, weights_dtype)  # the LM's own top-level linears
     with torch.device(device):
         mimi = Mimi(config.mimi)
     randomize(mimi, seed + 10_000)

@@ -111,26 +111,28 @@ class Attention(nn.Module):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))  # nn.Linear's default (no-op on meta)
         self.out_proj = nn.Linear(dim, mult * dim, bias=False)
 
-    def _step_rows(self, weight: torch.Tensor | nn.Module, rows: int, step: int) -> torch.Tensor:
-        """Rows [step * rows, (step + 1) * rows) of a stacked weight (dequantized if quantized)."""
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor | nn.Module, rows: int, step: int) -> torch.Tensor:
+        """x [..., in] times rows [step * rows, (step + 1) * rows) of a stacked weight: [..., rows]. A
+        quantized weight (npc_voice.model.quant) runs its own product on those rows."""
+        start, end = step * rows, (step + 1) * rows
         if isinstance(weight, torch.Tensor):
-            return weight[step * rows : (step + 1) * rows]
-        return weight.rows(step * rows, (step + 1) * rows)  # an npc_voice.model.quant.Int8Weight
+            return F.linear(x, weight[start:end])
+        return weight.linear(x, start, end)
 
     def project_in(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> q, k, v, each [B, H, T, D]."""
-        w = self._step_rows(self.in_proj_weight, 3 * self.dim, step)
         B, T, _ = x.shape
-        qkv = F.linear(x, w).view(B, T, 3, self.num_heads, self.dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self._linear(x, self.in_proj_weight, 3 * self.dim, step)  # [B, T, 3 * C]
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.dim // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
     def project_out(self, y: torch.Tensor, step: int = 0) -> torch.Tensor:
         """y [B, H, T, D] -> [B, T, C]."""
         B, H, T, D = y.shape
         out = self.out_proj
-        w = self._step_rows(out.weight if isinstance(out, nn.Linear) else out.w, self.dim, step)
-        return F.linear(y.transpose(1, 2).reshape(B, T, H * D), w)
+        return self._linear(y.transpose(1, 2).reshape(B, T, H * D), out.weight if isinstance(out, nn.Linear) else out.w,
+                            self.dim, step)
 
 
 class GatedFFN(nn.Module):

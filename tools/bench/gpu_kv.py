@@ -106,10 +106,13 @@ def stage_kernel() -> None:
         free()
 
 
-def stage_ticks() -> None:
+TICKS = ((None, (1, 64)), (torch.int8, (1, 64, 128)), (torch.float8_e4m3fn, (64,)))
+
+
+def stage_ticks(plan=TICKS) -> None:
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
     model.mimi.to(torch.bfloat16)  # the serving default on a GPU
-    for kv, batches in ((None, (1, 64)), (torch.int8, (1, 64, 128)), (torch.float8_e4m3fn, (64,))):
+    for kv, batches in plan:
         model.lm.kv_dtype = kv
         for b in batches:
             try:
@@ -190,7 +193,45 @@ def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
                                            .float().mean()))
 
 
-STAGES = {"kernel": stage_kernel, "ticks": stage_ticks, "accuracy": stage_accuracy}
+def stage_weights() -> None:
+    """8-bit weights with the 8-bit cache: weight bytes, ticks and peak memory (1, 8, 64 sessions,
+    full context), and fp8 weights' teacher-forced logits against bf16 weights (both with a bf16 cache)."""
+    from npc_voice.model.quant import weight_bytes
+
+    for weights in ("fp8", "int8"):
+        model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="int8",
+                             weights_dtype=weights)
+        model.mimi.to(torch.bfloat16)
+        emit(what="weights", weights=weights, lm_weights_gb=round(weight_bytes(model.lm) / 1e9, 2),
+             mimi_weights_gb=round(weight_bytes(model.mimi) / 1e9, 2))
+        for b in ((1, 8, 64) if weights == "fp8" else (8,)):
+            emit(what="tick_weights", weights=weights, **bench_tick(model, b, frames=100, warmup=10).as_dict())
+            free()
+        del model
+        free()
+    frames = S
+    ref = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
+    cfg = ref.config.lm
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, cfg.card, (2, cfg.num_codebooks, frames), generator=g)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, frames), generator=g)
+    tokens = tokens.to(DEVICE)
+    ref_logits, _ = teacher_forced(ref.lm, tokens)
+    del ref
+    free()
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16",
+                         weights_dtype="fp8")
+    logits, _ = teacher_forced(model.lm, tokens)
+    emit(what="weights_accuracy", weights="fp8", kv="bf16", vs="bf16 weights", frames=frames, streams=2,
+         **compare(logits, ref_logits))
+    model.lm.kv_dtype = torch.int8
+    logits, _ = teacher_forced(model.lm, tokens)
+    emit(what="weights_accuracy", weights="fp8", kv="int8", vs="bf16 weights, bf16 cache", frames=frames, streams=2,
+         **compare(logits, ref_logits))
+
+
+STAGES = {"kernel": stage_kernel, "ticks": stage_ticks, "accuracy": stage_accuracy, "weights": stage_weights,
+          "ticks_main": lambda: stage_ticks(((None, (64,)), (torch.int8, (1, 64, 128))))}
 
 if __name__ == "__main__":
     main(STAGES)

@@ -254,7 +254,7 @@ def stage_builds(lives=(32, 63), new: int = 8) -> None:
     free()
 
 
-STAGES = {"check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
+STAGES = {"builds63": lambda: stage_builds((63,)), "check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
           "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
 
 def main(stages: dict) -> None:
