@@ -58,6 +58,7 @@ class Settings:
     mimi_dtype: Any = None
     int8: bool = False  # the older spelling of weights_dtype="int8"
     weights_dtype: str = "bf16"  # the LM's matrices: bf16 (not quantized), int8 or fp8 (`--weights-dtype`)
+    kv_dtype: str = "auto"  # the conversations' KV cache (`--kv-dtype`: auto = int8 on a GPU)
     context: int | None = None
     slots: int = 6  # the one engine's slots, shared by talks, scenes (two each) and player sessions
     player_slots: int | None = None  # deprecated and ignored: player sessions share `slots`
@@ -114,7 +115,8 @@ class Backend:
                 s = self.settings
                 log.info("loading the model (%s)", s.weights or f"{s.preset or 'tiny'}, random weights")
                 self._model = load_model(s.weights, preset=s.preset, device=s.device, dtype=s.dtype, int8=s.int8,
-                                         weights_dtype=s.weights_dtype, context=s.context, mimi_dtype=s.mimi_dtype)
+                                         weights_dtype=s.weights_dtype, context=s.context, mimi_dtype=s.mimi_dtype,
+                                         kv_dtype=s.kv_dtype)
                 self.store.tokenizer = self._model.tokenizer
                 self.store.context_frames = self._model.config.lm.context
             return self._model

@@ -60,7 +60,8 @@ def settings_from_args(args: argparse.Namespace):
         weights=args.weights, preset=args.preset, device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         mimi_dtype=DTYPES[args.mimi_dtype] if args.mimi_dtype else None,
-        int8=args.int8, weights_dtype=args.weights_dtype, context=args.context, slots=args.slots,
+        int8=args.int8, weights_dtype=args.weights_dtype, kv_dtype=args.kv_dtype, context=args.context,
+        slots=args.slots,
         player_slots=args.player_slots,
         player_host=args.player_host, player_port=args.player_port, prefix_cache=args.prefix_cache,
         busy_wait_s=args.busy_wait)
@@ -82,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                              "can create characters and run the model; bind 127.0.0.1, or pass --allow-remote-http "
                              "behind an authenticating proxy")
         settings = settings_from_args(args)
+        if settings.server_url is None:  # the embedded model loads later: its impossible options fail now
+            from npc_voice.model.kvcache import resolve_kv_dtype
+            from npc_voice.model.loading import default_device
+            from npc_voice.model.quant import resolve_weights_dtype
+
+            device = settings.device or default_device()
+            resolve_kv_dtype(settings.kv_dtype, device)
+            resolve_weights_dtype(settings.weights_dtype, device, settings.int8)
         if settings.audio_dir is not None and not settings.audio_dir.is_dir():
             raise ValueError(f"--audio-dir {settings.audio_dir} is not a folder")
         backend = Backend(settings)

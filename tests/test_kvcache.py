@@ -16,7 +16,7 @@ from npc_voice.model.generator import Generator
 from npc_voice.model.kvcache import KVCache, QuantKVCache, dequantize, quantize_rows, resolve_kv_dtype
 from npc_voice.model.loading import random_model
 from npc_voice.model_args import add_model_args, load_model_from_args
-from test_lm import SMALL, lm, random_tokens, run_generator  # noqa: F401  (the `lm` fixture)
+from test_lm import SMALL, lm, random_tokens, skip_and_reset_slot_1  # noqa: F401  (the `lm` fixture)
 
 EIGHT_BIT = [torch.int8, torch.float8_e4m3fn]
 
@@ -61,13 +61,7 @@ def test_skipping_or_resetting_a_slot_leaves_others_bit_identical_in_8bit(lm) ->
     gen = Generator(q)
     assert isinstance(gen.init_state(1).temporal.layers[0], QuantKVCache)
     users = torch.randint(0, SMALL.card, (16, 3, gen.num_user), generator=torch.Generator().manual_seed(2))
-    base = run_generator(gen, users)
-    skipped = run_generator(gen, users, schedule=lambda t: torch.tensor([True, t % 3 != 1, True]))
-    reset = run_generator(gen, users, reset_at=(7, torch.tensor([False, True, False])))
-    for a, b, c in zip(base, skipped, reset):
-        for other in (0, 2):
-            assert torch.equal(a.text[other], b.text[other]) and torch.equal(a.audio[other], b.audio[other])
-            assert torch.equal(a.text[other], c.text[other]) and torch.equal(a.audio[other], c.audio[other])
+    skip_and_reset_slot_1(gen, users)
 
 
 def test_an_8bit_engine_installs_the_quantized_prefix_and_keeps_other_sessions_unchanged() -> None:

@@ -126,3 +126,13 @@ def test_cli_refuses_a_public_http_bind(tmp_path) -> None:
 
     assert main(["--transport", "http", "--host", "0.0.0.0", "--characters", str(tmp_path)]) == 2
     assert main(["--audio-dir", str(tmp_path / "missing"), "--characters", str(tmp_path)]) == 2
+
+
+def test_cli_refuses_an_8bit_cache_or_fp8_weights_on_a_cpu_at_start_up(tmp_path, capsys) -> None:
+    from mcp_server.cli import build_parser, main, settings_from_args
+
+    for flags, named in ((["--kv-dtype", "int8"], "--kv-dtype int8"), (["--weights-dtype", "fp8"], "--weights-dtype fp8")):
+        assert main([*flags, "--device", "cpu", "--characters", str(tmp_path)]) == 2
+        assert named in capsys.readouterr().err
+    args = build_parser().parse_args(["--kv-dtype", "bf16", "--characters", str(tmp_path)])
+    assert settings_from_args(args).kv_dtype == "bf16"  # passed on to the embedded model's loader

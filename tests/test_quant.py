@@ -4,6 +4,8 @@ about halved against bf16."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import time
 
 import pytest
@@ -34,22 +36,11 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.double() - ref.double()).norm() / ref.double().norm())
 
 
-def quantized_weights(lm: nn.Module, kind: type[QuantWeight] = Int8Weight) -> list[QuantWeight]:
-    return [m for m in lm.modules() if isinstance(m, kind)]
-
-
-@torch.no_grad()
-def test_int8_logits_stay_close_to_fp32() -> None:
-    full, q = random_model("tiny", seed=1), random_model("tiny", seed=1, int8=True)
+def teacher_forced(full, q, T: int = 24) -> SimpleNamespace:
+    """`q`'s whole-sequence text and depth logits on 2 random streams, and their relative errors
+    against `full`'s."""
     cfg = full.config.lm
-    # every bias-free linear and attention projection of the LM is int8; nothing full-width is left
-    assert not [n for n, m in q.lm.named_modules() if isinstance(m, nn.Linear) and m.bias is None]
-    assert all(isinstance(m.in_proj_weight, Int8Weight) for m in q.lm.modules() if isinstance(m, Attention))
-    assert len(quantized_weights(q.lm)) == sum(isinstance(m, Int8Linear) for m in q.lm.modules()) + sum(
-        isinstance(m, Attention) for m in q.lm.modules())
-
     g = torch.Generator().manual_seed(0)
-    T = 24
     tokens = torch.cat([torch.randint(0, cfg.text_card, (2, 1, T), generator=g),
                         torch.randint(0, cfg.card, (2, cfg.n_q, T), generator=g)], dim=1)
     depth_tokens = torch.cat([torch.randint(0, cfg.text_card, (2, T, 1), generator=g),
@@ -57,17 +48,40 @@ def test_int8_logits_stay_close_to_fp32() -> None:
     hidden, text = full.lm.forward_text(tokens)
     q_hidden, q_text = q.lm.forward_text(tokens)
     depth, q_depth = full.lm.forward_depth(hidden, depth_tokens), q.lm.forward_depth(q_hidden, depth_tokens)
-    text_err, depth_err = rel_error(q_text, text), rel_error(q_depth, depth)
+    return SimpleNamespace(tokens=tokens, depth_tokens=depth_tokens, q_text=q_text, q_depth=q_depth,
+                           text_err=rel_error(q_text, text), depth_err=rel_error(q_depth, depth))
+
+
+def assert_streaming_uses_the_same_weights(q, run: SimpleNamespace) -> None:
+    """The streaming path gives what the whole-sequence pass gave (a row slice per depth step)."""
+    state = q.lm.init_state(2)
+    step_hidden, step_text = q.lm.step_text(run.tokens, state)
+    torch.testing.assert_close(step_text, run.q_text, rtol=0, atol=1e-4)
+    scratch = q.lm.depformer.init_scratch(2, step_hidden.device, step_hidden.dtype)
+    for k in range(q.config.lm.dep_q):
+        logits = q.lm.depth_step(k, step_hidden[:, -1], run.depth_tokens[:, -1, k], scratch)
+        torch.testing.assert_close(logits, run.q_depth[:, -1, k], rtol=0, atol=1e-4)
+
+
+def quantized_weights(lm: nn.Module, kind: type[QuantWeight] = Int8Weight) -> list[QuantWeight]:
+    return [m for m in lm.modules() if isinstance(m, kind)]
+
+
+@torch.no_grad()
+def test_int8_logits_stay_close_to_fp32() -> None:
+    full, q = random_model("tiny", seed=1), random_model("tiny", seed=1, int8=True)
+    # every bias-free linear and attention projection of the LM is int8; nothing full-width is left
+    assert not [n for n, m in q.lm.named_modules() if isinstance(m, nn.Linear) and m.bias is None]
+    assert all(isinstance(m.in_proj_weight, Int8Weight) for m in q.lm.modules() if isinstance(m, Attention))
+    assert len(quantized_weights(q.lm)) == sum(isinstance(m, Int8Linear) for m in q.lm.modules()) + sum(
+        isinstance(m, Attention) for m in q.lm.modules())
+
+    run = teacher_forced(full, q)
+    text_err, depth_err = run.text_err, run.depth_err
     assert 0.005 < text_err < TEXT_TOLERANCE, text_err  # above 0: the int8 weights are what is used
     assert 0.005 < depth_err < DEPTH_TOLERANCE, depth_err
     # the streaming path uses the same int8 weights (a row slice per depth step)
-    state = q.lm.init_state(2)
-    step_hidden, step_text = q.lm.step_text(tokens, state)
-    torch.testing.assert_close(step_text, q_text, rtol=0, atol=1e-4)
-    scratch = q.lm.depformer.init_scratch(2, step_hidden.device, step_hidden.dtype)
-    for k in range(cfg.dep_q):
-        logits = q.lm.depth_step(k, step_hidden[:, -1], depth_tokens[:, -1, k], scratch)
-        torch.testing.assert_close(logits, q_depth[:, -1, k], rtol=0, atol=1e-4)
+    assert_streaming_uses_the_same_weights(q, run)
 
 
 def test_int8_halves_the_quantized_weights_and_keeps_nothing_else() -> None:
@@ -194,7 +208,6 @@ def test_fp8_linear_is_the_fp8_product(dtype: torch.dtype) -> None:
 @torch.no_grad()
 def test_fp8_logits_stay_close_to_fp32() -> None:
     full, q = random_model("tiny", seed=1), random_model("tiny", seed=1, weights_dtype="fp8")
-    cfg = full.config.lm
     # every bias-free linear and attention projection of the LM is fp8; nothing full-width is left
     assert not [n for n, m in q.lm.named_modules() if isinstance(m, nn.Linear) and m.bias is None]
     assert all(isinstance(m.in_proj_weight, Fp8Weight) for m in q.lm.modules() if isinstance(m, Attention))
@@ -202,26 +215,12 @@ def test_fp8_logits_stay_close_to_fp32() -> None:
         isinstance(m, Attention) for m in q.lm.modules())
     assert not quantized_weights(q.mimi, QuantWeight)  # Mimi stays as it is
 
-    g = torch.Generator().manual_seed(0)
-    T = 24
-    tokens = torch.cat([torch.randint(0, cfg.text_card, (2, 1, T), generator=g),
-                        torch.randint(0, cfg.card, (2, cfg.n_q, T), generator=g)], dim=1)
-    depth_tokens = torch.cat([torch.randint(0, cfg.text_card, (2, T, 1), generator=g),
-                              torch.randint(0, cfg.card, (2, T, cfg.dep_q - 1), generator=g)], dim=2)
-    hidden, text = full.lm.forward_text(tokens)
-    q_hidden, q_text = q.lm.forward_text(tokens)
-    depth, q_depth = full.lm.forward_depth(hidden, depth_tokens), q.lm.forward_depth(q_hidden, depth_tokens)
-    text_err, depth_err = rel_error(q_text, text), rel_error(q_depth, depth)
+    run = teacher_forced(full, q)
+    text_err, depth_err = run.text_err, run.depth_err
     assert 0.05 < text_err < FP8_TEXT_TOLERANCE, text_err  # above int8's ~0.02: the fp8 products are what runs
     assert 0.05 < depth_err < FP8_DEPTH_TOLERANCE, depth_err
     # the streaming path runs the same fp8 products (a row slice per depth step)
-    state = q.lm.init_state(2)
-    step_hidden, step_text = q.lm.step_text(tokens, state)
-    torch.testing.assert_close(step_text, q_text, rtol=0, atol=1e-4)
-    scratch = q.lm.depformer.init_scratch(2, step_hidden.device, step_hidden.dtype)
-    for k in range(cfg.dep_q):
-        logits = q.lm.depth_step(k, step_hidden[:, -1], depth_tokens[:, -1, k], scratch)
-        torch.testing.assert_close(logits, q_depth[:, -1, k], rtol=0, atol=1e-4)
+    assert_streaming_uses_the_same_weights(q, run)
 
 
 @torch.no_grad()

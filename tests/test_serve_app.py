@@ -102,6 +102,7 @@ def test_eight_sessions_real_time(timing) -> None:
             f"{ticks} ticks: at 8 sessions the tick needs ~65 ms of one core, so another job on this machine "
             "makes it miss real time")
     assert sorted(out) == ids  # every start answered, every session ran to the end of the window
+    assert (after["weights_dtype"], after["kv_dtype"]) == ("bf16", "bf16")  # a CPU: nothing quantized
     for cid, (n, problems, indexes) in out.items():
         assert not problems, (cid, problems[:3], busy)
         assert indexes == list(range(len(indexes))), (cid, busy)  # no frame lost

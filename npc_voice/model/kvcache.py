@@ -28,6 +28,7 @@ from . import fused
 from .streaming import StreamState
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # the 8-bit forms; "bf16" = unquantized
+KV_NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}  # what /health and benchmarks call them
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the largest magnitude each 8-bit form holds
 
 

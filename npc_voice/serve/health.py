@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine, EngineLoop
 from ..engine.session import percentile
+from ..model.kvcache import KV_NAMES
+from ..model.quant import weights_kind
 from ..protocol import PROTOCOL_VERSION
 from .config import SERVER_NAME
 
@@ -75,6 +77,8 @@ def health(server: NPCVoiceServer) -> dict[str, Any]:
         "weights": "random" if model.random_weights else model.source,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "weights_dtype": weights_kind(model.lm),
+        "kv_dtype": KV_NAMES.get(model.lm.kv_dtype, "bf16"),
         "slots": {"total": server.manager.slots, "used": server.manager.reserved, "free": server.manager.free},
         "engine_sessions": sum(len(e.sessions) for e in engines),
         "connections": len(server.manager.connections),

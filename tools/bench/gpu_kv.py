@@ -153,13 +153,18 @@ def teacher_forced(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(logits, 1), torch.cat(hidden, 1)
 
 
+def random_streams(cfg, frames: int = S, streams: int = 2) -> torch.Tensor:
+    """[streams, 17, frames] random text and audio tokens on the GPU (seed 0): what the logits are
+    teacher-forced on."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, cfg.card, (streams, cfg.num_codebooks, frames), generator=g)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (streams, frames), generator=g)
+    return tokens.to(DEVICE)
+
+
 def stage_accuracy(frames: int = S) -> None:
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
-    cfg = model.config.lm
-    g = torch.Generator(device="cpu").manual_seed(0)
-    tokens = torch.randint(0, cfg.card, (2, cfg.num_codebooks, frames), generator=g)
-    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, frames), generator=g)
-    tokens = tokens.to(DEVICE)
+    tokens = random_streams(model.config.lm, frames)
     ref_logits, ref_hidden = teacher_forced(model.lm, tokens)
     kept = {}
     for name, kv in KVS.items():
@@ -211,11 +216,7 @@ def stage_weights() -> None:
         free()
     frames = S
     ref = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
-    cfg = ref.config.lm
-    g = torch.Generator(device="cpu").manual_seed(0)
-    tokens = torch.randint(0, cfg.card, (2, cfg.num_codebooks, frames), generator=g)
-    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, frames), generator=g)
-    tokens = tokens.to(DEVICE)
+    tokens = random_streams(ref.config.lm, frames)
     ref_logits, _ = teacher_forced(ref.lm, tokens)
     del ref
     free()
