@@ -87,7 +87,7 @@ def test_the_launch_plan_fills_the_gpu_with_whole_tiles() -> None:
         splits, chunk = da.plan(B, H, W)
         assert chunk % da.BLOCK_N == 0
         assert splits * chunk >= W and (splits - 1) * chunk < W  # every row covered, no split empty
-        assert B * H * splits >= min(da.TARGET_PROGRAMS, B * H * math.ceil(W / da.BLOCK_N)) // 2
+        assert B * H * splits >= min(da.CONFIG["programs"], B * H * math.ceil(W / da.BLOCK_N)) // 2
 
 
 def test_it_refuses_what_it_cannot_compute() -> None:

@@ -30,10 +30,11 @@ import triton.language as tl
 # tools/bench/gpu_kv.py measures each choice on the GPU (docs/performance.md).
 # Measured on an H200 (docs/results/2026-12-02-h200-kv8.jsonl): 128 rows, 4 warps, 2 stages read the
 # 64-conversation cache at 2.9 TB/s (64 rows, 3 stages: 2.4; "dot": 2.3; "fma": 2.0).
+# `programs`: about how many (slot, head, split) programs a launch should have (1024 fills the 132
+# SMs of an H100/H200; more splits a long window over more programs, for a combine pass).
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
-          "num_stages": 2}
-BLOCK_N = 64  # the default rows per tile (the launch plan's unit)
-TARGET_PROGRAMS = 1024  # enough (slot, head, split) programs to fill an H100/H200 (132 SMs)
+          "num_stages": 2, "programs": 1024}
+BLOCK_N = 64  # rows per tile when none is given (the launch plan's unit)
 MODES = {"fma": 0, "dot": 1, "offset": 2}
 
 
@@ -146,11 +147,11 @@ def _combine_kernel(ACC, ML, OUT, so_b, so_h, H,
     tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def plan(batch: int, heads: int, window: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """(splits, rows per split) for a launch: about TARGET_PROGRAMS (slot, head, split) programs,
-    each over a run of whole tiles, none empty."""
+def plan(batch: int, heads: int, window: int, block_n: int = BLOCK_N, programs: int | None = None) -> tuple[int, int]:
+    """(splits, rows per split) for a launch: about `programs` (default: CONFIG's) (slot, head,
+    split) programs, each over a run of whole tiles, none empty."""
     blocks = triton.cdiv(window, block_n)
-    want = min(blocks, max(1, triton.cdiv(TARGET_PROGRAMS, batch * heads)))
+    want = min(blocks, max(1, triton.cdiv(programs or CONFIG["programs"], batch * heads)))
     tiles = triton.cdiv(blocks, want)
     return triton.cdiv(blocks, tiles), tiles * block_n
 
@@ -170,7 +171,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
         mode = "fma"  # tensor-core dots need 16-wide tiles, and a float32 query keeps float32 math
     block_n = CONFIG["block_n"]
     block_d = max(16, triton.next_power_of_2(D))
-    splits, chunk = plan(B, H, window, block_n)
+    splits, chunk = plan(B, H, window, block_n, CONFIG["programs"])
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     acc = torch.empty(B * H * splits * block_d if splits > 1 else 1, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * H * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
