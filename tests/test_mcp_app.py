@@ -68,6 +68,9 @@ def test_character_create_update_delete(backend, folders) -> None:
             assert (folders["characters"] / "guard" / "voice.wav").read_bytes() != voice
             assert (await client.call_tool("delete_character", {"id": "guard"})).structured_content == {"deleted": "guard"}
             assert "guard" not in backend.store
+            before = sorted(p.name for p in folders["characters"].iterdir())
+            again = error_text(await client.call_tool("delete_character", {"id": "guard"}))  # a repeat: no further effect
+            assert "unknown character" in again and sorted(p.name for p in folders["characters"].iterdir()) == before
 
     run(go())
 

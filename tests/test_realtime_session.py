@@ -146,12 +146,19 @@ def test_cancel_truncate_and_scripted_lines() -> None:
     assert [e["error"]["code"] for e in events(s)] == ["invalid_audio_end_ms"]  # only 400 ms were sent
     send(s, type="conversation.item.truncate", item_id="item_x", content_index=0, audio_end_ms=0)
     assert [e["error"]["code"] for e in events(s)] == ["item_not_found"]
+    send(s, type="conversation.item.truncate", item_id=item_id, content_index=1, audio_end_ms=200)
+    assert [(e["error"]["code"], e["error"]["param"]) for e in events(s)] == [("invalid_event", "content_index")]
     send(s, type="conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=200)
     assert s.requests() == [DropScript()]
     evs = events(s)
     done = [e for e in evs if e["type"] == "response.done"][0]["response"]
     assert done["status"] == "cancelled" and done["output"][0]["content"][0]["transcript"] == "ababab"  # 0, 80, 160 ms
     assert evs[-1] == {**evs[-1], "type": "conversation.item.truncated", "audio_end_ms": 200, "item_id": item_id}
+    # the item is now 240 ms of audio (whole frames): a later truncate may shorten it, not lengthen it
+    send(s, type="conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=320)
+    assert [e["error"]["code"] for e in events(s)] == ["invalid_audio_end_ms"]
+    send(s, type="conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=100)
+    assert [e["type"] for e in events(s)] == ["conversation.item.truncated"]
     s.receive_frame(5, "ab", LOUD)  # the rest of this stretch is not sent
     assert s.data_to_send() == []
     send(s, type="conversation.item.create", item={"type": "message", "role": "assistant",

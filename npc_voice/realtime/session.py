@@ -257,7 +257,10 @@ class RealtimeSession:
         if reply is None:
             raise RealtimeError(Code.ITEM_NOT_FOUND, f"no assistant item {ev.item_id[:64]!r} (or it is too old)",
                                 param="item_id")
-        sent_ms = reply.frames * FRAME_MS
+        if ev.content_index != 0:
+            raise RealtimeError(Code.INVALID_EVENT, "an assistant item has one content part (its audio): "
+                                "content_index must be 0", param="content_index")
+        sent_ms = reply.frames * FRAME_MS  # after a truncate: what the truncate kept
         if ev.audio_end_ms > sent_ms:
             raise RealtimeError(Code.INVALID_AUDIO_END_MS, f"audio_end_ms {ev.audio_end_ms} is past the {sent_ms} ms "
                                 "of audio sent for this item", param="audio_end_ms")
