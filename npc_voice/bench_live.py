@@ -25,12 +25,12 @@ class _LiveEngine:
     """An engine with `live` aged sessions (plus `spare` free slots) and a listener that records
     every frame's index and arrival time."""
 
-    def __init__(self, model: LoadedModel, live: int, spare: int, context_fill: int | None = None):
+    def __init__(self, model: LoadedModel, live: int, spare: int, context_fill: int | None = None, **engine_args):
         from .engine import Engine
 
         self.sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        self.engine = engine = Engine(model, slots=live + spare)
+        self.engine = engine = Engine(model, slots=live + spare, **engine_args)
         self.startup_s = time.perf_counter() - t0
         self.frames: dict[str, list[tuple[int, float]]] = {}
         self.base = build_personas(model, 1, seed=99)[0]
@@ -91,20 +91,21 @@ def build_personas(model: LoadedModel, count: int = 8, seed: int = 0) -> list:
 
 
 def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, context_fill: int | None = None,
-                 settle_s: float = 1.0) -> list[dict]:
+                 settle_s: float = 1.0, build_margin: float = 0.005, **engine_args) -> list[dict]:
     """New characters while `live` conversations run in the real-time `EngineLoop`: `new` uncached
     characters are opened at the same instant from `new` threads, `rounds` times (the first round is
     the first build after start-up). Reports, per round, the ticks while the builds ran (p50, p99,
     max, overruns), each new character's first frame after its `open`, and whether any live
-    session fell behind real time or skipped a frame index."""
+    session fell behind real time or skipped a frame index. `build_margin` (the loop's) and
+    `engine_args` (`build_chunk`, `build_lanes`) are there to compare scheduling choices."""
     from .engine import EngineLoop
 
     device = model.device
-    bench = _LiveEngine(model, live, new, context_fill)
+    bench = _LiveEngine(model, live, new, context_fill, **engine_args)
     sync = bench.sync
     engine, frames, listener, sessions = bench.engine, bench.frames, bench.listener, bench.sessions
     fill, startup_s, base = bench.fill, bench.startup_s, bench.base
-    loop = EngineLoop(engine).start()
+    loop = EngineLoop(engine, build_margin=build_margin).start()
     rows = []
     try:
         time.sleep(settle_s)

@@ -239,22 +239,30 @@ def stage_parts() -> None:
 
 
 
-def stage_builds(lives=(32, 63), new: int = 8) -> None:
+def stage_builds(lives=(32, 63), new: int = 8, variants=({},)) -> None:
     """New uncached characters (8 at once, voices 3-10 s, roles 20-120 words) while `live`
-    full-context conversations run in the real-time loop: ticks during the builds, first frames."""
+    full-context conversations run in the real-time loop: ticks during the builds, first frames.
+    `variants`: scheduling choices to compare (`bench_builds`' build_margin, build_chunk, build_lanes)."""
     from npc_voice.bench_live import bench_builds
 
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
     model.mimi.to(torch.bfloat16)  # the serving default on a GPU
     for live in lives:
-        for row in bench_builds(model, live, new=new, rounds=2):
-            emit(**row)
-        free()
+        for variant in variants:
+            for row in bench_builds(model, live, new=new, rounds=2, **variant):
+                emit(**row, variant=variant)
+            free()
     del model
     free()
 
 
-STAGES = {"builds63": lambda: stage_builds((63,)), "check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
+# The next sweep of the build scheduling beside 63 live sessions (issue #11): the loop's margin,
+# and positions per lane per forward.
+BUILD_VARIANTS = ({}, {"build_margin": 0.002}, {"build_chunk": 48}, {"build_chunk": 64, "build_margin": 0.002})
+
+
+STAGES = {"builds63": lambda: stage_builds((63,)), "builds63_sweep": lambda: stage_builds((63,), variants=BUILD_VARIANTS),
+          "check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
           "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
 
 def main(stages: dict) -> None:
