@@ -95,3 +95,22 @@ def test_it_refuses_what_it_cannot_compute() -> None:
     with pytest.raises(ValueError, match="one query position"):
         da.decode_attention(torch.zeros(1, 1, 2, 16), cache.keys, cache.key_scale, cache.values, cache.value_scale,
                             torch.zeros(1, 1, 2, 10), 10)
+
+
+def test_the_fused_write_stores_what_the_cache_writes() -> None:
+    """`write_rows` (one kernel per layer) leaves an int8 cache exactly as `QuantKVCache.write` does:
+    new rows at their ring rows (a skipped slot's in the scratch row), everything else untouched; v
+    is a strided view, as the projections give it. (fp8 is checked on the GPU, `gpu_kv.py kernel`:
+    the interpreter's float32 -> e4m3 conversion loses the carry when rounding up to a power of two.)"""
+    kv = torch.int8
+    B, H, T, S, D = 3, 4, 2, 20, 24
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(B, H, T, D, generator=g) * 3
+    v = torch.randn(B, T, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, D], not contiguous
+    k[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 127.0])  # ties: half to even
+    rows = torch.tensor([[3, 4], [19, 0], [S, S]])  # a wrap; slot 2 skipped (scratch row)
+    ours, ref = filled_cache(B, H, S, D, kv, seed=3), filled_cache(B, H, S, D, kv, seed=3)
+    da.write_rows(rows, k, v, ours.keys, ours.key_scale, ours.values, ours.value_scale, 127.0)
+    ref.write(rows, k, v)
+    for a, b in zip(ours.tensors(), ref.tensors()):
+        assert torch.equal(a, b)

@@ -32,8 +32,10 @@ import triton.language as tl
 # 64-conversation cache at 2.9 TB/s (64 rows, 3 stages: 2.4; "dot": 2.3; "fma": 2.0).
 # `programs`: about how many (slot, head, split) programs a launch should have (1024 fills the 132
 # SMs of an H100/H200; more splits a long window over more programs, for a combine pass).
+# `fused_write`: a step's new rows quantized and stored by one kernel per layer (`write_rows`) instead
+# of PyTorch's quantization and four scatters; off until measured on a GPU.
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
-          "num_stages": 2, "programs": 1024}
+          "num_stages": 2, "programs": 1024, "fused_write": False}
 BLOCK_N = 64  # rows per tile when none is given (the launch plan's unit)
 MODES = {"fma": 0, "dot": 1, "offset": 2}
 
@@ -190,3 +192,51 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
         _combine_kernel[(B * H,)](acc, ml, out, out.stride(0), out.stride(1), H, D=D, BLOCK_D=block_d, SPLITS=splits,
                               BLOCK_S=triton.next_power_of_2(splits))
     return out
+
+
+@triton.jit
+def _quantize_row(X, Q, S, src, dst, scale_at, dmask, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """One row of D values -> 8-bit values and their scale, as `kvcache.quantize_rows` makes them."""
+    x = tl.load(X + src, mask=dmask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / QMAX, 1e-30)
+    y = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+    if IS_INT:  # round half to even, as torch.round
+        r = tl.floor(y + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        y = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+    tl.store(Q + dst, y.to(Q.dtype.element_ty), mask=dmask)
+    tl.store(S + scale_at, scale)
+
+
+@triton.jit
+def _write_kernel(NK, NV, ROWS, K, KS, V, VS,
+                  sn_b, sn_h, sn_t, sv_b, sv_h, sv_t, sk_b, sk_h, sk_n, ss_b, ss_h, H, T,
+                  QMAX: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_INT: tl.constexpr):
+    pid = tl.program_id(0)  # one (slot, head, position)
+    t = pid % T
+    b = pid // T // H
+    h = pid // T % H
+    row = tl.load(ROWS + b * T + t)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    dst = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + row * sk_n + d
+    scale_at = b.to(tl.int64) * ss_b + h * ss_h + row
+    _quantize_row(NK, K, KS, b * sn_b + h * sn_h + t * sn_t + d, dst, scale_at, dmask, QMAX, IS_INT)
+    _quantize_row(NV, V, VS, b * sv_b + h * sv_h + t * sv_t + d, dst, scale_at, dmask, QMAX, IS_INT)
+
+
+def write_rows(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor,
+               values: torch.Tensor, value_scale: torch.Tensor, qmax: float) -> None:
+    """k, v [B, H, T, D] quantized into ring rows [B, T] of an 8-bit cache (keys/values [B, H, S + 1, D],
+    scales [B, H, S + 1]): what `QuantKVCache.write` does in PyTorch, in one launch."""
+    B, H, T, D = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or keys.stride(-1) != 1 or key_scale.stride(-1) != 1:
+        raise ValueError("write_rows needs the rows contiguous in their last dim")
+    if keys.stride() != values.stride() or key_scale.stride() != value_scale.stride():
+        raise ValueError("write_rows needs keys and values (and their scales) laid out alike")
+    _write_kernel[(B * H * T,)](
+        k, v, rows.contiguous(), keys, key_scale, values, value_scale,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2), key_scale.stride(0), key_scale.stride(1), H, T,
+        QMAX=qmax, D=D, BLOCK_D=triton.next_power_of_2(D), IS_INT=keys.dtype == torch.int8,
+    )

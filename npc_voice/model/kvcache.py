@@ -105,6 +105,12 @@ class QuantKVCache(StreamState):
         return [t[slot, :, :-1] for t in (self.keys, self.values, self.key_scale, self.value_scale)]
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.is_cuda:
+            from . import decode_attention as da
+
+            if da.CONFIG["fused_write"]:
+                da.write_rows(rows, k, v, self.keys, self.key_scale, self.values, self.value_scale, QMAX[self.keys.dtype])
+                return
         for new, values, scales in ((k, self.keys, self.key_scale), (v, self.values, self.value_scale)):
             q, s = quantize_rows(new, values.dtype)
             _write_rows(values, rows, q)

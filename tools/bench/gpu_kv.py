@@ -71,6 +71,18 @@ def stage_kernel() -> None:
                  rel_err_vs_dequantized=float((out.double() - ref).norm() / ref.norm()))
         del cache
         free()
+    for kv_name, kv in KVS.items():  # the fused write stores what PyTorch's quantization and scatters store
+        ours, ref = random_cache(4, kv, seed=2), random_cache(4, kv, seed=2)
+        k = torch.randn(4, H, 1, D, device=DEVICE, dtype=torch.bfloat16)
+        v = torch.randn(4, 1, 3, H, D, device=DEVICE, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)[1]
+        rows = torch.tensor([[7], [S - 1], [0], [S]], device=DEVICE)
+        da.write_rows(rows, k, v, ours.keys, ours.key_scale, ours.values, ours.value_scale,
+                      127.0 if kv == torch.int8 else 448.0)
+        ref.write(rows, k, v)
+        emit(what="kv_fused_write_check", kv=kv_name, differing=[
+            int((a.float() != b.float()).sum()) for a, b in zip(ours.tensors(), ref.tensors())])
+        del ours, ref
+        free()
     # The launch configuration: swept at 64 sessions (int8, full context), the fastest kept for what follows.
     cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S)
     default, best = dict(da.CONFIG), None
@@ -200,6 +212,16 @@ def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
                                            .float().mean()))
 
 
+def stage_ticks_fused_write() -> None:
+    """The int8 cache's ticks with each step's rows written by one kernel per layer, against the
+    PyTorch write (same call)."""
+    for fused_write in (False, True):
+        da.CONFIG["fused_write"] = fused_write
+        emit(what="fused_write", on=fused_write)
+        stage_ticks(((torch.int8, (1, 64)),))
+    da.CONFIG["fused_write"] = False
+
+
 def stage_weights() -> None:
     """8-bit weights with the 8-bit cache: weight bytes, ticks and peak memory (1, 8, 64 sessions,
     full context), and fp8 weights' teacher-forced logits against bf16 weights (both with a bf16 cache)."""
@@ -234,7 +256,8 @@ def stage_weights() -> None:
 
 
 STAGES = {"kernel": stage_kernel, "ticks": stage_ticks, "accuracy": stage_accuracy, "weights": stage_weights,
-          "ticks_main": lambda: stage_ticks(((None, (64,)), (torch.int8, (1, 64, 128))))}
+          "ticks_main": lambda: stage_ticks(((None, (64,)), (torch.int8, (1, 64, 128)))),
+          "ticks_fused_write": stage_ticks_fused_write}
 
 if __name__ == "__main__":
     main(STAGES)
