@@ -55,9 +55,10 @@ def test_an_8bit_cache_streams_close_to_the_full_precision_one(lm, dtype) -> Non
     assert float((got - whole).norm() / whole.norm()) < (0.01 if dtype == torch.int8 else 0.05)
 
 
-def test_skipping_or_resetting_a_slot_leaves_others_bit_identical_in_8bit(lm) -> None:  # noqa: F811
+@pytest.mark.parametrize("dtype", EIGHT_BIT)
+def test_skipping_or_resetting_a_slot_leaves_others_bit_identical_in_8bit(lm, dtype) -> None:  # noqa: F811
     q = copy.copy(lm)  # the same weights; only the slots' cache differs
-    q.kv_dtype = torch.int8
+    q.kv_dtype = dtype
     gen = Generator(q)
     assert isinstance(gen.init_state(1).temporal.layers[0], QuantKVCache)
     users = torch.randint(0, SMALL.card, (16, 3, gen.num_user), generator=torch.Generator().manual_seed(2))

@@ -64,6 +64,8 @@ class StreamState:
                 if isinstance(item, StreamState):
                     item.reset(mask)
                 elif isinstance(item, torch.Tensor):
+                    if item.is_floating_point() and item.element_size() == 1:  # float8 (a KV cache): its
+                        item = item.view(torch.uint8)  # zero as bytes (PyTorch has no masked_fill for it)
                     item.masked_fill_(slot_mask(mask, item), fill)
 
     def _fills(self) -> Iterator[tuple[torch.Tensor, Any]]:
