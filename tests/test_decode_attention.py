@@ -85,9 +85,9 @@ def test_rows_past_the_window_and_masked_rows_are_never_read() -> None:
 def test_the_launch_plan_fills_the_gpu_with_whole_tiles() -> None:
     for B, H, W in [(1, 32, 3000), (64, 32, 3000), (128, 32, 3000), (1, 32, 64), (8, 32, 1024)]:
         splits, chunk = da.plan(B, H, W)
-        assert chunk % da.BLOCK_N == 0
+        assert chunk % da.CONFIG["block_n"] == 0
         assert splits * chunk >= W and (splits - 1) * chunk < W  # every row covered, no split empty
-        assert B * H * splits >= min(da.CONFIG["programs"], B * H * math.ceil(W / da.BLOCK_N)) // 2
+        assert B * H * splits >= min(da.CONFIG["programs"], B * H * math.ceil(W / da.CONFIG["block_n"])) // 2
 
 
 def test_it_refuses_what_it_cannot_compute() -> None:
@@ -110,7 +110,7 @@ def test_the_fused_write_stores_what_the_cache_writes() -> None:
     k[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 127.0])  # ties: half to even
     rows = torch.tensor([[3, 4], [19, 0], [S, S]])  # a wrap; slot 2 skipped (scratch row)
     ours, ref = filled_cache(B, H, S, D, kv, seed=3), filled_cache(B, H, S, D, kv, seed=3)
-    da.write_rows(rows, k, v, ours.keys, ours.key_scale, ours.values, ours.value_scale, 127.0)
+    da.write_rows(rows, k, v, ours.keys, ours.key_scale, ours.values, ours.value_scale)
     ref.write(rows, k, v)
     for a, b in zip(ours.tensors(), ref.tensors()):
         assert torch.equal(a, b)

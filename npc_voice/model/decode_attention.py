@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kvcache import QMAX
+
 # How a launch is made: `mode` picks how a tile is reduced ("offset": the 8-bit rows become fp16 by
 # bit operations alone, tensor-core dots; "dot": cast to the query's dtype, tensor-core dots;
 # "fma": float32 on the CUDA cores); rows per tile; warps and pipeline stages per program.
@@ -36,7 +38,6 @@ import triton.language as tl
 # of PyTorch's quantization and four scatters; off until measured on a GPU.
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
           "num_stages": 2, "programs": 1024, "fused_write": False}
-BLOCK_N = 64  # rows per tile when none is given (the launch plan's unit)
 MODES = {"fma": 0, "dot": 1, "offset": 2}
 
 
@@ -149,9 +150,11 @@ def _combine_kernel(ACC, ML, OUT, so_b, so_h, H,
     tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def plan(batch: int, heads: int, window: int, block_n: int = BLOCK_N, programs: int | None = None) -> tuple[int, int]:
-    """(splits, rows per split) for a launch: about `programs` (default: CONFIG's) (slot, head,
-    split) programs, each over a run of whole tiles, none empty."""
+def plan(batch: int, heads: int, window: int, block_n: int | None = None, programs: int | None = None
+         ) -> tuple[int, int]:
+    """(splits, rows per split) for a launch: about `programs` (slot, head, split) programs, each over
+    a run of whole tiles of `block_n` rows, none empty (both default to CONFIG's)."""
+    block_n = block_n or CONFIG["block_n"]
     blocks = triton.cdiv(window, block_n)
     want = min(blocks, max(1, triton.cdiv(programs or CONFIG["programs"], batch * heads)))
     tiles = triton.cdiv(blocks, want)
@@ -226,7 +229,7 @@ def _write_kernel(NK, NV, ROWS, K, KS, V, VS,
 
 
 def write_rows(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor,
-               values: torch.Tensor, value_scale: torch.Tensor, qmax: float) -> None:
+               values: torch.Tensor, value_scale: torch.Tensor) -> None:
     """k, v [B, H, T, D] quantized into ring rows [B, T] of an 8-bit cache (keys/values [B, H, S + 1, D],
     scales [B, H, S + 1]): what `QuantKVCache.write` does in PyTorch, in one launch."""
     B, H, T, D = k.shape
@@ -238,5 +241,5 @@ def write_rows(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch
         k, v, rows.contiguous(), keys, key_scale, values, value_scale,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), key_scale.stride(0), key_scale.stride(1), H, T,
-        QMAX=qmax, D=D, BLOCK_D=triton.next_power_of_2(D), IS_INT=keys.dtype == torch.int8,
+        QMAX=QMAX[keys.dtype], D=D, BLOCK_D=triton.next_power_of_2(D), IS_INT=keys.dtype == torch.int8,
     )

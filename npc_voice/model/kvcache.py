@@ -25,20 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
-from .streaming import StreamState
+from .streaming import StreamState, byte_view
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # the 8-bit forms; "bf16" = unquantized
 KV_NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}  # what /health and benchmarks call them
-QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the largest magnitude each 8-bit form holds
+# the largest magnitude each 8-bit form holds (int8 symmetric: 127)
+QMAX = {torch.int8: float(torch.iinfo(torch.int8).max), torch.float8_e4m3fn: torch.finfo(torch.float8_e4m3fn).max}
 
 
 def _write_rows(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
     """cache [B, H, S + 1, ...] gets `new` [B, H, T, ...] at rows [B, T] (skipped slots: row S)."""
     index = rows.view(rows.shape[0], 1, rows.shape[1], *([1] * (new.dim() - 3))).expand(new.shape)
-    new = new.to(cache.dtype)
-    if cache.element_size() == 1:  # as bytes: PyTorch has no scatter for float8
-        cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-    cache.scatter_(2, index, new)
+    byte_view(cache).scatter_(2, index, byte_view(new.to(cache.dtype)))
 
 
 @dataclass
@@ -109,7 +107,7 @@ class QuantKVCache(StreamState):
             from . import decode_attention as da
 
             if da.CONFIG["fused_write"]:
-                da.write_rows(rows, k, v, self.keys, self.key_scale, self.values, self.value_scale, QMAX[self.keys.dtype])
+                da.write_rows(rows, k, v, self.keys, self.key_scale, self.values, self.value_scale)
                 return
         for new, values, scales in ((k, self.keys, self.key_scale), (v, self.values, self.value_scale)):
             q, s = quantize_rows(new, values.dtype)

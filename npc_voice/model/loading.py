@@ -94,7 +94,7 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
     device = torch.device(device) if device is not None else default_device()
     # an impossible choice fails before any weight is read
     weights_dtype = resolve_weights_dtype(weights_dtype, device, int8)
-    resolve_kv_dtype(kv_dtype, device)
+    kv = resolve_kv_dtype(kv_dtype, device)
     dtype = dtype or default_dtype(device)
     mimi_dtype = mimi_dtype or default_dtype(device)
     if source is None:
@@ -112,7 +112,7 @@ def load_model(source: str | Path | None = None, *, preset: str | None = None,
         raise FileNotFoundError(f"{path} is not a directory of weights")
     model = load_directory(path, preset=preset or "personaplex-7b", device=device, dtype=dtype,
                            weights_dtype=weights_dtype, context=context, mimi_dtype=mimi_dtype)
-    model.lm.kv_dtype = resolve_kv_dtype(kv_dtype, device)
+    model.lm.kv_dtype = kv
     return model
 
 

@@ -8,8 +8,8 @@ a few conversations fit a 24 GB consumer card; activations and the KV cache keep
   compute capability 8.9+), the activations quantized per row (token) on the fly. Elsewhere (a CPU, in
   the tests) a plain float32 computation of the same math stands in. Per product on an H200 (torch
   2.11, 1-64 rows, 7B shapes, CUDA graphs) it took 0.9-4x bf16's time (int8: ~10x): the rowwise
-  `_scaled_mm` runs at about bf16's speed there and quantizing x costs ~10 us of small kernels. The tick
-  is not measured yet.
+  `_scaled_mm` runs at about bf16's speed there and quantizing x costs ~10 us of small kernels: a
+  whole tick is slower than with bf16 weights (14.6 vs 10.8 ms at one session, docs/performance.md).
 Embeddings, norms and Mimi are never quantized.
 """
 
@@ -23,7 +23,7 @@ from .transformer import Attention
 
 WEIGHT_CHOICES = ("bf16", "int8", "fp8")  # `--weights-dtype`; "bf16" = not quantized (the LM's --dtype)
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest magnitude float8_e4m3fn holds
+FP8_MAX = torch.finfo(FP8).max  # 448: the largest magnitude float8_e4m3fn holds
 
 
 def resolve_weights_dtype(name: str, device: torch.device | str, int8: bool = False) -> str:

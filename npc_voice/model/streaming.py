@@ -28,6 +28,12 @@ def where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> 
     return torch.where(slot_mask(active, new), new, old)
 
 
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor as its bytes (uint8, zero = +0.0), others as they are: PyTorch has no
+    masked_fill or scatter for float8, and these only move or zero whole values."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def state_field(fill: float | int | bool = 0) -> Any:
     """A state tensor field whose value after a reset is `fill` (default zero)."""
     return dataclasses.field(metadata={"fill": fill})
@@ -64,9 +70,7 @@ class StreamState:
                 if isinstance(item, StreamState):
                     item.reset(mask)
                 elif isinstance(item, torch.Tensor):
-                    if item.is_floating_point() and item.element_size() == 1:  # float8 (a KV cache): its
-                        item = item.view(torch.uint8)  # zero as bytes (PyTorch has no masked_fill for it)
-                    item.masked_fill_(slot_mask(mask, item), fill)
+                    byte_view(item).masked_fill_(slot_mask(mask, item), fill)  # float8 (a KV cache): as bytes
 
     def _fills(self) -> Iterator[tuple[torch.Tensor, Any]]:
         """Every state tensor with its reset value, nested ones included."""
