@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_suite import DEVICE, emit, free, graphed_ms, main  # noqa: E402
+from gpu_suite import DEVICE, emit, free, graphed_ms, main, random_streams, teacher_forced  # noqa: E402
 
 from npc_voice.bench import bench_tick  # noqa: E402
-from npc_voice.engine.step import capture_graph, window_for  # noqa: E402
 from npc_voice.model import decode_attention as da  # noqa: E402
 from npc_voice.model.kvcache import QuantKVCache, attend_dequantized  # noqa: E402
 from npc_voice.model.loading import random_model  # noqa: E402
@@ -136,43 +135,6 @@ def stage_ticks(plan=TICKS) -> None:
             free()
     del model
     free()
-
-
-@torch.inference_mode()
-def teacher_forced(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text logits [B, T, card] (float32) and hidden states of T frames streamed one at a time
-    through a slot state with the LM's KV cache, each step reading only the rows filled so far
-    (one CUDA graph per window, as the engine's tick; captured with the slots inactive, which
-    leaves the state untouched)."""
-    B = tokens.shape[0]
-    state = lm.init_state(B)
-    capacity = state.layers[0].keys.shape[2] - 1
-    frame = tokens[:, :, :1].clone()
-    active = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-    graphs: dict[int, tuple] = {}
-    logits, hidden = [], []
-    for t in range(tokens.shape[2]):
-        window = window_for(t + 1, capacity)
-        if window not in graphs:
-            active.fill_(False)
-            graphs[window] = capture_graph(lambda: lm.step_text(frame, state, active, window=window),
-                                           tokens.device, warmups=2)
-            active.fill_(True)
-        graph, (h, lg) = graphs[window]
-        frame.copy_(tokens[:, :, t : t + 1])
-        graph.replay()
-        logits.append(lg.float())
-        hidden.append(h.float())
-    return torch.cat(logits, 1), torch.cat(hidden, 1)
-
-
-def random_streams(cfg, frames: int = S, streams: int = 2) -> torch.Tensor:
-    """[streams, 17, frames] random text and audio tokens on the GPU (seed 0): what the logits are
-    teacher-forced on."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    tokens = torch.randint(0, cfg.card, (streams, cfg.num_codebooks, frames), generator=g)
-    tokens[:, 0] = torch.randint(0, cfg.text_card, (streams, frames), generator=g)
-    return tokens.to(DEVICE)
 
 
 def stage_accuracy(frames: int = S) -> None:

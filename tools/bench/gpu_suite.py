@@ -23,7 +23,7 @@ import torch
 
 from npc_voice.bench import bench_tick
 from npc_voice.bench_live import bench_swap
-from npc_voice.engine.step import BatchedStep
+from npc_voice.engine.step import BatchedStep, capture_graph, window_for
 from npc_voice.model.config import get_preset
 from npc_voice.model.generator import Generator
 from npc_voice.model.loading import random_model
@@ -140,29 +140,57 @@ def stage_int8(sessions: int = 4) -> None:
 
 
 @torch.inference_mode()
-def teacher_forced_logits(lm, tokens: torch.Tensor) -> torch.Tensor:
-    state = lm.init_state(tokens.shape[0])
-    return torch.cat([lm.step_text(tokens[:, :, t : t + 1], state)[1].float() for t in range(tokens.shape[2])], 1)
+def teacher_forced(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text logits [B, T, card] (float32) and hidden states of T frames streamed one at a time
+    through a slot state with the LM's KV cache, each step reading only the rows filled so far
+    (one CUDA graph per window, as the engine's tick; captured with the slots inactive, which
+    leaves the state untouched)."""
+    B = tokens.shape[0]
+    state = lm.init_state(B)
+    capacity = state.layers[0].keys.shape[2] - 1
+    frame = tokens[:, :, :1].clone()
+    active = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    graphs: dict[int, tuple] = {}
+    logits, hidden = [], []
+    for t in range(tokens.shape[2]):
+        window = window_for(t + 1, capacity)
+        if window not in graphs:
+            active.fill_(False)
+            graphs[window] = capture_graph(lambda: lm.step_text(frame, state, active, window=window),
+                                           tokens.device, warmups=2)
+            active.fill_(True)
+        graph, (h, lg) = graphs[window]
+        frame.copy_(tokens[:, :, t : t + 1])
+        graph.replay()
+        logits.append(lg.float())
+        hidden.append(h.float())
+    return torch.cat(logits, 1), torch.cat(hidden, 1)
+
+
+def random_streams(cfg, frames: int, streams: int = 2) -> torch.Tensor:
+    """[streams, 17, frames] random text and audio tokens on the GPU (seed 0): what the logits are
+    teacher-forced on."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, cfg.card, (streams, cfg.num_codebooks, frames), generator=g)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (streams, frames), generator=g)
+    return tokens.to(DEVICE)
 
 
 def stage_accuracy(steps: int = 120, long_steps: int = 1600) -> None:
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
-    cfg = model.config.lm
-    g = torch.Generator(device="cpu").manual_seed(0)
-    tokens = torch.randint(0, cfg.card, (2, cfg.num_codebooks, long_steps), generator=g)
-    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, long_steps), generator=g)
-    tokens = tokens.to(DEVICE)
+    tokens = random_streams(model.config.lm, long_steps)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm())
 
-    ref = teacher_forced_logits(model.lm, tokens[:, :, :steps])
+    ref, _ = teacher_forced(model.lm, tokens[:, :, :steps])
     q = quantize_int8_(copy.deepcopy(model.lm))
-    emit(what="accuracy_int8", steps=steps, text_logits_rel_err=rel(teacher_forced_logits(q, tokens[:, :, :steps]), ref),
-         argmax_agreement=float((teacher_forced_logits(q, tokens[:, :, :steps]).argmax(-1) == ref.argmax(-1)).float().mean()))
-    del q
+    int8, _ = teacher_forced(q, tokens[:, :, :steps])
+    emit(what="accuracy_int8", steps=steps, text_logits_rel_err=rel(int8, ref),
+         argmax_agreement=float((int8.argmax(-1) == ref.argmax(-1)).float().mean()))
+    del q, int8
     free()
-    full = teacher_forced_logits(model.lm, tokens)
+    full, _ = teacher_forced(model.lm, tokens)
     short_lm = model.lm
     short_lm.transformer.context = 1500
     state = short_lm.transformer.init_state(2, capacity=1500)
