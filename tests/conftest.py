@@ -221,11 +221,21 @@ def one_thread():
 def serve_child(*args: str, timeout: float = 60.0) -> Iterator[tuple[int, Callable[[], dict]]]:
     """A real `npc-voice serve` child process on a free 127.0.0.1 port (tiny model unless `args`
     say otherwise), up and answering /health: yields (port, health()); terminated afterwards."""
+    with serve_process(*args, timeout=timeout) as (_, port, health):
+        yield port, health
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, int, Callable[[], dict]]]:
+    """`serve_child` for tests that signal the process themselves: yields (process, port, health());
+    this checkout's code; stopped afterwards unless it has exited already."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def health() -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
@@ -240,10 +250,15 @@ def serve_child(*args: str, timeout: float = 60.0) -> Iterator[tuple[int, Callab
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
                 time.sleep(0.2)
-        yield port, health
+        yield proc, port, health
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 async def stream_silence(session, start=None) -> None:

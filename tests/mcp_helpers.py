@@ -10,6 +10,7 @@ import base64
 import io
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 import soundfile
@@ -43,6 +44,37 @@ def wav(samples: np.ndarray, rate: int = RATE) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def talks_side_by_side(backend, character: str, seconds: float) -> None:
+    """Two `talk_to_character` calls at once through the SDK's client (seeds 1 and 2, `seconds` of
+    tone each): both finish with `seconds` of reply, and neither waited for the other (each one's
+    first progress report came before the other's last)."""
+    progress: dict[str, list[float]] = {"a": [], "b": []}
+    results = {}
+
+    async def go():
+        async with Client(build_server(backend)) as client:
+            async def talk(name: str, seed: int) -> None:
+                async def on_progress(done, total, message):
+                    if done > 0:
+                        progress[name].append(anyio.current_time())
+
+                results[name] = await client.call_tool(
+                    "talk_to_character", {"character": character, "audio_base64": b64(wav(tone(seconds, seed=seed))),
+                                          "seed": seed, "audio_output": "none"}, progress_callback=on_progress)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(talk, "a", 1)
+                tg.start_soon(talk, "b", 2)
+
+    run(go())
+    for name in "ab":
+        assert not results[name].is_error, results[name].content[0].text
+        assert results[name].structured_content["status"] == "finished"
+        assert results[name].structured_content["seconds"] == pytest.approx(seconds)
+    a, b = progress["a"], progress["b"]
+    assert a[0] < b[-1] and b[0] < a[-1]  # their runs overlap in time
 
 
 def run(coro, timeout: float = 120.0):

@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
-
 import anyio
-import numpy as np
 import pytest
-import soundfile
 
 pytest.importorskip("mcp")
 
@@ -19,25 +13,7 @@ from mcp import Client  # noqa: E402
 from mcp_server import Backend, Settings, build_server  # noqa: E402
 from npc_voice.model.loading import random_model  # noqa: E402
 from conftest import read_audio_frames  # noqa: E402
-
-RATE = 24_000
-ROLE = "You are a ferryman on the black river. Your name is Charon. You ask every traveller for a coin."
-
-
-def tone(seconds: float, freq: float = 220.0, seed: int = 0) -> np.ndarray:
-    t = np.arange(int(seconds * RATE)) / RATE
-    noise = 0.02 * np.random.default_rng(seed).standard_normal(t.shape)
-    return (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
-
-
-def b64wav(samples: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, RATE, subtype="PCM_16", format="WAV")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def run(coro, timeout: float = 120.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+from mcp_helpers import ROLE, b64, run, talks_side_by_side, tone, wav  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +28,7 @@ def backend(model, tmp_path):
     async def create():
         async with Client(build_server(backend)) as client:
             result = await client.call_tool("create_character", {
-                "id": "ferryman", "name": "Charon", "role": ROLE, "voice_base64": b64wav(tone(2.5, 150.0))})
+                "id": "ferryman", "name": "Charon", "role": ROLE, "voice_base64": b64(wav(tone(2.5, 150.0)))})
             assert not result.is_error, result.content[0].text
 
     run(create())
@@ -77,7 +53,7 @@ def test_one_engine_for_players_talks_and_scenes(backend, monkeypatch) -> None:
     async def go():
         async with Client(build_server(backend)) as client:
             offline = await client.call_tool("talk_to_character", {"character": "ferryman",
-                                                                   "audio_base64": b64wav(tone(0.5))})
+                                                                   "audio_base64": b64(wav(tone(0.5)))})
             assert not offline.is_error, offline.content[0].text
             info = (await client.call_tool("start_player_session", {"character": "ferryman"})).structured_content
             status = (await client.call_tool("server_status", {})).structured_content
@@ -89,7 +65,7 @@ def test_one_engine_for_players_talks_and_scenes(backend, monkeypatch) -> None:
                 # server's real-time loop (so they take real time)
                 started = anyio.current_time()
                 talk = await client.call_tool("talk_to_character", {"character": "ferryman",
-                                                                    "audio_base64": b64wav(tone(0.8))})
+                                                                    "audio_base64": b64(wav(tone(0.8)))})
                 assert not talk.is_error, talk.content[0].text
                 assert talk.structured_content["status"] == "finished"
                 assert talk.structured_content["seconds"] == pytest.approx(0.8)
@@ -104,7 +80,7 @@ def test_one_engine_for_players_talks_and_scenes(backend, monkeypatch) -> None:
             assert "stopped" in ended.structured_content["message"]
             # the player server gone: offline ticking again, on the same engine
             again = await client.call_tool("talk_to_character", {"character": "ferryman",
-                                                                 "audio_base64": b64wav(tone(0.5))})
+                                                                 "audio_base64": b64(wav(tone(0.5)))})
             assert not again.is_error and again.structured_content["status"] == "finished"
             status = (await client.call_tool("server_status", {})).structured_content
             assert "offline" in status["engine"]["ticked_by"]
@@ -125,31 +101,7 @@ def test_concurrent_talks_progress_together(backend, monkeypatch) -> None:
         return events
 
     monkeypatch.setattr(engine, "tick", spy_tick)
-    progress: dict[str, list[tuple[float, float]]] = {"a": [], "b": []}
-    results = {}
-
-    async def go():
-        async with Client(build_server(backend)) as client:
-            async def talk(name: str, seed: int) -> None:
-                async def on_progress(done, total, message):
-                    if done > 0:
-                        progress[name].append((anyio.current_time(), done))
-
-                results[name] = await client.call_tool(
-                    "talk_to_character", {"character": "ferryman", "audio_base64": b64wav(tone(4.0, seed=seed)),
-                                          "seed": seed, "audio_output": "none"}, progress_callback=on_progress)
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(talk, "a", 1)
-                tg.start_soon(talk, "b", 2)
-
-    run(go())
-    for name in "ab":
-        assert not results[name].is_error, results[name].content[0].text
-        assert results[name].structured_content["status"] == "finished"
-        assert results[name].structured_content["seconds"] == pytest.approx(4.0)
-    # both were in the engine at once (one tick stepped both), and neither waited for the other
+    talks_side_by_side(backend, "ferryman", 4.0)
+    # both were in the engine at once (one tick stepped both)
     assert max(live) == 2
-    a, b = progress["a"], progress["b"]
-    assert a[0][0] < b[-1][0] and b[0][0] < a[-1][0]
     assert backend.engine().sessions == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 
-import anyio
 import numpy as np
 import pytest
 import soundfile
@@ -21,7 +20,7 @@ from mcp import Client  # noqa: E402
 from conftest import serve_child  # noqa: E402
 from mcp_server import Backend, Settings, build_server  # noqa: E402
 from npc_voice.audio import float_to_pcm16, pcm16_to_float  # noqa: E402
-from mcp_helpers import RATE, b64, decode_wav, error_text, run, tone, wav  # noqa: E402
+from mcp_helpers import RATE, b64, decode_wav, error_text, run, talks_side_by_side, tone, wav  # noqa: E402
 from mcp_helpers import model, folders, backend, ferryman  # noqa: E402,F401 (fixtures)
 
 FRAME = 1920
@@ -180,28 +179,4 @@ def test_remote_say_reads_as_words(remote, ferryman) -> None:
 
 
 def test_remote_talks_run_side_by_side(remote, ferryman) -> None:
-    progress: dict[str, list[float]] = {"a": [], "b": []}
-    results = {}
-
-    async def go():
-        async with Client(build_server(remote)) as client:
-            async def talk(name: str, seed: int) -> None:
-                async def on_progress(done, total, message):
-                    if done > 0:
-                        progress[name].append(anyio.current_time())
-
-                results[name] = await client.call_tool(
-                    "talk_to_character", {"character": ferryman, "audio_base64": b64(wav(tone(2.0, seed=seed))),
-                                          "seed": seed, "audio_output": "none"}, progress_callback=on_progress)
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(talk, "a", 1)
-                tg.start_soon(talk, "b", 2)
-
-    run(go())
-    for name in "ab":
-        assert not results[name].is_error, results[name].content[0].text
-        assert results[name].structured_content["status"] == "finished"
-        assert results[name].structured_content["seconds"] == pytest.approx(2.0)
-    a, b = progress["a"], progress["b"]
-    assert a[0] < b[-1] and b[0] < a[-1]  # their runs overlap in time
+    talks_side_by_side(remote, ferryman, 2.0)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,31 +13,13 @@ import pytest
 
 from npc_voice.client import AudioFrame, NPCVoiceClient
 from npc_voice.protocol import Ended, ErrorMsg, State, Text
-from serve_helpers import CAST, REPO, run
+from conftest import serve_process
+from serve_helpers import CAST, run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(port: int, *extra: str) -> subprocess.Popen:
-    """`npc-voice serve` on the tiny model as a child process (this checkout's code), up once /health answers."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "npc_voice.cli", "serve", "--port", str(port), "--slots", "2",
-                             "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"npc-voice serve did not start: {proc.communicate()[0]}")
-            time.sleep(0.2)
+def _serve(*extra: str):
+    """`npc-voice serve` on the tiny model as a child process, up once /health answers: (process, port, health)."""
+    return serve_process("--slots", "2", "--threads", "1", "--characters", str(CAST), "--log-level", "WARNING", *extra)
 
 
 def _silent_websocket(port: int) -> socket.socket:
@@ -66,10 +45,8 @@ def test_serve_shuts_down_gracefully_on_a_signal(sig: str) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
 
-    port = _free_port()
-    proc = _serve(port)
-    url = f"ws://127.0.0.1:{port}/ws"
-    try:
+    with _serve() as (proc, port, _):
+        url = f"ws://127.0.0.1:{port}/ws"
         async def main() -> None:
             async with NPCVoiceClient(url) as client:
                 session = await client.start("innkeeper")
@@ -96,10 +73,6 @@ def test_serve_shuts_down_gracefully_on_a_signal(sig: str) -> None:
         assert proc.wait(timeout=20) == 0
         output = proc.stdout.read()
         assert "Traceback" not in output, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_second_signal_cuts_the_drain_short() -> None:
@@ -107,10 +80,8 @@ def test_a_second_signal_cuts_the_drain_short() -> None:
     the drain ends them at once (`shutting_down`), not at the end of the grace period."""
     import signal
 
-    port = _free_port()
-    proc = _serve(port, "--drain-grace", "30")
-    url = f"ws://127.0.0.1:{port}/ws"
-    try:
+    with _serve("--drain-grace", "30") as (proc, port, _):
+        url = f"ws://127.0.0.1:{port}/ws"
         async def main() -> float:
             async with NPCVoiceClient(url) as client:
                 session = await client.start("innkeeper")
@@ -126,7 +97,3 @@ def test_a_second_signal_cuts_the_drain_short() -> None:
 
         assert run(main(), timeout=60) < 10  # not the 30 s grace
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
