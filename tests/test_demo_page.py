@@ -54,6 +54,16 @@ def wait_for(page, condition: str, timeout: float = 60.0) -> dict:
         time.sleep(0.2)
 
 
+def wait_for_character(page, name: str, timeout: float = 30.0) -> None:
+    """Polls until the character list offers `name`. Through `page.evaluate` with a function, as
+    `wait_for` does: `wait_for_function` with an expression string can be refused by the page's
+    Content-Security-Policy (no 'unsafe-eval'), which made this wait fail under load."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate("(v) => document.querySelectorAll(`#character option[value=\"${v}\"]`).length", name):
+        assert time.monotonic() < deadline, f"the character list never offered {name!r}"
+        time.sleep(0.2)
+
+
 def test_demo_page_talks_plays_and_survives_the_server(tmp_path, timing):
     pw, chromium = _browser_or_skip()
     wav = speechy_wav(tmp_path / "mic.wav")
@@ -69,7 +79,7 @@ def test_demo_page_talks_plays_and_survives_the_server(tmp_path, timing):
             with serve_child("--slots", "1") as (port, health):
                 page.goto(f"http://127.0.0.1:{port}/demo")  # redirected to /demo/
                 assert page.url.endswith("/demo/")
-                page.wait_for_function("document.querySelectorAll('#character option[value=\"innkeeper\"]').length")
+                wait_for_character(page, "innkeeper")
                 page.select_option("#character", "innkeeper")
                 page.click("#connect")
                 s = wait_for(page, "s.status === 'live' && s.framesPlayed >= 10")
@@ -136,7 +146,7 @@ def test_demo_page_says_wrong_token_busy_and_no_microphone(tmp_path, timing):
 
             second = browser.new_page()
             second.goto(url + f"?token={token}")
-            second.wait_for_function("document.querySelectorAll('#character option[value=\"innkeeper\"]').length")
+            wait_for_character(second, "innkeeper")
             second.click("#connect")
             s = wait_for(second, "s.status === 'failed' && s.errorKind === 'busy'", timeout=30)
             assert "busy" in s["error"] and second.is_visible("#reconnect")
@@ -152,7 +162,7 @@ def test_demo_page_says_wrong_token_busy_and_no_microphone(tmp_path, timing):
 
             nomic = bare.new_page()
             nomic.goto(url + f"?token={token}")
-            nomic.wait_for_function("document.querySelectorAll('#character option[value=\"innkeeper\"]').length")
+            wait_for_character(nomic, "innkeeper")
             deadline = time.monotonic() + 10
             while health()["slots"]["used"] and time.monotonic() < deadline:
                 time.sleep(0.1)

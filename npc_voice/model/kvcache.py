@@ -100,7 +100,7 @@ class QuantKVCache(StreamState):
                    torch.zeros(shape[:3], device=device), torch.zeros(shape[:3], device=device))
 
     def slot_view(self, slot: int) -> list[torch.Tensor]:
-        return [t[slot, :, :-1] for t in (self.keys, self.values, self.key_scale, self.value_scale)]
+        return [t[slot, :, :-1] for t in self.tensors()]
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.is_cuda:
@@ -132,7 +132,8 @@ class QuantKVCache(StreamState):
         return [kq, vq, ks, vs]
 
     def rows(self, slot: int, start: int, count: int) -> list[torch.Tensor]:
-        return [t[slot, :, start : start + count] for t in (self.keys, self.values, self.key_scale, self.value_scale)]
+        """Views of one slot's ring rows, in field order (keys, values, their scales), as `encode` lists them."""
+        return [t[slot, :, start : start + count] for t in self.tensors()]
 
 
 def attend_dequantized(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor, values: torch.Tensor,
