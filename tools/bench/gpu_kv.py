@@ -53,6 +53,7 @@ def layer_ms(cache: QuantKVCache, q: torch.Tensor, bias: torch.Tensor, mode: str
 SWEEP = ([dict(mode="offset", block_n=n, num_warps=w, num_stages=st, programs=1024) for n in (64, 128, 256)
           for w in (2, 4, 8) for st in (2, 3)]
          + [dict(mode="offset", block_n=128, num_warps=4, num_stages=2, programs=p) for p in (2048, 4096, 8192)]
+         + [dict(mode="offset", block_n=n, num_warps=w, num_stages=2, programs=4096) for n in (64, 256) for w in (4, 8)]
          + [dict(mode=m, block_n=64, num_warps=4, num_stages=3, programs=1024) for m in ("dot", "fma")])
 
 

@@ -250,6 +250,17 @@ def stage_parts() -> None:
             for k in range(8):
                 p = lm.depth_step(k, hidden, p, scratch).argmax(-1)
 
+        def linears(module: torch.nn.Module) -> None:  # every weight read once, nothing else
+            for lin in module.modules():
+                if isinstance(lin, torch.nn.Linear):
+                    torch.nn.functional.linear(xs[lin.in_features], lin.weight)
+
+        xs = {n: torch.randn(B, n, device=DEVICE, dtype=torch.bfloat16)
+              for n in {m.in_features for m in lm.modules() if isinstance(m, torch.nn.Linear)}}
+        emit(what="parts_linears", B=B, temporal_linears_ms=graphed_ms(lambda: linears(lm.transformer)),
+             depth_linears_ms=graphed_ms(lambda: linears(lm.depformer)),
+             temporal_weights_gb=round(sum(m.weight.nbytes for m in lm.transformer.modules()
+                                           if isinstance(m, torch.nn.Linear)) / 1e9, 2))
         emit(what="parts", B=B,
              mimi_encode_ms=graphed_ms(lambda: mimi.encode_step(pcm, mstate.encoder, inactive)),
              mimi_decode_ms=graphed_ms(lambda: mimi.decode_step(codes, mstate.decoder, inactive)),
@@ -286,7 +297,8 @@ def stage_builds(lives=(32, 63), new: int = 8, variants=({},)) -> None:
 
 # The next sweep of the build scheduling beside 63 live sessions (issue #11): the loop's margin,
 # and positions per lane per forward.
-BUILD_VARIANTS = ({}, {"build_margin": 0.002}, {"build_chunk": 48}, {"build_chunk": 64, "build_margin": 0.002})
+BUILD_VARIANTS = ({}, {"build_margin": 0.002}, {"build_chunk": 48}, {"build_chunk": 64},
+                  {"build_chunk": 64, "build_margin": 0.002})
 
 
 STAGES = {"builds63": lambda: stage_builds((63,)), "builds63_sweep": lambda: stage_builds((63,), variants=BUILD_VARIANTS),
