@@ -47,6 +47,11 @@ CASES = [  # B, H, S, D, W, cache dtype, query dtype, mode
     (2, 3, 90, 32, 90, torch.float8_e4m3fn, torch.float16, "dot"),
     (3, 2, 300, 32, 300, torch.float8_e4m3fn, torch.bfloat16, "fma"),
     (1, 1, 700, 24, 640, torch.int8, torch.float16, "offset"),  # head dim not a power of two, many splits
+    (3, 4, 300, 32, 257, torch.int8, torch.bfloat16, "imma"),  # integer dots for the keys
+    (1, 2, 700, 40, 640, torch.int8, torch.float16, "imma"),
+    (3, 4, 300, 32, 300, torch.int8, torch.bfloat16, "imma_pv"),  # and for the values
+    (1, 1, 700, 48, 640, torch.int8, torch.float16, "imma_pv"),
+    (2, 3, 90, 32, 90, torch.float8_e4m3fn, torch.bfloat16, "imma"),  # an fp8 cache: "offset" instead
 ]
 
 

@@ -44,7 +44,7 @@ class Engine:
 
     def __init__(self, model: LoadedModel, slots: int = 8, cache: PrefixCache | None = None,
                  max_input_seconds: float = 2.0, use_graphs: bool | None = None, build_lanes: int = 8,
-                 build_chunk: int = 32):
+                 build_chunk: int = 64):
         self.model, self.slots = model, slots
         self.gen = Generator(model.lm)
         self.cache = cache if cache is not None else PrefixCache(model, self.gen)

@@ -38,7 +38,7 @@ from .kvcache import QMAX
 # of PyTorch's quantization and four scatters; off until measured on a GPU.
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
           "num_stages": 2, "programs": 1024, "fused_write": False}
-MODES = {"fma": 0, "dot": 1, "offset": 2}
+MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4}
 
 
 @triton.jit
@@ -57,10 +57,16 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
     kbase = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     sbase = b.to(tl.int64) * ss_b + h * ss_h
     IS_INT: tl.constexpr = K.dtype.element_ty == tl.int8
+    # "imma" (int8 caches): the keys go into integer tensor-core dots as they are stored, against the
+    # query as two int8 terms (q ~ sq * (q1 + q2 / 254): finer than fp16); "imma_pv" also the values,
+    # against the probabilities as two int8 terms per tile. No per-value conversion at all.
+    IMMA_K: tl.constexpr = MODE >= 3
+    IMMA_V: tl.constexpr = MODE == 4
     # "offset": an int8 x read as the fp16 bits 0x6400 | (x + 128) is x + 1152 exactly, and an e4m3
     # x moved into the fp16 fields is x / 256 exactly: one or two bit operations per value, no
     # conversion instruction; the offset comes off the dot products, the 256 goes into the scales.
-    OFFSET: tl.constexpr = 1152.0 if (MODE == 2 and IS_INT) else 0.0
+    K_OFFSET: tl.constexpr = 1152.0 if (MODE == 2 and IS_INT) else 0.0
+    V_OFFSET: tl.constexpr = 1152.0 if (MODE >= 2 and IS_INT) else 0.0
     MULT: tl.constexpr = 1.0 if (MODE != 2 or IS_INT) else 256.0
     if MODE == 0:
         q = tl.load(Q + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
@@ -70,7 +76,9 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
     else:  # 16 identical query rows (tl.dot's least); row 0 is kept
         q = tl.load(Q + b * sq_b + h * sq_h + tl.arange(0, 16)[:, None] * 0 + d[None, :], mask=dmask[None, :],
                     other=0.0)
-        if MODE == 2:
+        if IMMA_K:
+            q1, q2, q_scale = _two_int8_terms(q.to(tl.float32))
+        elif MODE == 2:
             q = q.to(tl.float16)
         q_sum = tl.sum(q.to(tl.float32), 1)  # [16]: what the offset adds to each score
         m_i = tl.full([16], -1e30, tl.float32)
@@ -93,19 +101,31 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
             l_i = l_i * alpha + tl.sum(p, 0)
             acc = acc * alpha + tl.sum((p * vs)[:, None] * v.to(tl.float32), 0)
         else:
-            if MODE == 2:
-                k = _as_fp16(k, IS_INT)
-                v = _as_fp16(v, IS_INT)
+            if IMMA_K:  # exact integer dots, one per query term  # [16, BLOCK_N]
+                s = tl.dot(q1, tl.trans(k)).to(tl.float32) + tl.dot(q2, tl.trans(k)).to(tl.float32) * (1.0 / 254.0)
+                s = s * q_scale[:, None] * ks[None, :] + bias[None, :]
             else:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            s = (tl.dot(q, tl.trans(k)) - OFFSET * q_sum[:, None]) * ks[None, :] + bias[None, :]  # [16, BLOCK_N]
+                if MODE == 2:
+                    k = _as_fp16(k, IS_INT)
+                else:
+                    k = k.to(q.dtype)
+                s = (tl.dot(q, tl.trans(k)) - K_OFFSET * q_sum[:, None]) * ks[None, :] + bias[None, :]  # [16, BLOCK_N]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            pv = (p * vs[None, :]).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(pv, v) - OFFSET * tl.sum(pv.to(tl.float32), 1)[:, None]
+            if IMMA_V:  # the weighted probabilities as two int8 terms with a scale per tile  # [16, D]
+                w1, w2, w_scale = _two_int8_terms(p * vs[None, :])
+                pv_acc = tl.dot(w1, v).to(tl.float32) + tl.dot(w2, v).to(tl.float32) * (1.0 / 254.0)
+                acc = acc * alpha[:, None] + pv_acc * w_scale[:, None]
+            else:
+                if MODE >= 2:
+                    v = _as_fp16(v, IS_INT)
+                    pv = (p * vs[None, :]).to(tl.float16)
+                else:
+                    v = v.to(q.dtype)
+                    pv = (p * vs[None, :]).to(q.dtype)
+                acc = acc * alpha[:, None] + tl.dot(pv, v) - V_OFFSET * tl.sum(pv.to(tl.float32), 1)[:, None]
         m_i = m_new
     if MODE != 0:  # every row holds the same numbers: keep row 0
         first = tl.arange(0, 16) == 0
@@ -119,6 +139,17 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
         tl.store(ACC + (bh * SPLITS + split) * BLOCK_D + d, acc)
         tl.store(ML + (bh * SPLITS + split) * 2, m_i)
         tl.store(ML + (bh * SPLITS + split) * 2 + 1, l_i)
+
+
+@triton.jit
+def _two_int8_terms(x):
+    """Rows of x [M, N] (float32) as scale * (t1 + t2 / 254), t1 and t2 int8, scale [M] = the row's
+    largest magnitude / 127: within 1/508 of a step of t1, finer than fp16."""
+    scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-30) / 127.0
+    y = x / scale[:, None]
+    t1 = tl.floor(y + 0.5)
+    t2 = tl.floor((y - t1) * 254.0 + 0.5)
+    return t1.to(tl.int8), t2.to(tl.int8), scale
 
 
 @triton.jit
@@ -172,10 +203,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
     if keys.stride(-1) != 1 or key_scale.stride(-1) != 1 or bias.stride(-1) != 1:
         raise ValueError("decode attention needs the cache rows, scales and bias contiguous in their last dim")
     mode = mode or CONFIG["mode"]
-    if D < 16 or q.dtype not in (torch.bfloat16, torch.float16):
-        mode = "fma"  # tensor-core dots need 16-wide tiles, and a float32 query keeps float32 math
     block_n = CONFIG["block_n"]
     block_d = max(16, triton.next_power_of_2(D))
+    if MODES[mode] >= MODES["imma"] and (keys.dtype != torch.int8 or min(block_d, block_n) < 32):
+        mode = "offset"  # integer dots take an int8 cache, and 32-deep tiles
+    if D < 16 or q.dtype not in (torch.bfloat16, torch.float16):
+        mode = "fma"  # tensor-core dots need 16-wide tiles, and a float32 query keeps float32 math
     splits, chunk = plan(B, H, window, block_n, CONFIG["programs"])
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     acc = torch.empty(B * H * splits * block_d if splits > 1 else 1, dtype=torch.float32, device=q.device)
@@ -201,8 +234,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
 def _quantize_row(X, Q, S, src, dst, scale_at, dmask, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     """One row of D values -> 8-bit values and their scale, as `kvcache.quantize_rows` makes them."""
     x = tl.load(X + src, mask=dmask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / QMAX, 1e-30)
-    y = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+    # IEEE-rounded divisions (Triton's `/` may be approximate), as PyTorch's quantization divides
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), QMAX), 1e-30)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
     if IS_INT:  # round half to even, as torch.round
         r = tl.floor(y + 0.5)
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
