@@ -161,9 +161,10 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
                 "voice_graph_error": repr(engine.builder.voices.error) if engine.builder.voices.error else None,
                 "build_chunks": engine.builder.chunks_run,
                 "install_ms": [round(x, 1) for x in list(engine.install_ms)[installs_before:]],
-                # every build operation of the round: (op, lanes of the forward, ms after the opens, ms)
-                "build_ops": [(op, lanes, round((at - min(starts)) * 1000, 1), round(sec * 1000, 1))
-                              for op, lanes, at, sec in engine.builder.log],
+                # every build operation of the round: (op, jobs or lanes of the forward, ms after the
+                # opens, ms, positions per lane)
+                "build_ops": [(op, lanes, round((at - min(starts)) * 1000, 1), round(sec * 1000, 1), positions)
+                              for op, lanes, at, sec, positions in engine.builder.log],
                 "peak_memory_gb": round(peak_memory_gb(device), 2),
             })
             for s in opened:

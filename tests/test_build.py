@@ -128,7 +128,7 @@ def test_a_forward_covers_only_the_lanes_in_use() -> None:
     one, = _requests(model, 1)
     builder.submit(one)
     (_, prefix), = builder.run(None)
-    assert {lanes for op, lanes, _, _ in builder.log if op == "chunk"} == {1}
+    assert {lanes for op, lanes, *_ in builder.log if op == "chunk"} == {1}
     torch.testing.assert_close(prefix.keys, _alone(model, gen, one).keys, rtol=1e-5, atol=1e-5)
 
     builder.log.clear()
@@ -137,7 +137,7 @@ def test_a_forward_covers_only_the_lanes_in_use() -> None:
         builder.submit(r)
     done = dict((r.key, p) for r, p in builder.run(None))
     assert builder.log[0][:2] == ("prepare", 3)  # the three voices and layouts in one operation
-    widths = [lanes for op, lanes, _, _ in builder.log if op == "chunk"]
+    widths = [lanes for op, lanes, *_ in builder.log if op == "chunk"]
     assert widths[0] == 4 and set(widths) <= {1, 2, 4}  # lane 2's build is the longest: never 8 lanes
     for r in three:
         torch.testing.assert_close(done[r.key].keys, _alone(model, gen, r).keys, rtol=1e-5, atol=1e-5)
@@ -151,20 +151,60 @@ def test_when_the_full_forward_does_not_fit_the_lower_lanes_advance_alone() -> N
     gen = Generator(model.lm)
     builder = PrefixBuilder(model, gen, lanes=2, chunk=16, max_wait_s=60.0)
     builder.prepare_cost = Cost(0.0)
-    builder.chunk_costs = {1: Cost(0.0), 2: Cost(100.0)}
+    builder.chunk_costs = {(1, 16): Cost(0.0), (1, 8): Cost(0.0), (2, 16): Cost(100.0), (2, 8): Cost(100.0)}
     first, second = _requests(model, 2)
     for r in (first, second):
         builder.submit(r)
     done = builder.run(30.0)
     assert [r.key for r, _ in done] == ["k0"]
-    assert {lanes for op, lanes, _, _ in builder.log if op == "chunk"} == {1}
+    assert {lanes for op, lanes, *_ in builder.log if op == "chunk"} == {1}
     assert builder.pending == 1 and builder._lane_jobs[1].done == 0  # prepared, not advanced
-    builder.chunk_costs[2] = Cost(0.0)
+    builder.chunk_costs[(2, 16)] = builder.chunk_costs[(2, 8)] = Cost(0.0)
     (request, later), = builder.run(None)
     assert request.key == "k1"
     for r, p in ((first, done[0][1]), (second, later)):
         torch.testing.assert_close(p.keys, _alone(model, gen, r).keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(p.text_logits, _alone(model, gen, r).text_logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_half_forwards_fill_what_whole_ones_do_not() -> None:
+    """A budget that fits a half chunk's forward but not a whole one's advances the lanes half a
+    chunk at a time (time a whole forward would leave unused); without a budget a build's last
+    forward is a half one when that is all it needs; the prefixes are still exactly what they are
+    built alone."""
+    model = random_model("tiny", seed=2)
+    gen = Generator(model.lm)
+    builder = PrefixBuilder(model, gen, lanes=2, chunk=16, max_wait_s=60.0)
+    assert builder.chunk_sizes == (16, 8)
+    builder.prepare_cost = Cost(0.0)
+    builder.chunk_costs = {(b, C): Cost(100.0 if C == 16 else 0.0) for b in (1, 2) for C in (16, 8)}
+    requests = _requests(model, 2)
+    for r in requests:
+        builder.submit(r)
+    done = dict((r.key, p) for r, p in builder.run(30.0))
+    assert sorted(done) == ["k0", "k1"]
+    assert {positions for op, _, _, _, positions in builder.log if op == "chunk"} == {8}
+    for r in requests:
+        torch.testing.assert_close(done[r.key].keys, _alone(model, gen, r).keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(done[r.key].text_logits, _alone(model, gen, r).text_logits, rtol=1e-5, atol=1e-5)
+
+    builder.log.clear()
+    builder.chunk_costs = {shape: Cost(0.0) for shape in builder.chunk_costs}
+    lasts = set()
+    for words in (2, 3, 4, 5):  # prompts of 39-42 positions: the last forward has 7, 8, 9, 10 left
+        request = PromptRequest(f"w{words}", "v", text_prompt_tokens(model, " ".join(["bread"] * words)),
+                                samples=tone(1.0, 220))
+        builder.submit(request)
+        (_, prefix), = builder.run(None)
+        forwards = [positions for op, _, _, _, positions in builder.log if op == "chunk"]
+        left = prefix.length - 16 * (len(forwards) - 1)
+        assert forwards[:-1] == [16] * (len(forwards) - 1) and forwards[-1] == (8 if left <= 8 else 16)
+        lasts.add(forwards[-1])
+        torch.testing.assert_close(prefix.keys, _alone(model, gen, request).keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prefix.hidden, _alone(model, gen, request).hidden, rtol=1e-5, atol=1e-5)
+        builder.log.clear()
+    assert lasts == {8, 16}
 
 
 @torch.no_grad()

@@ -6,16 +6,17 @@ stalls every live conversation on the shared GPU. Instead the builder works like
 chunked prefill (vLLM) with stall-free scheduling (SARATHI-Serve):
 
 - a build runs in a build lane of its own (a small `TransformerState` beside the engine's), `chunk`
-  prompt positions per lane per forward (64: on an H200 beside 63 live 7B sessions three 8 x 64
-  forwards fit a period where three 8 x 32 ones did, so builds finish a period sooner; measured
-  against 32 and 48 in docs/performance.md); the lanes in use advance in the same forward, so
-  several new characters are served together (first come, lowest free lane);
+  prompt positions per lane per forward, or half that when only a half forward fits what is left of
+  the period, or when no lane needs more (64 and 32: beside 63 live 7B sessions on an H200, 8 x 32
+  forwards left a period's time unused and 8 x 64 ones alone did not fill its tail; measured in
+  docs/performance.md); the lanes in use advance in the same forward, so several new characters
+  are served together (first come, lowest free lane);
 - a forward covers lanes [0, b) only, b a power of two: one build alone costs a 1-lane forward, not
   an 8-lane one; when the full forward does not fit in what is left of the period, the lower lanes
   (the earlier builds) advance alone;
 - the real-time loop gives the builder only what is left of each 80 ms period after the tick, and an
   operation runs only when its measured cost fits (`run(budget_s)`), so a tick is never late for it;
-- every shape is fixed (b lanes x `chunk` positions, a power-of-two attention window; voices padded
+- every shape is fixed (b lanes x C positions, a power-of-two attention window; voices padded
   to whole `VOICE_BUCKET_FRAMES` buckets), so on a GPU each one is a CUDA graph captured at start-up
   (`warm_up`): the first build after start-up costs what the tenth does, and encoding a voice costs
   about a millisecond of the engine thread;
@@ -68,6 +69,10 @@ class _Job:
     done: int = 0  # positions already run
 
     @property
+    def left(self) -> int:
+        return self.length - self.done
+
+    @property
     def length(self) -> int:
         return self.x.shape[0]
 
@@ -111,20 +116,22 @@ class PrefixBuilder:
         self.state = lm.transformer.init_state(lanes, device, dtype, capacity=self.capacity)
         self.sizes = sorted({min(1 << i, lanes) for i in range(lanes.bit_length() + 1)})  # forwards over lanes [0, b)
         self._heads = {b: self.state.head(b) for b in self.sizes}
+        self.chunk_sizes = (chunk, chunk // 2) if chunk >= 2 else (chunk,)  # positions per lane per forward
         self.x_in = torch.zeros(lanes, chunk, model.config.lm.dim, device=device, dtype=dtype)  # [lanes, C, dim]
         self.active = torch.zeros(lanes, dtype=torch.bool, device=device)
         self.out = torch.zeros_like(self.x_in)  # [lanes, C, dim] transformer output
         # All graphs share one memory pool: they replay one after another on the engine thread.
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (b, window) -> graph
+        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (b, C, window) -> graph
         self.voices = VoiceEncoder(model.mimi, self.use_graphs, self._pool)
         self._queue: collections.deque[_Job] = collections.deque()
         self._lane_jobs: list[_Job | None] = [None] * lanes
         self._lock = threading.Lock()
         self._special: SpecialCodes | None = None
-        self.chunk_costs = {b: Cost(0.005) for b in self.sizes}
+        self.chunk_costs = {(b, C): Cost(0.005) for b in self.sizes for C in self.chunk_sizes}  # per forward shape
         self.prepare_cost = Cost(0.005)
-        self.log: collections.deque[tuple[str, int, float, float]] = collections.deque(maxlen=128)  # (op, lanes, start, seconds)
+        # (op, jobs or lanes, start, seconds, positions per lane: 0 for a prepare)
+        self.log: collections.deque[tuple[str, int, float, float, int]] = collections.deque(maxlen=128)
         self._last_progress = time.perf_counter()
         self._starving = False
         self.chunks_run = 0
@@ -202,16 +209,24 @@ class PrefixBuilder:
                 self._starving = False  # nothing left to build: waiting counts from now on
                 self._last_progress = time.perf_counter()
                 break
-            # Every lane in use if that fits, else the widest forward that fits and moves a build.
+            # Every lane in use if that fits, else the widest forward that fits and moves a build;
+            # a whole chunk if it fits and some lane needs it, else half of one.
             widest = next(b for b in self.sizes if b > used[-1])
-            b = next((b for b in reversed(self.sizes) if used[0] < b <= widest and fits(self.chunk_costs[b])), None)
-            if b is None:
+            shape = next(((b, C) for b in reversed(self.sizes) if used[0] < b <= widest
+                          for C in self._useful(b) if fits(self.chunk_costs[(b, C)])), None)
+            if shape is None:
                 break
-            self._timed(self.chunk_costs[b], "chunk", b, self._chunk, b, finished)
+            self._timed(self.chunk_costs[shape], "chunk", shape[0], self._chunk, *shape, finished, positions=shape[1])
             deliver()
         return finished
 
-    def _timed(self, cost: Cost, op: str, units: int, fn, *args) -> None:
+    def _useful(self, b: int) -> tuple[int, ...]:
+        """The forward lengths worth running over lanes [0, b), longest first: half a chunk alone
+        when no lane there has more than that left."""
+        most = max(job.left for job in self._lane_jobs[:b] if job is not None)
+        return tuple(C for C in self.chunk_sizes if C == self.chunk_sizes[-1] or most > C // 2)
+
+    def _timed(self, cost: Cost, op: str, units: int, fn, *args, positions: int = 0) -> None:
         """Runs one operation (of `units` jobs or lanes) to its end on the GPU; `cost` learns its
         time per unit for a prepare, per forward for a chunk."""
         t0 = time.perf_counter()
@@ -220,7 +235,7 @@ class PrefixBuilder:
             torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         cost.add((now - t0) / (units if op == "prepare" else 1))
-        self.log.append((op, units, t0, now - t0))
+        self.log.append((op, units, t0, now - t0, positions))
         self._last_progress = now
 
     @torch.inference_mode()
@@ -250,45 +265,45 @@ class PrefixBuilder:
                 self._lane_jobs[lane] = job
 
     @torch.inference_mode()
-    def _chunk(self, b: int, finished: list) -> None:
-        """One forward of lanes [0, b): each of them with a build advances `chunk` positions."""
-        C = self.chunk
+    def _chunk(self, b: int, C: int, finished: list) -> None:
+        """One forward of lanes [0, b): each of them with a build advances C positions."""
         active = torch.zeros(b, dtype=torch.bool)
         seen = 0
         for lane, job in enumerate(self._lane_jobs[:b]):
             if job is None:
                 continue
-            n = min(C, job.length - job.done)
+            n = min(C, job.left)
             self.x_in[lane, :n] = job.x[job.done : job.done + n]
-            self.x_in[lane, n:].zero_()
+            self.x_in[lane, n:C].zero_()
             active[lane] = True
             seen = max(seen, job.done + C)
         self.active[:b].copy_(active, non_blocking=True)
         window = window_for(seen, self.capacity)
         if self.use_graphs:
-            self._graph(b, window).replay()
+            self._graph(b, C, window).replay()
         else:
-            self._forward(b, window)
+            self._forward(b, C, window)
         self.chunks_run += 1
         for lane, job in enumerate(self._lane_jobs[:b]):
             if job is None:
                 continue
+            last = job.left - 1  # the prompt's last position, in this forward's output if it ends here
             job.done += C
             if job.done >= job.length:
                 self._lane_jobs[lane] = None
                 try:
-                    finished.append((job.request, self._finish(job, lane)))
+                    finished.append((job.request, self._finish(job, lane, last)))
                 except Exception as exc:
                     finished.append((job.request, exc))
 
-    def _forward(self, b: int, window: int) -> None:
-        self.out[:b].copy_(self.model.lm.transformer.step(self.x_in[:b], self._heads[b], self.active[:b], window))
+    def _forward(self, b: int, C: int, window: int) -> None:
+        x = self.x_in[:b, :C]  # [b, C, dim]
+        self.out[:b, :C].copy_(self.model.lm.transformer.step(x, self._heads[b], self.active[:b], window))
 
-    def _finish(self, job: _Job, lane: int) -> Prefix:
+    def _finish(self, job: _Job, lane: int, last: int) -> Prefix:
         """The lane's cache rows of the last min(F, context) positions, in position order, and the
-        last position's hidden state and text logits."""
+        last position's hidden state and text logits (`last`: its index in the forward's output)."""
         F = job.length
-        last = (F - 1) - (job.done - self.chunk)  # the last position's index in this chunk's output
         with fused.eager():
             hidden, text_logits = self.model.lm.text_head(self.out[lane : lane + 1, last : last + 1])
         n = min(F, self.context)
@@ -302,34 +317,34 @@ class PrefixBuilder:
         ring = prompt_ring(job.frames, self.gen).to(self.device)
         return Prefix(keys, values, ring, hidden[0, 0], text_logits[0, 0], torch.tensor(F))
 
-    def _graph(self, b: int, window: int) -> torch.cuda.CUDAGraph:
-        graph = self._graphs.get((b, window))
+    def _graph(self, b: int, C: int, window: int) -> torch.cuda.CUDAGraph:
+        graph = self._graphs.get((b, C, window))
         if graph is None:
             saved = self.active.clone()
             self.active.zero_()  # warm up and capture with every lane inactive: no state changes
             position = self.state.position.clone()
             with torch.inference_mode():
-                graph, _ = capture_graph(lambda: self._forward(b, window), self.device, warmups=2, pool=self._pool)
+                graph, _ = capture_graph(lambda: self._forward(b, C, window), self.device, warmups=2, pool=self._pool)
             self.active.copy_(saved)
             self.state.position.copy_(position)
-            self._graphs[(b, window)] = graph
+            self._graphs[(b, C, window)] = graph
         return graph
 
     def warm_up(self, max_voice_frames: int) -> None:
         """Everything a build runs, at every shape it can take, before the first build: each
-        (lanes, attention window) graph, the voice encoder's graph of every bucket; and a first
-        cost of each forward width (its widest window: an upper bound)."""
+        (lanes, positions, attention window) graph, the voice encoder's graph of every bucket; and
+        a first cost of each forward shape (its widest window: an upper bound)."""
         if self.use_graphs:
-            for b in self.sizes:
+            for b, C in self.chunk_costs:
                 window = 0
                 while window < self.capacity:
                     window = window_for(window + 1, self.capacity)
-                    self._graph(b, window)
+                    self._graph(b, C, window)
                 torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
-                self._graphs[(b, window)].replay()
+                self._graphs[(b, C, window)].replay()
                 torch.cuda.synchronize(self.device)
-                self.chunk_costs[b] = Cost(time.perf_counter() - t0)
+                self.chunk_costs[(b, C)] = Cost(time.perf_counter() - t0)
             with fused.eager():
                 self.voices.warm_up(max_voice_frames)
             torch.cuda.synchronize(self.device)

@@ -32,12 +32,14 @@ from .kvcache import QMAX
 # tools/bench/gpu_kv.py measures each choice on the GPU (docs/performance.md).
 # Measured on an H200 (docs/results/2026-12-02-h200-kv8.jsonl): 128 rows, 4 warps, 2 stages read the
 # 64-conversation cache at 2.9 TB/s (64 rows, 3 stages: 2.4; "dot": 2.3; "fma": 2.0).
-# `programs`: about how many (slot, head, split) programs a launch should have (1024 fills the 132
-# SMs of an H100/H200; more splits a long window over more programs, for a combine pass).
+# `programs`: about how many (slot, head, split) programs a launch should have (4096: a 64-session
+# layer in two splits, 0.547 ms against 0.565 at 1024; 8192: 0.554).
 # `fused_write`: a step's new rows quantized and stored by one kernel per layer (`write_rows`) instead
-# of PyTorch's quantization and four scatters; off until measured on a GPU.
+# of PyTorch's quantization and four scatters (same bytes, checked on the GPU by gpu_kv.py kernel):
+# 0.45 ms off a 1-session tick, 0.7 ms off a 64-session one (H200, docs/performance.md).
+# The integer modes ("imma", "imma_pv") read the cache no faster there (2.6 and 2.9 TB/s).
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
-          "num_stages": 2, "programs": 1024, "fused_write": False}
+          "num_stages": 2, "programs": 4096, "fused_write": True}
 MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4}
 
 
@@ -234,8 +236,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
 def _quantize_row(X, Q, S, src, dst, scale_at, dmask, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     """One row of D values -> 8-bit values and their scale, as `kvcache.quantize_rows` makes them."""
     x = tl.load(X + src, mask=dmask, other=0.0).to(tl.float32)
-    # IEEE-rounded divisions (Triton's `/` may be approximate), as PyTorch's quantization divides
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), QMAX), 1e-30)
+    # the scale times the reciprocal, then an IEEE-rounded division (Triton's `/` may be approximate),
+    # as `kvcache.quantize_rows` computes them, so both store the same bytes
+    scale = tl.maximum(tl.max(tl.abs(x), 0) * (1.0 / QMAX), 1e-30)
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
     if IS_INT:  # round half to even, as torch.round
         r = tl.floor(y + 0.5)

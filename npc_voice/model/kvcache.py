@@ -69,7 +69,7 @@ class KVCache(StreamState):
 @fused.fusable
 def _quantize(x: torch.Tensor, qmax: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / qmax).clamp(min=1e-30)
+    scale = (xf.abs().amax(dim=-1) * (1.0 / qmax)).clamp(min=1e-30)  # as `decode_attention.write_rows` does
     scaled = (xf / scale[..., None]).clamp(-qmax, qmax)
     return (scaled.round() if dtype == torch.int8 else scaled).to(dtype), scale
 

@@ -60,7 +60,7 @@ SWEEP = ([dict(mode="offset", block_n=n, num_warps=w, num_stages=st, programs=10
 
 
 @torch.inference_mode()
-def stage_kernel() -> None:
+def stage_kernel(sweep: bool = True) -> None:
     for kv_name, kv in KVS.items():  # correctness on fresh random data, 7B shapes
         cache = random_cache(4, kv, seed=1)
         q = torch.randn(4, H, 1, D, device=DEVICE, dtype=torch.bfloat16)
@@ -88,23 +88,8 @@ def stage_kernel() -> None:
             int((a.float() != b.float()).sum()) for a, b in zip(ours.tensors(), ref.tensors())])
         del ours, ref
         free()
-    # The launch configuration: swept at 64 sessions (int8, full context), the fastest kept for what follows.
-    cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S)
-    default, best = dict(da.CONFIG), None
-    for config in SWEEP:
-        da.CONFIG.update(config)
-        try:
-            ms = layer_ms(cache, q, bias)
-        except Exception as exc:  # a configuration Triton cannot build (too many registers)
-            emit(what="kv_kernel_sweep", **config, error=repr(exc)[:200])
-            continue
-        emit(what="kv_kernel_sweep", **config, B=64, ms=ms, gbps=round(cache.nbytes * S / (S + 1) / ms / 1e6))
-        if best is None or ms < best[0]:
-            best = (ms, dict(config))
-    da.CONFIG.update(best[1] if best else default)
-    emit(what="kv_kernel_config", default=default, chosen=da.CONFIG)
-    del cache
-    free()
+    if sweep:
+        stage_sweep()
     for B in (1, 64, 128):  # one layer's attention at the full context: ours vs bf16 SDPA
         bias = bias_for(B, S, S)
         q = torch.randn(B, H, 1, D, device=DEVICE, dtype=torch.bfloat16)
@@ -123,6 +108,27 @@ def stage_kernel() -> None:
             del k, v
         emit(**row)
         free()
+
+
+def stage_sweep() -> None:
+    """The launch configuration: swept at 64 sessions (int8, full context), the fastest kept for what
+    follows in the same process."""
+    cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S)
+    default, best = dict(da.CONFIG), None
+    for config in SWEEP:
+        da.CONFIG.update(config)
+        try:
+            ms = layer_ms(cache, q, bias)
+        except Exception as exc:  # a configuration Triton cannot build (too many registers)
+            emit(what="kv_kernel_sweep", **config, error=repr(exc)[:200])
+            continue
+        emit(what="kv_kernel_sweep", **config, B=64, ms=ms, gbps=round(cache.nbytes * S / (S + 1) / ms / 1e6))
+        if best is None or ms < best[0]:
+            best = (ms, dict(config))
+    da.CONFIG.update(best[1] if best else default)
+    emit(what="kv_kernel_config", default=default, chosen=da.CONFIG)
+    del cache
+    free()
 
 
 TICKS = ((None, (1, 64)), (torch.int8, (1, 64, 128)), (torch.float8_e4m3fn, (64,)))
@@ -180,14 +186,15 @@ def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
                                            .float().mean()))
 
 
-def stage_ticks_fused_write() -> None:
-    """The int8 cache's ticks with each step's rows written by one kernel per layer, against the
-    PyTorch write (same call)."""
-    for fused_write in (False, True):
-        da.CONFIG["fused_write"] = fused_write
-        emit(what="fused_write", on=fused_write)
-        stage_ticks(((torch.int8, (1, 64)),))
-    da.CONFIG["fused_write"] = False
+def stage_ticks_final() -> None:
+    """The headline ticks (bf16 cache at 64; int8 at 1/64/128, each step's rows written by one
+    kernel per layer, the default), then int8 at 1/64 with PyTorch's quantization and scatters."""
+    stage_ticks(((None, (64,)), (torch.int8, (1, 64, 128))))
+    default = da.CONFIG["fused_write"]
+    da.CONFIG["fused_write"] = not default
+    emit(what="fused_write", on=not default)
+    stage_ticks(((torch.int8, (1, 64)),))
+    da.CONFIG["fused_write"] = default
 
 
 def stage_weights() -> None:
@@ -237,19 +244,9 @@ def stage_accuracy_int8(frames: int = S) -> None:
     free()
 
 
-def stage_ticks_final() -> None:
-    """The headline ticks with the configuration the kernel stage chose: bf16 cache at 64; int8 at
-    1/64/128; then int8 at 1/64 with the fused write."""
-    stage_ticks(((None, (64,)), (torch.int8, (1, 64, 128))))
-    da.CONFIG["fused_write"] = True
-    emit(what="fused_write", on=True)
-    stage_ticks(((torch.int8, (1, 64)),))
-    da.CONFIG["fused_write"] = False
-
-
 STAGES = {"kernel": stage_kernel, "accuracy_int8": stage_accuracy_int8, "ticks_final": stage_ticks_final, "ticks": stage_ticks, "accuracy": stage_accuracy, "weights": stage_weights,
           "ticks_main": lambda: stage_ticks(((None, (64,)), (torch.int8, (1, 64, 128)))),
-          "ticks_fused_write": stage_ticks_fused_write}
+          "checks": lambda: stage_kernel(sweep=False)}
 
 if __name__ == "__main__":
     main(STAGES)

@@ -79,7 +79,7 @@ def stage_check(kv: str = "auto") -> None:
                                for x in samples),
          keys_max_abs_diff=max(float((eager[k].keys - graphed[k].keys).abs().max()) for k in eager),
          logits_max_abs_diff=max(float((eager[k].text_logits - graphed[k].text_logits).abs().max()) for k in eager),
-         widths=sorted({lanes for op, lanes, _, _ in builder.log if op == "chunk"}))
+         widths=sorted({lanes for op, lanes, *_ in builder.log if op == "chunk"}))
 
     # A whole engine (builds, graphed installs, graphed ticks) speaks as the eager one does.
     from npc_voice.engine import Engine
@@ -278,17 +278,18 @@ def stage_parts() -> None:
 
 
 
-def stage_builds(lives=(32, 63), new: int = 8, variants=({},)) -> None:
+def stage_builds(lives=(32, 63), new: int = 8, variants=({},), rounds: int = 3) -> None:
     """New uncached characters (8 at once, voices 3-10 s, roles 20-120 words) while `live`
     full-context conversations run in the real-time loop: ticks during the builds, first frames.
-    `variants`: scheduling choices to compare (`bench_builds`' build_margin, build_chunk, build_lanes)."""
+    `variants`: scheduling choices to compare (`bench_builds`' build_margin, build_chunk, build_lanes);
+    `rounds`: 8 new characters each (the first is the first build after start-up)."""
     from npc_voice.bench_live import bench_builds
 
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
     model.mimi.to(torch.bfloat16)  # the serving default on a GPU
     for live in lives:
         for variant in variants:
-            for row in bench_builds(model, live, new=new, rounds=2, **variant):
+            for row in bench_builds(model, live, new=new, rounds=rounds, **variant):
                 emit(**row, variant=variant)
             free()
     del model
@@ -301,7 +302,7 @@ BUILD_VARIANTS = ({}, {"build_margin": 0.002}, {"build_chunk": 48}, {"build_chun
                   {"build_chunk": 64, "build_margin": 0.002})
 
 
-STAGES = {"builds63": lambda: stage_builds((63,)), "builds63_sweep": lambda: stage_builds((63,), variants=BUILD_VARIANTS),
+STAGES = {"builds63": lambda: stage_builds((63,)), "builds63_sweep": lambda: stage_builds((63,), variants=BUILD_VARIANTS, rounds=2),
           "check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
           "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
 
