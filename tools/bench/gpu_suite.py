@@ -303,6 +303,7 @@ BUILD_VARIANTS = ({}, {"build_margin": 0.002}, {"build_chunk": 48}, {"build_chun
 
 
 STAGES = {"builds63": lambda: stage_builds((63,)), "builds63_sweep": lambda: stage_builds((63,), variants=BUILD_VARIANTS, rounds=2),
+          "builds63_margin": lambda: stage_builds((63,), variants=({}, {"build_margin": 0.002})),
           "check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
           "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
 
