@@ -91,7 +91,7 @@ def build_personas(model: LoadedModel, count: int = 8, seed: int = 0) -> list:
 
 
 def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, context_fill: int | None = None,
-                 settle_s: float = 1.0, build_margin: float = 0.005, **engine_args) -> list[dict]:
+                 settle_s: float = 1.0, build_margin: float = 0.002, **engine_args) -> list[dict]:
     """New characters while `live` conversations run in the real-time `EngineLoop`: `new` uncached
     characters are opened at the same instant from `new` threads, `rounds` times (the first round is
     the first build after start-up). Reports, per round, the ticks while the builds ran (p50, p99,

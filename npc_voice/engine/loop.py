@@ -26,9 +26,9 @@ class EngineLoop:
     messages) never takes the engine thread's time."""
 
     def __init__(self, engine: Engine, period: float = FRAME_SECONDS, catch_up: int = 3,
-                 build_margin: float = 0.005):
+                 build_margin: float = 0.002):
         self.engine, self.period, self.catch_up = engine, period, catch_up
-        self.build_margin = build_margin  # seconds of each period kept free of builds (tick jitter)
+        self.build_margin = build_margin  # seconds of each period kept free of builds (tick jitter; 2 ms: docs/performance.md)
         self.tick_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self.overruns = 0
         self._stop = threading.Event()
