@@ -95,6 +95,20 @@ def test_the_launch_plan_fills_the_gpu_with_whole_tiles() -> None:
         assert B * H * splits >= min(da.CONFIG["programs"], B * H * math.ceil(W / da.CONFIG["block_n"])) // 2
 
 
+def test_gpu_only_launch_choices_leave_the_numbers_alone(monkeypatch) -> None:
+    """"packed" (PTX, an int8 cache on a GPU) and a register cap only change how a GPU runs the
+    kernel: here (the interpreter) they give exactly what "offset" gives. (Their GPU results are
+    checked against the dequantized cache by `tools/bench/gpu_kv.py checks`.)"""
+    B, H, S, D, W = 2, 2, 300, 32, 280
+    cache = filled_cache(B, H, S, D, torch.int8, seed=5)
+    q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    bias = mask(B, W, 5, torch.bfloat16)
+    args = (q, cache.keys, cache.key_scale, cache.values, cache.value_scale, bias, W)
+    offset = da.decode_attention(*args, mode="offset")
+    monkeypatch.setitem(da.CONFIG, "maxnreg", 168)
+    assert torch.equal(da.decode_attention(*args, mode="packed"), offset)
+
+
 def test_it_refuses_what_it_cannot_compute() -> None:
     cache = filled_cache(1, 1, 10, 16, torch.int8, seed=0)
     with pytest.raises(ValueError, match="one query position"):

@@ -38,9 +38,14 @@ from .kvcache import QMAX
 # of PyTorch's quantization and four scatters (same bytes, checked on the GPU by gpu_kv.py kernel):
 # 0.45 ms off a 1-session tick, 0.7 ms off a 64-session one (H200, docs/performance.md).
 # The integer modes ("imma", "imma_pv") read the cache no faster there (2.6 and 2.9 TB/s).
+# `maxnreg`: a register cap per thread (None: Triton's choice). Compiled for sm_90 here
+# (tools/bench/kernel_sass.py), the default launch takes 250 registers, so 2 programs share an SM,
+# and its instruction count bounds it (~0.28 ms of issue for the 0.55 ms a 64-session layer takes);
+# "packed" takes 178, and 168 under a cap (3 programs an SM, 16 bytes spilled): not measured on a
+# GPU yet (gpu_kv.py's sweep has both).
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
-          "num_stages": 2, "programs": 4096, "fused_write": True}
-MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4}
+          "num_stages": 2, "programs": 4096, "fused_write": True, "maxnreg": None}
+MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4, "packed": 5}
 
 
 @triton.jit
@@ -62,14 +67,17 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
     # "imma" (int8 caches): the keys go into integer tensor-core dots as they are stored, against the
     # query as two int8 terms (q ~ sq * (q1 + q2 / 254): finer than fp16); "imma_pv" also the values,
     # against the probabilities as two int8 terms per tile. No per-value conversion at all.
-    IMMA_K: tl.constexpr = MODE >= 3
+    IMMA_K: tl.constexpr = MODE == 3 or MODE == 4
     IMMA_V: tl.constexpr = MODE == 4
+    # "packed" (int8 caches on a GPU): "offset" with the bits laid out four values at a time by PTX
+    # (one xor and two byte permutes per four values, as CUTLASS converts int8 to fp16)
+    BITS: tl.constexpr = MODE == 2 or MODE == 5
     # "offset": an int8 x read as the fp16 bits 0x6400 | (x + 128) is x + 1152 exactly, and an e4m3
     # x moved into the fp16 fields is x / 256 exactly: one or two bit operations per value, no
     # conversion instruction; the offset comes off the dot products, the 256 goes into the scales.
-    K_OFFSET: tl.constexpr = 1152.0 if (MODE == 2 and IS_INT) else 0.0
+    K_OFFSET: tl.constexpr = 1152.0 if (BITS and IS_INT) else 0.0
     V_OFFSET: tl.constexpr = 1152.0 if (MODE >= 2 and IS_INT) else 0.0
-    MULT: tl.constexpr = 1.0 if (MODE != 2 or IS_INT) else 256.0
+    MULT: tl.constexpr = 1.0 if (not BITS or IS_INT) else 256.0
     if MODE == 0:
         q = tl.load(Q + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
         m_i = -1e30
@@ -80,7 +88,7 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
                     other=0.0)
         if IMMA_K:
             q1, q2, q_scale = _two_int8_terms(q.to(tl.float32))
-        elif MODE == 2:
+        elif BITS:
             q = q.to(tl.float16)
         q_sum = tl.sum(q.to(tl.float32), 1)  # [16]: what the offset adds to each score
         m_i = tl.full([16], -1e30, tl.float32)
@@ -107,7 +115,9 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
                 s = tl.dot(q1, tl.trans(k)).to(tl.float32) + tl.dot(q2, tl.trans(k)).to(tl.float32) * (1.0 / 254.0)
                 s = s * q_scale[:, None] * ks[None, :] + bias[None, :]
             else:
-                if MODE == 2:
+                if MODE == 5:
+                    k = _int8_as_fp16_packed(k)
+                elif MODE == 2:
                     k = _as_fp16(k, IS_INT)
                 else:
                     k = k.to(q.dtype)
@@ -122,7 +132,7 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
                 acc = acc * alpha[:, None] + pv_acc * w_scale[:, None]
             else:
                 if MODE >= 2:
-                    v = _as_fp16(v, IS_INT)
+                    v = _int8_as_fp16_packed(v) if MODE == 5 else _as_fp16(v, IS_INT)
                     pv = (p * vs[None, :]).to(tl.float16)
                 else:
                     v = v.to(q.dtype)
@@ -152,6 +162,16 @@ def _two_int8_terms(x):
     t1 = tl.floor(y + 0.5)
     t2 = tl.floor((y - t1) * 254.0 + 0.5)
     return t1.to(tl.int8), t2.to(tl.int8), scale
+
+
+@triton.jit
+def _int8_as_fp16_packed(x):
+    """int8 x -> fp16 x + 1152, as `_as_fp16` makes it, four values per 32-bit register: the sign bits
+    flipped by one xor, then each byte put under the exponent byte 0x64 by a byte permute."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b32 t; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x5140; "
+            "prmt.b32 $1, t, 0x64646464, 0x7362; }",
+        constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -207,8 +227,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
     mode = mode or CONFIG["mode"]
     block_n = CONFIG["block_n"]
     block_d = max(16, triton.next_power_of_2(D))
-    if MODES[mode] >= MODES["imma"] and (keys.dtype != torch.int8 or min(block_d, block_n) < 32):
+    if mode in ("imma", "imma_pv") and (keys.dtype != torch.int8 or min(block_d, block_n) < 32):
         mode = "offset"  # integer dots take an int8 cache, and 32-deep tiles
+    if mode == "packed" and (keys.dtype != torch.int8 or not q.is_cuda):
+        mode = "offset"  # PTX: an int8 cache on a GPU (Triton's interpreter runs the same numbers as "offset")
     if D < 16 or q.dtype not in (torch.bfloat16, torch.float16):
         mode = "fma"  # tensor-core dots need 16-wide tiles, and a float32 query keeps float32 math
     splits, chunk = plan(B, H, window, block_n, CONFIG["programs"])
@@ -225,6 +247,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
         H, window, 1.0 / math.sqrt(D),
         CHUNK=chunk, D=D, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits, MODE=MODES[mode],
         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
+        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
     )
     if splits > 1:
         _combine_kernel[(B * H,)](acc, ml, out, out.stride(0), out.stride(1), H, D=D, BLOCK_D=block_d, SPLITS=splits,

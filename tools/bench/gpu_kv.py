@@ -54,8 +54,11 @@ SWEEP = ([dict(mode="offset", block_n=n, num_warps=w, num_stages=st, programs=10
           for w in (2, 4, 8) for st in (2, 3)]
          + [dict(mode="offset", block_n=128, num_warps=4, num_stages=2, programs=p) for p in (2048, 4096, 8192)]
          + [dict(mode="offset", block_n=n, num_warps=w, num_stages=2, programs=4096) for n in (64, 256) for w in (4, 8)]
-         + [dict(mode=m, block_n=n, num_warps=w, num_stages=st, programs=p) for m in ("imma", "imma_pv")
-            for n in (64, 128) for w in (4, 8) for st in (2, 3) for p in (1024, 4096)]
+         + [dict(mode=m, block_n=128, num_warps=4, num_stages=st, programs=4096) for m in ("imma", "imma_pv")
+            for st in (2, 3)]
+         # the PTX conversion and a register cap (3 programs an SM: tools/bench/kernel_sass.py)
+         + [dict(mode=m, block_n=n, num_warps=4, num_stages=st, programs=4096, maxnreg=r)
+            for m in ("packed", "offset") for n in (64, 128) for st in (2, 3) for r in (None, 168)]
          + [dict(mode=m, block_n=64, num_warps=4, num_stages=3, programs=1024) for m in ("dot", "fma")])
 
 
@@ -116,6 +119,7 @@ def stage_sweep() -> None:
     cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S)
     default, best = dict(da.CONFIG), None
     for config in SWEEP:
+        da.CONFIG.update(default)  # what a configuration does not name is the default's
         da.CONFIG.update(config)
         try:
             ms = layer_ms(cache, q, bias)
@@ -125,7 +129,8 @@ def stage_sweep() -> None:
         emit(what="kv_kernel_sweep", **config, B=64, ms=ms, gbps=round(cache.nbytes * S / (S + 1) / ms / 1e6))
         if best is None or ms < best[0]:
             best = (ms, dict(config))
-    da.CONFIG.update(best[1] if best else default)
+    da.CONFIG.update(default)
+    da.CONFIG.update(best[1] if best else {})
     emit(what="kv_kernel_config", default=default, chosen=da.CONFIG)
     del cache
     free()
