@@ -130,7 +130,7 @@ def test_mimi_checkpoint_official_names(mimi_state):
             assert tuple(mimi_state[f"{prefix}.transformer.layers.{layer}.self_attn.out_proj.weight"].shape) == (32, 32)
             assert f"{prefix}.transformer.layers.{layer}.layer_scale_1.scale" in mimi_state
     assert not [k for k in mimi_state if "in_projs" in k or "out_projs" in k]
-    codebooks = [f"quantizer.rvq_first.vq.layers.0._codebook"] + [
+    codebooks = ["quantizer.rvq_first.vq.layers.0._codebook"] + [
         f"quantizer.rvq_rest.vq.layers.{i}._codebook" for i in range(7)
     ]
     for cb in codebooks:
