@@ -94,6 +94,10 @@ def test_unknown_id(store: CharacterStore, tmp_path: Path) -> None:
     for bad in ("nobody", "../secret", "/etc/passwd", "guard/../../x", "..", "GUARD", "a" * 64, "gu ard", ""):
         assert code_of(store, bad) is ErrorCode.UNKNOWN_CHARACTER, bad
     assert code_of(None, "guard") is ErrorCode.UNKNOWN_CHARACTER  # no store: only inline characters
+    with pytest.raises(ResolveError, match="not a character id: ids have 1-48"):  # the rule, not a lookup
+        resolve_persona(store, "a" * 49, DEFAULT_LIMITS)
+    with pytest.raises(ResolveError, match="no character 'nobody' on this server"):
+        resolve_persona(store, "nobody", DEFAULT_LIMITS)
 
 
 def test_bad_voice(store: CharacterStore) -> None:

@@ -142,6 +142,10 @@ def test_hostile_json_is_refused_with_its_code() -> None:
             assert info.value.ref == ("r" if field != "ref" else None)
     assert code_of('{"type": "say", "text": ' + "7" * 5000 + "}") == "invalid_message"
     assert code_of('{"type": "start", "character": "x", "seed": 1e99999}') == "invalid_message"  # inf
+    for constant in ("NaN", "Infinity", "-Infinity"):  # Python's decoder reads them; JSON has no such values
+        assert code_of(f'{{"type": "start", "character": "x", "seed": {constant}}}') == "bad_json"
+    for blank in ("", "   ", "\\n\\t "):  # a line of nothing to say
+        assert code_of(f'{{"type": "say", "text": "{blank}"}}') == "invalid_message"
     big_ref = int("9" * MAX_INT_DIGITS)
     assert parse_client_text(f'{{"type": "end", "ref": {big_ref}}}').ref == big_ref  # the longest integer allowed
     assert parse_client_text(f'{{"type": "end", "ref": -{big_ref}}}').ref == -big_ref  # the sign is no digit

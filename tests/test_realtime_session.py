@@ -42,6 +42,8 @@ def live(voice: str = "innkeeper") -> RealtimeSession:
 def test_model_in_the_url_opens_a_stored_character() -> None:
     s = RealtimeSession("innkeeper", known_character=lambda n: n == "innkeeper")
     assert s.requests() == [OpenConversation(Character("innkeeper"))]
+    (created,) = events(s)  # names the character it opens as the voice
+    assert created["type"] == "session.created" and created["session"]["audio"]["output"]["voice"] == "innkeeper"
     s = RealtimeSession("gpt-realtime", known_character=lambda n: n == "innkeeper")
     assert s.requests() == []
 
@@ -85,6 +87,22 @@ def test_session_update_formats_and_refusals() -> None:
     assert (err["error"]["code"], err["error"]["event_id"]) == ("unknown_character", "v1") and s.phase == "idle"
     send(s, type="response.create", response={"instructions": "Hello"})
     assert [e["error"]["code"] for e in events(s)] == ["conversation_not_started"]
+
+
+def test_a_refused_role_is_not_kept() -> None:
+    """Instructions the server cannot use (a role too long for the context) are refused with
+    `invalid_character` naming `session.instructions`, and forgotten: the next voice change goes
+    through with the running character's instructions, not the refused ones."""
+    s = live()
+    s.data_to_send()
+    send(s, type="session.update", session={"instructions": "x " * 3000}, event_id="long")
+    assert s.requests() == [SwitchCharacter(Character("innkeeper", ("x " * 3000).strip()))]
+    s.refused(RealtimeError("invalid_character", "role is 6012 tokens", param="session.audio.output.voice"))
+    (err,) = events(s)
+    assert err["error"]["param"] == "session.instructions" and err["error"]["event_id"] == "long"
+    assert s.instructions is None and s.wanted == Character("innkeeper")
+    send(s, type="session.update", session={"audio": {"output": {"voice": "blacksmith"}}})
+    assert s.requests() == [SwitchCharacter(Character("blacksmith"))]  # not the refused role
 
 
 def test_audio_in_is_converted_and_dropped_before_the_conversation() -> None:

@@ -191,6 +191,39 @@ def test_hostile_json_gets_its_code_and_the_connection_goes_on(server: Backgroun
     assert health(server)["status"] == "ok"
 
 
+def test_a_burst_of_mistakes_gets_every_error_while_the_client_reads(server: BackgroundServer) -> None:
+    """3000 bad messages sent back to back by a client that reads meanwhile: each is answered with
+    its error, in order (the replies were queued faster than the connection sent them, and the
+    oldest were dropped); then a session starts and ends on the same connection."""
+    from websockets.asyncio.client import connect
+
+    wait_idle(server)
+    n = 3000
+
+    async def main() -> None:
+        async with connect(server.url, compression=None, max_queue=None) as ws:
+            await expect(ws, "hello")
+
+            async def burst() -> None:
+                for i in range(n):
+                    await ws.send(json.dumps({"type": "strat", "ref": i}))
+
+            sender = asyncio.create_task(burst())
+            refs = []
+            while len(refs) < n:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert msg["type"] == "error" and msg["code"] == "unknown_type", msg
+                refs.append(msg["ref"])
+            await sender
+            assert refs == list(range(n))
+            await ws.send('{"type": "start", "character": "innkeeper", "ref": "ok"}')
+            started = await expect(ws, "started", ref="ok")
+            await ws.send('{"type": "end", "ref": 3}')
+            await expect(ws, "ended", session=started["session"], reason="client", ref=3)
+
+    run(main())
+
+
 def test_invalid_utf8_text_closes_with_1007_as_documented(server: BackgroundServer) -> None:
     """RFC 6455 makes a text frame that is not UTF-8 fail the connection: the websocket library
     closes it with 1007 before the server sees the message (docs/protocol.md lists the code). Only

@@ -97,6 +97,11 @@ def test_symlinks_are_refused(open_server, tmp_path, monkeypatch) -> None:
         assert status == 404 and b"TOP-SECRET" not in body, path
 
 
+def test_the_not_found_answer_names_the_demo_while_it_is_served(open_server) -> None:
+    status, _, body = get(open_server, "/nowhere")
+    assert status == 404 and "the browser demo /demo/" in json.loads(body)["message"]
+
+
 def test_characters_json_lists_the_cast(open_server) -> None:
     status, headers, body = get(open_server, "/demo/characters.json")
     assert status == 200 and headers["content-type"] == "application/json"
@@ -114,6 +119,7 @@ def test_off_with_a_token_unless_asked_for(model, cache, store) -> None:  # noqa
             status, _, body = get(bg, path)
             assert status == 404, path
             assert json.loads(body)["code"] == "not_found" and "--demo" in json.loads(body)["message"]
+        assert "/demo/" not in json.loads(get(bg, "/nowhere")[2])["message"]  # not named while it is off
         bg.server.demo = True  # npc-voice serve --demo
         assert get(bg, "/demo/")[0] == 200
         assert get(bg, "/demo/app.js")[0] == 200  # the page itself needs no token: it asks for one

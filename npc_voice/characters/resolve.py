@@ -21,7 +21,7 @@ from ..audio import AudioError, load_mono
 from ..protocol import (
     DEFAULT_LIMITS, MODEL_RATE, ErrorCode, InlineCharacter, Limits, ProtocolError, decode_inline_voice,
 )
-from .model import ID_PATTERN, PRESET_PATTERN, VOICE_MAX_S, Character, CharacterError, check_voice_audio
+from .model import ID_PATTERN, ID_RULE, PRESET_PATTERN, VOICE_MAX_S, Character, CharacterError, check_voice_audio
 
 if TYPE_CHECKING:
     from ..engine import Persona
@@ -98,8 +98,10 @@ def _stored(store: CharacterStore | None, id: str) -> tuple[Persona, str]:
     if store is None:
         raise ResolveError(ErrorCode.UNKNOWN_CHARACTER, f"no character {id[:64]!r}: this server has no characters "
                            "folder (start it with --characters DIR) - send an inline character")
-    if not ID_PATTERN.match(id) or id not in store:
-        raise ResolveError(ErrorCode.UNKNOWN_CHARACTER, f"no character {id[:64]!r} on this server")
+    if not ID_PATTERN.match(id):  # before anything looks at the disk
+        raise ResolveError(ErrorCode.UNKNOWN_CHARACTER, f"{id[:64]!r} is not a character id: ids have {ID_RULE}")
+    if id not in store:
+        raise ResolveError(ErrorCode.UNKNOWN_CHARACTER, f"no character {id!r} on this server")
     try:
         character = store.load(id)
         return character.to_persona(store), character.id

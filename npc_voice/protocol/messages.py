@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..model.config import FRAME_MS
 from ..model.config import SAMPLE_RATE as MODEL_RATE  # what the model hears and says
@@ -152,6 +152,13 @@ class Say(_Msg):
     type: Literal["say"]
     text: str = Field(min_length=1)
     ref: Ref = None
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("the line is only white space: give the NPC something to say")
+        return text
 
 
 class End(_Msg):

@@ -63,8 +63,8 @@ def _first_error(exc: ValidationError) -> str:
 
 def _check_character_limits(spec: CharacterSpec, limits: Limits, ref: Any) -> None:
     if isinstance(spec, str):
-        if not spec or len(spec) > limits.max_id_chars:
-            raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"character ids have 1-{limits.max_id_chars} characters",
+        if not spec or len(spec) > limits.max_id_chars:  # the id rule itself: characters.resolve
+            raise ProtocolError(ErrorCode.UNKNOWN_CHARACTER, f"not a character id: {len(spec)} characters",
                                 ref=ref)
         return
     if not spec.role.strip():
@@ -107,6 +107,11 @@ def _parse_int(text: str) -> int | _LongInt:
     return int(text) if len(text) - text.startswith("-") <= MAX_INT_DIGITS else _LongInt(text)
 
 
+def _no_constant(name: str) -> Any:
+    """`NaN`, `Infinity` and `-Infinity` are not JSON (RFC 8259), though Python's decoder reads them."""
+    raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {name} is not a JSON value")
+
+
 def _json_depth(text: str) -> int:
     """How deep a JSON text nests its arrays and objects (brackets inside strings do not count).
 
@@ -137,7 +142,7 @@ def load_json(data: str | bytes) -> Any:
     if depth > MAX_JSON_DEPTH:
         raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     try:
-        return json.loads(text, parse_int=_parse_int)
+        return json.loads(text, parse_int=_parse_int, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
     except (RecursionError, ValueError) as exc:  # a safety net: the checks above should prevent these

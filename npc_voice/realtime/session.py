@@ -95,10 +95,10 @@ class RealtimeSession:
         self.discarded_input_ms = 0
         self._out: list[str | AudioDelta] = []
         self._requests: list[Request] = []
-        self._emit("session.created", session=self._session())
         if model and known_character is not None and known_character(model):
-            self.wanted = Character(model)
-            self._next_request()
+            self.wanted = Character(model)  # `session.created` already names it as the voice
+        self._emit("session.created", session=self._session())
+        self._next_request()
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -297,9 +297,14 @@ class RealtimeSession:
             if exc.event_id is None and self.pending_updates:  # the session.update that asked for it
                 exc.event_id = self.pending_updates[-1]
             self.pending_updates.clear()
+            if (exc.code == Code.INVALID_CHARACTER and exc.param == "session.audio.output.voice"
+                    and self.wanted is not None and self.wanted.instructions is not None):
+                exc.param = "session.instructions"  # a role that cannot be used (too long, ...)
             if self.phase == "opening":
                 self.phase, self.current = "idle", None
+            # the wish falls back to what runs, its instructions too (a refused role is not kept)
             self.wanted = self.current
+            self.instructions = self.current.instructions if self.current is not None else None
             self._out.append(json.dumps(error_event(exc)))
 
     def receive_frame(self, frame: int, text: str, pcm: np.ndarray) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..protocol import HEALTH_PATH, WS_PATH, ErrorCode
-from .demo import is_demo_path
+from .demo import DEMO_PATH, demo_enabled, is_demo_path
 from .demo import respond as demo_respond
 from .health import health
 from .realtime import REALTIME_PATH
@@ -54,7 +54,8 @@ def process_request(server: NPCVoiceServer, connection: Any, request: Any) -> An
         return json_response(connection, http.HTTPStatus.NOT_FOUND, {
             "type": "error", "code": ErrorCode.NOT_FOUND.value,
             "message": f"no such path: the websocket endpoints are {WS_PATH} and {REALTIME_PATH} (OpenAI Realtime), "
-                       f"the health check {HEALTH_PATH}"})
+                       f"the health check {HEALTH_PATH}"
+                       + (f", the browser demo {DEMO_PATH}/" if demo_enabled(server) else "")})
     if "websocket" not in request.headers.get("Upgrade", "").lower():  # a browser or curl, not a websocket client
         response = json_response(connection, http.HTTPStatus.UPGRADE_REQUIRED, {
             "type": "error", "code": ErrorCode.UPGRADE_REQUIRED.value,

@@ -45,6 +45,19 @@ class Outbox:
         if wake:
             self._wake()
 
+    @property
+    def json_backlog(self) -> int:
+        """JSON messages waiting to be sent."""
+        with self._lock:
+            return self._n_json
+
+    async def json_room(self, is_open: Any) -> None:
+        """(event loop) Waits while more than half of `max_json` JSON messages wait to be sent and
+        `is_open()`: a connection stops reading a client that sends faster than it reads its replies
+        (flow control, as TCP's), instead of dropping replies."""
+        while self.json_backlog > self.max_json // 2 and is_open():
+            await asyncio.sleep(0.005)
+
     def put_audio(self, link: Any, frame: int, pcm: np.ndarray, before: str | None = None) -> None:
         """`link`: whose `dropped_output` counts this frame if it is dropped (a `LiveSession`);
         `before`: a JSON text sent just before the frame (its visemes), dropped with it."""

@@ -13,6 +13,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from websockets.protocol import State
+
 from ..characters.model import ID_PATTERN, PRESET_PATTERN, Character as StoredCharacter, CharacterError
 from ..engine import FrameEvent, Persona, Session
 from ..protocol import ErrorCode, InlineCharacter, Limits, ProtocolError
@@ -105,6 +107,8 @@ class RealtimeConnection:
                     log.exception("a realtime client event failed")
                     self.protocol.error(_as_realtime(exc))
                 self.pump()
+                await asyncio.sleep(0)  # the sender's turn (see connection.py)
+                await self.outbox.json_room(lambda: self.ws.state is State.OPEN)
         except ConnectionClosed:
             pass
         finally:
