@@ -176,3 +176,26 @@ def test_demo_page_says_wrong_token_busy_and_no_microphone(tmp_path, timing):
             bare.close()
             browser.close()
     timing.verdict()
+
+
+def test_demo_page_talks_to_a_server_without_visemes(tmp_path, timing):
+    """On a server started with `--no-visemes` (characters.json says `"visemes": false`) the page
+    starts without asking for them: the NPC plays and its words show; the mouth stays closed."""
+    pw, chromium = _browser_or_skip()
+    wav = speechy_wav(tmp_path / "mic.wav", seconds=2.0)
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 600})
+            with serve_child("--slots", "1", "--no-visemes") as (port, health):
+                page.goto(f"http://127.0.0.1:{port}/demo/")
+                wait_for_character(page, "innkeeper")
+                page.select_option("#character", "innkeeper")
+                page.click("#connect")
+                s = wait_for(page, "s.status === 'live' && s.framesPlayed >= 10")
+                assert s["visemesReceived"] == 0 and not s["errorKind"], s
+        finally:
+            browser.close()
+    timing.verdict()  # no wall-clock check of its own (the module's tests are realtime)

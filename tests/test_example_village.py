@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import dataclasses
 import json
 from pathlib import Path
 
@@ -294,3 +295,41 @@ def test_no_server_is_reported_not_fatal() -> None:
         assert game.frame == frame + 3
     finally:
         game.close()
+
+
+def test_the_autopilot_reaches_every_npc() -> None:
+    """`--autopilot NPC` walks up to each NPC of the village (the city guard stands behind its
+    post's wall: the pilot tries another side), close enough to talk (60 px)."""
+    import socket
+
+    with socket.socket() as s:  # no server needed to walk: a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    game = village.Game(f"ws://127.0.0.1:{port}", mic=False, fps=2000)
+    try:
+        for npc in game.npcs:
+            game.player = [float(village.START[0]), float(village.START[1])]
+            game.run(frames=600, script=village.autopilot(npc.id, leave=False))
+            assert math.dist(game.player, npc.pos) < 60, (npc.id, game.player)
+    finally:
+        game.close()
+
+
+def test_a_server_without_visemes_still_talks(server) -> None:
+    """Against a server started with --no-visemes (its `start` refuses "visemes") the game starts
+    the conversation without the mouth track: frames arrive, the mouth stays closed."""
+    saved = server.server.config
+    server.server.config = dataclasses.replace(saved, visemes=False)
+    game = village.Game(server.url, TOKEN, mic=False, seed=1)
+    try:
+        npc = next(n for n in game.npcs if n.id == "innkeeper")
+        game.player = [float(npc.pos[0]), float(npc.pos[1] + 30)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (game.conversation is None or game.conversation.audio_frames < 5):
+            game.run(frames=5)
+        conv = game.conversation
+        assert conv is not None and conv.audio_frames >= 5 and not conv.error, conv and conv.error
+        assert conv.viseme_events == 0
+    finally:
+        game.close()
+        server.server.config = saved

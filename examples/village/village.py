@@ -568,16 +568,18 @@ class Game:
 # --- scripted play (tests, screenshots, --autopilot) ------------------------------------------------
 
 
-def walk_to(game: Game, target: tuple[float, float], stop: float = 40) -> list[pygame.event.Event]:
-    """Key events that steer the player toward `target` (x first, then y): press the keys that point
-    there, release the others. Returns nothing once within `stop` pixels."""
+def walk_to(game: Game, target: tuple[float, float], stop: float = 40, y_first: bool = False) -> list[pygame.event.Event]:
+    """Key events that steer the player toward `target` (x first, then y; or y first): press the keys
+    that point there, release the others. Returns nothing once within `stop` pixels."""
     x, y = game.player
     want: set[int] = set()
     if math.dist((x, y), target) > stop:
-        if abs(target[0] - x) > 6:
-            want.add(pygame.K_RIGHT if target[0] > x else pygame.K_LEFT)
-        elif abs(target[1] - y) > 6:
-            want.add(pygame.K_DOWN if target[1] > y else pygame.K_UP)
+        steps = [(abs(target[0] - x) > 6, pygame.K_RIGHT if target[0] > x else pygame.K_LEFT),
+                 (abs(target[1] - y) > 6, pygame.K_DOWN if target[1] > y else pygame.K_UP)]
+        for needed, key in (steps[::-1] if y_first else steps):
+            if needed:
+                want.add(key)
+                break
     arrows = {pygame.K_LEFT, pygame.K_RIGHT, pygame.K_UP, pygame.K_DOWN}
     events = [key_event("up", k) for k in (game.held & arrows) - want]
     events += [key_event("down", k) for k in want - game.held]
@@ -587,13 +589,21 @@ def walk_to(game: Game, target: tuple[float, float], stop: float = 40) -> list[p
 def autopilot(npc_id: str, line: int = 0, talk_frames: int = 150, leave: bool = True) -> Callable[[Game, int], list]:
     """A script: walk to `npc_id`, say prepared line `line` once the conversation is live, listen for
     `talk_frames` frames, then walk back to the start (ending the conversation)."""
-    phase = {"name": "walk", "since": 0}
+    phase: dict[str, Any] = {"name": "walk", "since": 0, "try": 0, "best": math.inf, "stuck": 0}
+    sides = ((0, 30), (0, -30), (-30, 0), (30, 0))  # where to stand: below the NPC, else above, left, right
 
     def script(game: Game, frame: int) -> list[pygame.event.Event]:
         npc = next(n for n in game.npcs if n.id == npc_id)
         conv = game.conversation
         if phase["name"] == "walk":
-            events = walk_to(game, (npc.pos[0], npc.pos[1] + 30), stop=8)
+            dx, dy = sides[phase["try"] % len(sides)]
+            target = (npc.pos[0] + dx, npc.pos[1] + dy)
+            gap = math.dist(game.player, target)
+            phase["stuck"] = 0 if gap < phase["best"] - 1 else phase["stuck"] + 1
+            phase["best"] = min(phase["best"], gap)
+            if phase["stuck"] > 20:  # a wall in the way: the next side, the other axis first
+                phase.update(best=math.inf, stuck=0, **{"try": phase["try"] + 1})
+            events = walk_to(game, target, stop=8, y_first=phase["try"] % 2 == 1)
             if conv is not None and conv.npc is npc and conv.status == "live":
                 phase.update(name="talk", since=frame)
                 events += [key_event("up", k) for k in game.held] + [key_event("down", pygame.K_1 + line)]
@@ -634,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         pb = game.playback
         print(f"village: {len(game.history)} conversations, {pb.received} NPC frames received, {pb.queued} played, "
               f"{pb.dropped} dropped, {pb.underruns} underruns", file=sys.stderr)
+        for conv in game.history:  # what the screen said about a conversation that failed
+            if conv.error:
+                print(f"village: {conv.npc.name}: {conv.error}", file=sys.stderr)
         game.close()
     return 0
 

@@ -46,6 +46,7 @@ class VoiceLink:
 
     def __init__(self, url: str, token: str | None = None, seed: int | None = None):
         self.url, self.token, self.seed = url, token, seed
+        self.visemes = True  # the mouth track; off after a server says it has none (--no-visemes)
         self.events: queue.Queue[NetEvent] = queue.Queue()
         self._input: collections.deque[np.ndarray] = collections.deque()
         self._input_lock = threading.Lock()
@@ -178,7 +179,13 @@ class VoiceLink:
                 try:
                     if client is None or client.ws is None or client.ws.state.name != "OPEN":
                         client = await NPCVoiceClient(self.url, self.token).connect()
-                    session = await client.start(character, seed=self.seed, visemes=True)
+                    try:
+                        session = await client.start(character, seed=self.seed, visemes=self.visemes)
+                    except NPCVoiceError as exc:  # a server started with --no-visemes: talk without a mouth track
+                        if exc.code != "visemes_unavailable":
+                            raise
+                        self.visemes = False
+                        session = await client.start(character, seed=self.seed, visemes=False)
                 except (NPCVoiceError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
                     code = getattr(exc, "code", type(exc).__name__)
                     self.events.put(NetEvent("error", number, character, text=f"{code}: {exc}"))

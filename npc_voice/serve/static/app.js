@@ -27,6 +27,7 @@ const ui = {
 let conv = null;             // the live conversation, see connect()
 let lastUseMic = true;       // what Reconnect does again
 let characters = [];
+let serverVisemes = true;    // characters.json's "visemes": false on a server started with --no-visemes
 
 // --- helpers ------------------------------------------------------------------------------------
 
@@ -88,6 +89,7 @@ async function loadCharacters() {
   }
   const doc = await res.json();
   characters = doc.characters || [];
+  serverVisemes = doc.visemes !== false;  // without them the mouth stays closed; the voice still plays
   const keep = ui.character.value || new URLSearchParams(location.search).get("character");
   ui.character.textContent = "";
   for (const c of characters) {
@@ -199,7 +201,7 @@ async function connect(useMic = true) {
   let opened = false;
   ws.onopen = () => {
     opened = true;
-    ws.send(JSON.stringify({ type: "start", character, sample_rate: c.ctx.sampleRate, visemes: true, ref: "demo" }));
+    ws.send(JSON.stringify({ type: "start", character, sample_rate: c.ctx.sampleRate, visemes: serverVisemes, ref: "demo" }));
   };
   ws.onmessage = (ev) => {
     if (conv !== c) return;
