@@ -189,3 +189,60 @@ def test_talk_with_a_character(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         main(args[:2] + ["nobody"] + args[3:])
     with pytest.raises(SystemExit, match="either --character or --voice"):
         main(args + ["--prompt", "You are a guard."])
+
+
+def test_two_updates_at_once_both_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`create --force` reads, changes and writes under the store's lock: an update that lands while
+    another one imports its voice is not overwritten by it (both changes are kept)."""
+    import threading
+    import time
+
+    from npc_voice.characters import store as store_module
+
+    root = tmp_path / "chars"
+    store = ["--characters", str(root)]
+    sample = _clip(tmp_path / "v.wav", 3.0, 24_000)
+    assert main(["characters", "create", "lu", *store, "--name", "N0", "--description", "D0", "--role", "You sail.",
+                 "--voice", "NATF1"]) == 0
+    slow = store_module.import_voice
+
+    def slow_import(source):  # the first writer is slow to read its voice
+        time.sleep(0.6)
+        return slow(source)
+
+    monkeypatch.setattr(store_module, "import_voice", slow_import)
+    results = []
+    first = threading.Thread(target=lambda: results.append(
+        main(["characters", "create", "lu", *store, "--force", "--name", "N1", "--voice", str(sample)])))
+    first.start()
+    time.sleep(0.2)
+    results.append(main(["characters", "create", "lu", *store, "--force", "--description", "D1"]))
+    first.join()
+    assert results == [0, 0]
+    lu = CharacterStore(root).load("lu")
+    assert (lu.name, lu.description, lu.voice) == ("N1", "D1", "voice.wav")
+
+
+def test_hand_saved_files_a_template_and_bytes_that_are_not_text(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A character.toml saved with a byte-order mark (Windows Notepad) loads; one that is not UTF-8
+    is listed as broken with a message, not a traceback; `--from` takes another character's file as
+    a template (its id replaced)."""
+    root = tmp_path / "chars"
+    store = ["--characters", str(root)]
+    assert main(["characters", "create", "inn", *store, "--name", "Inn", "--role", "You keep the inn.",
+                 "--voice", "NATF1"]) == 0
+    text = (root / "inn" / "character.toml").read_text()
+    (root / "inn" / "character.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert CharacterStore(root).load("inn").name == "Inn"
+    assert main(["characters", "create", "inn2", *store, "--from", str(root / "inn" / "character.toml"),
+                 "--name", "Inn Two"]) == 0
+    two = CharacterStore(root).load("inn2")
+    assert (two.id, two.name, two.role) == ("inn2", "Inn Two", "You keep the inn.")
+    (root / "bad").mkdir()
+    (root / "bad" / "character.toml").write_bytes(b"\xff\xfe name = 1")
+    capsys.readouterr()
+    assert main(["characters", "list", *store]) == 0
+    out = capsys.readouterr().out
+    assert "inn2" in out and "bad" in out and "not UTF-8" in out
+    assert main(["characters", "validate", "bad", *store]) == 1

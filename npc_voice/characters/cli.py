@@ -150,12 +150,18 @@ def _read_text_arg(value: str | None, file: str | None) -> str | None:
 def cmd_create(args: argparse.Namespace) -> int:
     store = store_of(args, create=True, tokenizer=_tokenizer(args))
     store.folder(args.id)  # refuses an unsafe id before anything else
+    with store.lock():  # read, change and write as one: another writer's update is not lost
+        return _create(args, store)
+
+
+def _create(args: argparse.Namespace, store: CharacterStore) -> int:
     if not args.force and args.id in store:
         raise CharacterError(f"character {args.id!r} already exists in {store.root}: choose another id, or add "
                              "--force to update it (what you leave out is kept)")
     data: dict[str, Any] = {}
     if args.from_toml:
-        data = Character.from_toml(Path(args.from_toml).read_text(encoding="utf-8"), id=args.id).model_dump()
+        text = Path(args.from_toml).read_text(encoding="utf-8-sig")  # another character's file is a template
+        data = Character.from_toml(text, id=args.id, template=True).model_dump()
     elif args.force and args.id in store:
         data = store.load(args.id).model_dump()  # --force without --from: change only what is given
     data["id"] = args.id

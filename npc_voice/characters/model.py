@@ -315,15 +315,17 @@ class Character(BaseModel):
             raise CharacterError(_problems_from_validation(exc), data.get("id") if isinstance(data, dict) else None) from None
 
     @classmethod
-    def from_toml(cls, text: str, *, id: str | None = None, tokenizer: TokenizerLike | None = None) -> Character:
-        """Parses a `character.toml`; `id` is the folder name (the file's own `id`, if any, must match)."""
+    def from_toml(cls, text: str, *, id: str | None = None, tokenizer: TokenizerLike | None = None,
+                  template: bool = False) -> Character:
+        """Parses a `character.toml`; `id` is the folder name (the file's own `id`, if any, must match;
+        with `template`, another character's file, the file's id is replaced by `id`)."""
         try:
-            data = tomllib.loads(text)
+            data = tomllib.loads(text.removeprefix("\ufeff"))
         except tomllib.TOMLDecodeError as exc:
             raise CharacterError(f"{CHARACTER_FILE} is not valid TOML: {exc} (multi-line text goes between "
                                  '""" and """)', id) from None
         if id is not None:
-            if "id" in data and data["id"] != id:
+            if "id" in data and data["id"] != id and not template:
                 raise CharacterError([Problem("error", "id", f"{CHARACTER_FILE} says id = {data['id']!r} but its "
                                               f"folder is {id!r}: make them the same (the folder name is the id)")], id)
             data["id"] = id

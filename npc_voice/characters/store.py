@@ -261,10 +261,13 @@ class CharacterStore:
     def read_toml(self, id: str) -> str:
         for attempt in range(5):  # a writer may swap folders between our look-up and our read
             folder = self._existing(id)
-            try:
-                return self._inside(folder / CHARACTER_FILE, folder).read_text(encoding="utf-8")
+            try:  # utf-8-sig: a byte-order mark (as Windows Notepad saves) is not part of the text
+                return self._inside(folder / CHARACTER_FILE, folder).read_text(encoding="utf-8-sig")
             except FileNotFoundError:
                 time.sleep(0.01 * (attempt + 1))
+            except UnicodeDecodeError as exc:
+                raise CharacterError(f"{CHARACTER_FILE} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                                     "save it as UTF-8", id) from None
         raise CharacterError(f"character {id!r} has no {CHARACTER_FILE}", id)
 
     def load(self, id: str) -> Character:
