@@ -243,22 +243,23 @@ def build_server(backend: Backend | Settings | None = None) -> MCPServer:
         audio_temperature: Temperature = None,
     ) -> out.Updated:
         """Change a character: what you leave out is kept (a new voice replaces the old one)."""
-        current = be.character(id)
+        be.character(id)  # an unknown id is refused before its voice is read
         changes: dict[str, Any] = {k: v for k, v in {"name": name, "role": role, "description": description,
                                                      "tags": tags, "lines": lines}.items() if v is not None}
         source = None
         if voice_preset or voice_file or voice_base64:
             preset, source = be.audio_folder.voice_source(voice_preset, voice_file, voice_base64)
             changes["voice"] = preset or VOICE_FILE
-        data = current.model_dump() | changes
-        sampling = dict(data.get("sampling") or {})
-        if text_temperature is not None:
-            sampling["text_temperature"] = text_temperature
-        if audio_temperature is not None:
-            sampling["audio_temperature"] = audio_temperature
-        data["sampling"] = {k: v for k, v in sampling.items() if v is not None}
-        character = Character.parse(data, tokenizer=be.store.tokenizer)
-        report = be.store.update(character, source)
+        with be.store.lock():  # read, change and write as one: another writer's update is not lost
+            data = be.character(id).model_dump() | changes
+            sampling = dict(data.get("sampling") or {})
+            if text_temperature is not None:
+                sampling["text_temperature"] = text_temperature
+            if audio_temperature is not None:
+                sampling["audio_temperature"] = audio_temperature
+            data["sampling"] = {k: v for k, v in sampling.items() if v is not None}
+            character = Character.parse(data, tokenizer=be.store.tokenizer)
+            report = be.store.update(character, source)
         return {"updated": _character_dict(character), "validation": _report_dict(report)}
 
     @mcp.tool(annotations=_hints(destructive=True, idempotent=True, title="Delete a character"))
