@@ -246,3 +246,24 @@ def test_hand_saved_files_a_template_and_bytes_that_are_not_text(tmp_path: Path,
     out = capsys.readouterr().out
     assert "inn2" in out and "bad" in out and "not UTF-8" in out
     assert main(["characters", "validate", "bad", *store]) == 1
+
+
+def test_folders_that_are_no_characters_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A folder whose name breaks the id rule, or one without a character.toml, is listed as broken
+    and fails `validate` (with the id to rename it to), instead of being skipped in silence."""
+    import shutil
+
+    root = tmp_path / "chars"
+    store = ["--characters", str(root)]
+    assert main(["characters", "create", "inn", *store, "--name", "Inn", "--role", "You keep the inn.",
+                 "--voice", "NATF1"]) == 0
+    shutil.copytree(root / "inn", root / "Old Inn")
+    (root / "notes").mkdir()
+    capsys.readouterr()
+    assert main(["characters", "validate", *store]) == 1
+    out = capsys.readouterr().out
+    assert "'old-inn'" in out and "no character.toml" in out and "1 of 3 character(s) valid" in out
+    assert main(["characters", "list", *store]) == 0
+    out = capsys.readouterr().out
+    assert "Old Inn  BROKEN" in out and "notes" in out
+    assert [c.id for c in CharacterStore(root).list()] == ["inn"]  # what loads is unchanged

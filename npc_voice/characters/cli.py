@@ -208,18 +208,22 @@ def _create(args: argparse.Namespace, store: CharacterStore) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     store = store_of(args, tokenizer=_tokenizer(args))
     ids = args.ids or store.ids()
-    if not ids:
+    strays = [] if args.ids else store.strays()  # folders that cannot be characters fail too
+    if not ids and not strays:
         print(f"no characters in {store.root}")
         return 0
     failed = 0
+    reports = []
     for id in ids:
         try:
-            report = store.validate(id)
+            reports.append(store.validate(id))
         except CharacterError as exc:
-            report = Report(id, exc.problems)
+            reports.append(Report(id, exc.problems))
+    reports += [Report(name, exc.problems) for name, exc in strays]
+    for report in reports:
         _print_report(report)
         failed += not report.ok or (args.strict and bool(report.warnings))
-    print(f"{len(ids) - failed} of {len(ids)} character(s) valid in {store.root}")
+    print(f"{len(reports) - failed} of {len(reports)} character(s) valid in {store.root}")
     return 1 if failed else 0
 
 

@@ -220,7 +220,8 @@ class CharacterStore:
 
     def entries(self) -> list[tuple[str, Character | CharacterError]]:
         """Every character folder, with its character or what is wrong with it (a `voice.wav` that is a
-        symlink leading out of its folder counts as broken: using it is refused)."""
+        symlink leading out of its folder counts as broken: using it is refused), then the folders
+        that cannot be characters (`strays`)."""
         out: list[tuple[str, Character | CharacterError]] = []
         for id in self.ids():
             try:
@@ -230,6 +231,21 @@ class CharacterStore:
                 out.append((id, character))
             except CharacterError as exc:
                 out.append((id, exc))
+        return out + self.strays()
+
+    def strays(self) -> list[tuple[str, CharacterError]]:
+        """Folders of the root that are no character: a name that breaks the id rule, or no
+        character.toml (hidden folders, the store's own scratch ones included, are left alone)."""
+        out: list[tuple[str, CharacterError]] = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") or not p.is_dir() or (ID_PATTERN.match(p.name) and (p / CHARACTER_FILE).is_file()):
+                continue
+            if not ID_PATTERN.match(p.name):
+                why = (f"the folder name {p.name!r} is not a character id ({ID_RULE}): rename the folder to "
+                       f"{slugify(p.name)!r} (the folder name is the id)")
+            else:
+                why = f"the folder {p.name!r} has no {CHARACTER_FILE}"
+            out.append((p.name, CharacterError([Problem("error", "id", why)], p.name)))
         return out
 
     def _voice_stays_inside(self, folder: Path, id: str) -> None:
