@@ -142,8 +142,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _read_text_arg(value: str | None, file: str | None) -> str | None:
+    if value is not None and file is not None:
+        raise CharacterError("give the role once: --role TEXT or --role-file FILE, not both")
     if file is not None:
-        return Path(file).read_text(encoding="utf-8")
+        return Path(file).read_text(encoding="utf-8-sig")
     return value
 
 
