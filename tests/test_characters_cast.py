@@ -189,6 +189,9 @@ def test_talk_with_a_character(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         main(args[:2] + ["nobody"] + args[3:])
     with pytest.raises(SystemExit, match="either --character or --voice"):
         main(args + ["--prompt", "You are a guard."])
+    # the prompt's share of the context is checked against this model's (--context), as validate does
+    with pytest.raises(SystemExit, match="half or more of the 100-frame context"):
+        main(args + ["--context", "100"])
 
 
 def test_two_updates_at_once_both_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -332,6 +332,9 @@ def persona_for_talk(args: argparse.Namespace, model: Any, sampling: Any = None)
         store = store_of(args, tokenizer=model.tokenizer, weights=args.weights,  # presets: also WEIGHTS/voices
                          context_frames=model.config.lm.context)
         persona, _ = resolve_persona(store, args.character)
+        report = store.validate(args.character)  # the rules, the prompt's share of this model's context included
+        if not report.ok:
+            raise CharacterError(report.problems, args.character)
     except CharacterError as exc:
         raise SystemExit(f"npc-voice talk: {exc}") from None
     except ResolveError as exc:
