@@ -249,6 +249,9 @@ def test_hand_saved_files_a_template_and_bytes_that_are_not_text(tmp_path: Path,
     out = capsys.readouterr().out
     assert "inn2" in out and "bad" in out and "not UTF-8" in out
     assert main(["characters", "validate", "bad", *store]) == 1
+    capsys.readouterr()
+    assert main(["characters", "validate", *store, "--tokenizer", str(root / "inn" / "character.toml")]) == 1
+    assert "not a SentencePiece model" in capsys.readouterr().err  # a message, not a traceback
 
 
 def test_folders_that_are_no_characters_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -71,7 +71,10 @@ def _tokenizer(args: argparse.Namespace):
         return None
     from ..model.tokenizer import TextTokenizer
 
-    return TextTokenizer(path)
+    try:
+        return TextTokenizer(path)
+    except (OSError, RuntimeError) as exc:  # sentencepiece: a missing or foreign file
+        raise CharacterError(f"--tokenizer {path}: not a SentencePiece model ({str(exc).splitlines()[0][:200]})") from None
 
 
 def _print_report(report: Report, label: str | None = None) -> None:
