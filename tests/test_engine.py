@@ -331,3 +331,15 @@ def test_the_engine_owns_free_slots_reserved_before_a_session_opens(model: Loade
     b = engine.reserve()
     engine.release(b)
     assert engine.free_slots == 1
+
+
+def test_a_preset_file_that_is_not_one_is_a_clear_error(tmp_path) -> None:
+    """A truncated or foreign NAME.pt is refused with what it is (a server answers invalid_character
+    with this reason), not torch's unpickling error."""
+    from npc_voice.engine.prompt import voice_from_preset
+
+    for name, data in (("garbage", b"not a torch file"), ("empty", b"")):
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match="not a PersonaPlex voice preset"):
+            voice_from_preset(name, str(path), 8)

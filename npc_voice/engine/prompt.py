@@ -178,7 +178,11 @@ class VoiceEncoder:
 
 def voice_from_preset(name: str, path: str, dim: int) -> Voice:
     """A PersonaPlex preset `.pt`: {"embeddings": [T, 1, 1, dim], "cache": [1, 17, 4]}."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: pickle, zip or torch errors alike
+        raise ValueError(f"{path}: not a PersonaPlex voice preset ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'unreadable'})") from None
     if not isinstance(data, dict) or "embeddings" not in data or "cache" not in data:
         raise ValueError(f"{path}: not a PersonaPlex voice preset (expected 'embeddings' and 'cache')")
     embeddings, ring = data["embeddings"], data["cache"]
