@@ -163,7 +163,13 @@ def test_to_persona_with_preset(store: CharacterStore, tmp_path: Path) -> None:
     assert persona.voice_path == str(tmp_path / "voices" / "NATF2.pt")
     prefix = PrefixCache(model, Generator(model.lm)).get(persona)
     assert prefix.length == 41 + 12 + role_tokens(ROLE)
-    assert store.validate("teacher").problems == []
+    report = store.validate("teacher")
+    assert report.problems == [] and report.prompt_frames == prefix.length  # the preset's frames are counted
+    tight = store.validate("teacher", context_frames=2 * prefix.length)  # the prompt must stay under half
+    assert not tight.ok and "half or more" in str(tight.errors[0])
+    (tmp_path / "voices" / "NATF2.pt").write_bytes(b"truncated")
+    broken = store.validate("teacher")
+    assert not broken.ok and "not a PersonaPlex voice preset" in str(broken.errors[0])
 
 
 def test_the_documented_example_is_valid() -> None:

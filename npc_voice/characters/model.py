@@ -484,11 +484,18 @@ def check_character(character: Character, folder: Path | None, *, tokenizer: Tok
                                             f"{audio.channels} channel(s); the store keeps {VOICE_RATE // 1000} kHz "
                                             "mono (only the first channel is used): re-import it with "
                                             "`characters create --force --voice`"))
-    elif find_preset(presets_dir, character.voice) is None:
+    elif (preset := find_preset(presets_dir, character.voice)) is None:
         where = f"in {presets_dir}" if presets_dir is not None else "(no presets folder set)"
         problems.append(Problem("warning", "voice", f"preset {character.voice}.pt not found {where}: unpack "
                                 "voices.tgz of nvidia/personaplex-7b-v1 there or pass --voices DIR before using "
                                 "this character"))
+    else:  # an installed preset: its frames count as a sample's do
+        from ..engine.prompt import voice_from_preset
+
+        try:
+            voice_frames = voice_from_preset(character.voice, str(preset), None).frames
+        except ValueError as exc:
+            problems.append(Problem("error", "voice", str(exc)))
     if voice_frames is not None:
         frames = report.prompt_frames = prompt_length(voice_frames, n)
         if frames >= context_frames // 2:

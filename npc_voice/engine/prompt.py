@@ -176,7 +176,7 @@ class VoiceEncoder:
         return codes[0, :, :frames].clone()
 
 
-def voice_from_preset(name: str, path: str, dim: int) -> Voice:
+def voice_from_preset(name: str, path: str, dim: int | None) -> Voice:
     """A PersonaPlex preset `.pt`: {"embeddings": [T, 1, 1, dim], "cache": [1, 17, 4]}."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -186,10 +186,10 @@ def voice_from_preset(name: str, path: str, dim: int) -> Voice:
     if not isinstance(data, dict) or "embeddings" not in data or "cache" not in data:
         raise ValueError(f"{path}: not a PersonaPlex voice preset (expected 'embeddings' and 'cache')")
     embeddings, ring = data["embeddings"], data["cache"]
-    if embeddings.dim() != 4 or embeddings.shape[-1] != dim or tuple(ring.shape) != (1, 17, 4):
+    if embeddings.dim() != 4 or (dim is not None and embeddings.shape[-1] != dim) or tuple(ring.shape) != (1, 17, 4):
         raise ValueError(f"{path}: preset shapes {tuple(embeddings.shape)} / {tuple(ring.shape)} do not fit a "
                          f"model of dim {dim} (expected [T, 1, 1, {dim}] and [1, 17, 4])")
-    return Voice(name, embeddings=embeddings.reshape(-1, dim), ring=ring[0].long())
+    return Voice(name, embeddings=embeddings.reshape(embeddings.shape[0], -1), ring=ring[0].long())
 
 
 @dataclass
