@@ -24,6 +24,8 @@ from characters_helpers import store, voice  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("seconds, message", [(1.0, "the voice sample is 1.0 s long, shorter than 2 s"),
+                                              (1.99, "the voice sample is 1.99 s long, shorter than 2 s"),
+                                              (20.01, "the voice sample is 20.01 s long, longer than 20 s"),
                                               (21.0, "the voice sample is 21.0 s long, longer than 20 s")])
 def test_voice_length_errors(seconds: float, message: str, store: CharacterStore, tmp_path: Path) -> None:
     sample = write_audio(tmp_path / "v.wav", seconds)

@@ -406,6 +406,15 @@ class Report:
         return ", ".join(parts)
 
 
+def _seconds(seconds: float, limit: float) -> str:
+    """`seconds` to one decimal, or to two (rounded away from `limit`) where one would read as the
+    limit itself: 1.99 s is "1.99", not "2.0", beside "shorter than 2 s"."""
+    shown = f"{seconds:.1f}"
+    if (float(shown) <= limit) != (seconds <= limit) or float(shown) == limit:
+        return f"{(math.ceil if seconds > limit else math.floor)(round(seconds * 100, 6)) / 100:.2f}"
+    return shown
+
+
 def check_voice_audio(samples: np.ndarray, rate: int, where: str = "voice") -> list[Problem]:
     """Length and signal checks of a voice sample (mono float samples)."""
     from ..audio import loudness
@@ -413,15 +422,16 @@ def check_voice_audio(samples: np.ndarray, rate: int, where: str = "voice") -> l
     seconds = samples.shape[-1] / rate
     how = f"record or cut a sample of {VOICE_GOOD_MIN_S:.0f}-{VOICE_GOOD_MAX_S:.0f} s of clear speech"
     if seconds < VOICE_MIN_S:
-        return [Problem("error", where, f"the voice sample is {seconds:.1f} s long, shorter than {VOICE_MIN_S:.0f} s: "
-                        f"too little for the model to pick up the voice; {how}")]
+        return [Problem("error", where, f"the voice sample is {_seconds(seconds, VOICE_MIN_S)} s long, shorter than "
+                        f"{VOICE_MIN_S:.0f} s: too little for the model to pick up the voice; {how}")]
     if seconds > VOICE_MAX_S:
-        return [Problem("error", where, f"the voice sample is {seconds:.1f} s long, longer than {VOICE_MAX_S:.0f} s: "
-                        f"each {FRAME_MS} ms costs a prompt frame ({math.ceil(seconds / FRAME_SECONDS)} frames); "
-                        f"{how}")]
+        return [Problem("error", where, f"the voice sample is {_seconds(seconds, VOICE_MAX_S)} s long, longer than "
+                        f"{VOICE_MAX_S:.0f} s: each {FRAME_MS} ms costs a prompt frame "
+                        f"({math.ceil(seconds / FRAME_SECONDS)} frames); {how}")]
     problems = []
     if not VOICE_GOOD_MIN_S <= seconds <= VOICE_GOOD_MAX_S:
-        problems.append(Problem("warning", where, f"the voice sample is {seconds:.1f} s long; "
+        limit = VOICE_GOOD_MAX_S if seconds > VOICE_GOOD_MAX_S else VOICE_GOOD_MIN_S
+        problems.append(Problem("warning", where, f"the voice sample is {_seconds(seconds, limit)} s long; "
                                 f"{VOICE_GOOD_MIN_S:.0f}-{VOICE_GOOD_MAX_S:.0f} s is recommended"))
     if not np.isfinite(loudness(samples, rate)):
         problems.append(Problem("warning", where, "the voice sample is silent: the voice prompt will carry no voice"))
