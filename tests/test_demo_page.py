@@ -43,6 +43,13 @@ def speechy_wav(path: Path, seconds: float = 4.0, rate: int = 48000) -> Path:
     return path
 
 
+def fake_mic_args(wav: Path) -> list[str]:
+    """chromium's flags for a microphone that plays `wav` (no permission prompt) and sound that plays
+    without a click."""
+    return ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
+
+
 def wait_for(page, condition: str, timeout: float = 60.0) -> dict:
     """Polls `condition` (JS over `s`, the page's window.npcDemo) until true; returns the stats."""
     deadline = time.monotonic() + timeout
@@ -68,9 +75,7 @@ def test_demo_page_talks_plays_and_survives_the_server(tmp_path, timing):
     pw, chromium = _browser_or_skip()
     wav = speechy_wav(tmp_path / "mic.wav")
     with pw.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"])
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=fake_mic_args(wav))
         try:
             page = browser.new_page(viewport={"width": 800, "height": 600})
             console: list[str] = []
@@ -125,8 +130,7 @@ def test_demo_page_says_wrong_token_busy_and_no_microphone(tmp_path, timing):
     pw, chromium = _browser_or_skip()
     wav = speechy_wav(tmp_path / "mic.wav", seconds=2.0)
     token = "browser-token-0123456789abcdef"
-    fake_mic = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
+    fake_mic = fake_mic_args(wav)
     with pw.sync_playwright() as p, serve_child("--slots", "1", "--token", token, "--demo") as (port, health):
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=fake_mic)
         bare = p.chromium.launch(executable_path=chromium, headless=True,
@@ -184,9 +188,7 @@ def test_demo_page_talks_to_a_server_without_visemes(tmp_path, timing):
     pw, chromium = _browser_or_skip()
     wav = speechy_wav(tmp_path / "mic.wav", seconds=2.0)
     with pw.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"])
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=fake_mic_args(wav))
         try:
             page = browser.new_page(viewport={"width": 800, "height": 600})
             with serve_child("--slots", "1", "--no-visemes") as (port, health):
