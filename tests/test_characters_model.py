@@ -231,3 +231,12 @@ def test_top_k_above_the_samplers_cap_is_refused(field: str) -> None:
         text = errors_of(exc)
         assert f"top-k {too_many} is out of range: use 1 to {MAX_TOP_K}" in text and "likeliest tokens" in text
         assert field in text
+
+
+def test_top_k_is_a_whole_number_as_written() -> None:
+    """`text_top_k = true` or `"20"` in a character.toml is refused (they were read as 1 and 20)."""
+    for value in ("true", '"20"', "20.0"):
+        with pytest.raises(CharacterError, match="top_k"):
+            Character.from_toml(f'id = "x"\nname = "X"\nvoice = "NATF1"\nrole = "r"\n[sampling]\ntext_top_k = {value}\n')
+    ok = Character.from_toml('id = "x"\nname = "X"\nvoice = "NATF1"\nrole = "r"\n[sampling]\ntext_top_k = 20\n')
+    assert ok.sampling.text_top_k == 20

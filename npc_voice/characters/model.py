@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError, ValidationInfo, field_validator
 
 from ..model.config import FRAME_MS, FRAME_SECONDS, SAMPLE_RATE, SILENCE_FRAMES, LMConfig, prompt_length
 
@@ -169,9 +169,9 @@ class SamplingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text_temperature: float | None = None
-    text_top_k: int | None = None
+    text_top_k: StrictInt | None = None  # a whole number as such: not true, not "20"
     audio_temperature: float | None = None
-    audio_top_k: int | None = None
+    audio_top_k: StrictInt | None = None
 
     @field_validator("text_temperature", "audio_temperature")
     @classmethod
