@@ -90,16 +90,12 @@ class Connection:
                     self.handling = False
                     self.last_rx = time.monotonic()
                     self.pump()
-                # The sender's turn: a burst of messages already received would otherwise be handled
-                # back to back, and their replies pile up in the outbox (whose oldest are dropped).
-                await asyncio.sleep(0)
-                if self.outbox.json_backlog > self.config.out_events // 2:
-                    self.handling = True  # not reading is the server's doing, not the client's idling
-                    try:
-                        await self.outbox.json_room(lambda: self.ws.state is State.OPEN)
-                    finally:
-                        self.handling = False
-                        self.last_rx = time.monotonic()
+                self.handling = True  # waiting for the replies to go out is not the client's idling
+                try:
+                    await self.outbox.json_room(lambda: self.ws.state is State.OPEN)
+                finally:
+                    self.handling = False
+                    self.last_rx = time.monotonic()
         except ConnectionClosed:
             pass
         finally:

@@ -52,9 +52,12 @@ class Outbox:
             return self._n_json
 
     async def json_room(self, is_open: Any) -> None:
-        """(event loop) Waits while more than half of `max_json` JSON messages wait to be sent and
+        """(event loop) Called after each message a connection handles: gives the sender its turn (a
+        burst of messages already received would otherwise be handled back to back, their replies
+        piling up), then waits while more than half of `max_json` JSON messages wait to be sent and
         `is_open()`: a connection stops reading a client that sends faster than it reads its replies
         (flow control, as TCP's), instead of dropping replies."""
+        await asyncio.sleep(0)
         while self.json_backlog > self.max_json // 2 and is_open():
             await asyncio.sleep(0.005)
 

@@ -107,8 +107,7 @@ class RealtimeConnection:
                     log.exception("a realtime client event failed")
                     self.protocol.error(_as_realtime(exc))
                 self.pump()
-                await asyncio.sleep(0)  # the sender's turn (see connection.py)
-                await self.outbox.json_room(lambda: self.ws.state is State.OPEN)
+                await self.outbox.json_room(lambda: self.ws.state is State.OPEN)  # the sender's turn, then room
         except ConnectionClosed:
             pass
         finally:
