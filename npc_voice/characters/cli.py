@@ -165,7 +165,7 @@ def _create(args: argparse.Namespace, store: CharacterStore) -> int:
                              "--force to update it (what you leave out is kept)")
     data: dict[str, Any] = {}
     if args.from_toml:
-        text = Path(args.from_toml).read_text(encoding="utf-8-sig")  # another character's file is a template
+        text = Path(args.from_toml).read_text(encoding="utf-8")  # another character's file is a template
         data = Character.from_toml(text, id=args.id, template=True).model_dump()
     elif args.force and args.id in store:
         data = store.load(args.id).model_dump()  # --force without --from: change only what is given

@@ -320,7 +320,7 @@ class Character(BaseModel):
         """Parses a `character.toml`; `id` is the folder name (the file's own `id`, if any, must match;
         with `template`, another character's file, the file's id is replaced by `id`)."""
         try:
-            data = tomllib.loads(text.removeprefix("\ufeff"))
+            data = tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark (Windows Notepad) is no text
         except tomllib.TOMLDecodeError as exc:
             raise CharacterError(f"{CHARACTER_FILE} is not valid TOML: {exc} (multi-line text goes between "
                                  '""" and """)', id) from None

@@ -277,8 +277,8 @@ class CharacterStore:
     def read_toml(self, id: str) -> str:
         for attempt in range(5):  # a writer may swap folders between our look-up and our read
             folder = self._existing(id)
-            try:  # utf-8-sig: a byte-order mark (as Windows Notepad saves) is not part of the text
-                return self._inside(folder / CHARACTER_FILE, folder).read_text(encoding="utf-8-sig")
+            try:  # a byte-order mark (as Windows Notepad saves) is left to `Character.from_toml`
+                return self._inside(folder / CHARACTER_FILE, folder).read_text(encoding="utf-8")
             except FileNotFoundError:
                 time.sleep(0.01 * (attempt + 1))
             except UnicodeDecodeError as exc:
