@@ -38,8 +38,9 @@ def emit(**row) -> None:
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def stage_check(kv: str = "auto") -> None:
@@ -233,7 +234,7 @@ def stage_parts() -> None:
     fused.enable()
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0)
     lm, mimi = model.lm, model.mimi
-    for B in (1, 32):
+    for B in (1, 32, 64):
         gen = Generator(lm)
         state = gen.init_state(B)
         mstate = mimi.init_state(B, DEVICE)
@@ -276,6 +277,99 @@ def stage_parts() -> None:
         free()
 
 
+def _timed_ms(fn, repeat: int = 7) -> float:
+    """Median wall time of `fn` (ms) on the calling thread, the GPU waited for after each call."""
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return round(sorted(times)[len(times) // 2], 3)
+
+
+@torch.inference_mode()
+def stage_build_parts() -> None:
+    """Where a character build's engine-thread time goes outside the forwards (issue #11): each
+    part of a prepare (voice encode, layout, embeddings) and of an install, timed alone on an idle
+    7B engine, and the kernels each launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from npc_voice.bench_live import build_personas
+    from npc_voice.engine import Engine
+    from npc_voice.engine.build import prompt_embeddings_many
+    from npc_voice.engine.prompt import install_prefix, prompt_frames
+
+    import os
+
+    model = random_model(os.environ.get("NPC_BENCH_PRESET", "personaplex-7b"), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    model.mimi.to(torch.bfloat16)
+    engine = Engine(model, slots=2)
+    builder = engine.builder
+    personas = build_personas(model, 8, seed=7)
+    requests = [p.request(model) for p in personas]
+    enc = builder.voices
+    row = {"what": "build_parts"}
+    row["voice_1_of_3s_ms"] = _timed_ms(lambda: enc.encode_many(requests[:1]))
+    row["voice_1_of_10s_ms"] = _timed_ms(lambda: enc.encode_many(requests[-1:]))
+    row["voices_8_ms"] = _timed_ms(lambda: enc.encode_many(requests))
+    voices = enc.encode_many(requests)
+    frames = [prompt_frames(v, r.text_tokens, builder.special, model) for v, r in zip(voices, requests)]
+    row["layout_8_ms"] = _timed_ms(lambda: [prompt_frames(v, r.text_tokens, builder.special, model)
+                                            for v, r in zip(voices, requests)])
+    row["embed_1_ms"] = _timed_ms(lambda: prompt_embeddings_many(model, engine.gen, frames[:1]))
+    row["embed_8_ms"] = _timed_ms(lambda: prompt_embeddings_many(model, engine.gen, frames))
+    for n in (1, 4):
+        def prepare() -> None:
+            for r in requests[:n]:
+                builder.submit(r)
+            builder.run(None)
+        row[f"whole_build_{n}_ms"] = _timed_ms(prepare, repeat=3)
+    builder.submit(requests[3])
+    (_, prefix), = builder.run(None)
+    row["prompt_frames"] = prefix.length
+    state, slot, first = engine.state, 0, engine.first
+    caches = state.temporal.layers
+    row["install_ms"] = _timed_ms(lambda: engine._install(_FakeSession(slot, personas[3]), prefix))
+    row["install_prefix_ms"] = _timed_ms(lambda: install_prefix(engine.gen, state, slot, prefix, 0, first=first))
+    row["install_encode_ms"] = _timed_ms(lambda: caches[0].encode(prefix.keys, prefix.values))
+    row["install_first_position_ms"] = _timed_ms(lambda: first(state, slot, prefix))
+    row["install_mimi_copies_ms"] = _timed_ms(lambda: (
+        engine.mimi_state.encoder.copy_slot(engine.fresh_encoder, 0, slot),
+        engine.mimi_state.decoder.copy_slot(engine.primed_decoder, 0, slot)))
+    row["install_sampling_ms"] = _timed_ms(lambda: personas[3].sampling.apply(state.sampling, slot, 0))
+    emit(**row)
+    for name, fn in (("install", lambda: engine._install(_FakeSession(slot, personas[3]), prefix)),
+                     ("prepare_1", lambda: (builder.submit(requests[0]), builder._prepare(
+                         [(builder._queue.popleft(), 7)], []), builder._lane_jobs.__setitem__(7, None)))):
+        gpu = DEVICE.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+            fn()
+            if gpu:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        emit(what="build_parts_profile", op=name, cuda_kernels=sum(e.count for e in kernels),
+             cuda_ms=round(sum(e.self_device_time_total for e in kernels) / 1000, 3),
+             top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1000, 3))
+                      for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]],
+             top_cuda=[(e.key[:60], e.count, round(e.self_device_time_total / 1000, 3))
+                       for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]])
+    del engine, model
+    free()
+
+
+@dataclasses.dataclass
+class _FakeSession:
+    """What `Engine._install` reads of a session (timing an install without a conversation)."""
+
+    slot: int
+    persona: object
+    seed: int = 0
+    prefix_length: int = 0
+    frames_out: int = 0
 
 
 def stage_builds(lives=(32, 63), new: int = 8, variants=({},), rounds: int = 3) -> None:
@@ -305,14 +399,15 @@ BUILD_VARIANTS = ({}, {"build_margin": 0.002}, {"build_chunk": 48}, {"build_chun
 STAGES = {"builds63": lambda: stage_builds((63,)), "builds63_sweep": lambda: stage_builds((63,), variants=BUILD_VARIANTS, rounds=2),
           "builds63_margin": lambda: stage_builds((63,), variants=({}, {"build_margin": 0.002})),
           "check": stage_check, "check_bf16": lambda: stage_check("bf16"), "builds": stage_builds, "ticks": stage_ticks, "many": stage_many, "swap": stage_swap,
-          "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts}
+          "int8": stage_int8, "accuracy": stage_accuracy, "parts": stage_parts,
+          "build_parts": stage_build_parts}
 
 def main(stages: dict) -> None:
     """Runs the stages named on the command line (all by default), one JSON line per result."""
     names = sys.argv[1:] or ["all"]
     if names == ["all"]:
         names = list(stages)
-    emit(what="device", name=torch.cuda.get_device_name(), torch=torch.__version__,
+    emit(what="device", name=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", torch=torch.__version__,
          date=time.strftime("%Y-%m-%d"))
     for name in names:
         start = time.time()
