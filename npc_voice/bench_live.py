@@ -178,14 +178,12 @@ def bench_builds(model: LoadedModel, live: int, new: int = 8, rounds: int = 2, c
     prefix = engine.cache.lookup(base.prompt_key())
     placements = {"host": prefix.to("cpu"), "pinned": prefix.to("cpu", pin=device.type == "cuda"),
                   "device": prefix.to(device)}
-    from .engine.prompt import install_prefix
-
     for where, p in placements.items():
         times = []
         for _ in range(11):
             sync()
             t = time.perf_counter()
-            install_prefix(engine.gen, engine.state, sessions[0].slot, p, seed=0, first=engine.first)
+            engine.installer.install(sessions[0].slot, p, seed=0)
             sync()
             times.append((time.perf_counter() - t) * 1000)
         store = []  # copying a freshly built prefix (on the GPU) there (a background thread does it)

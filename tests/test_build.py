@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from npc_voice.engine.build import Cost, PrefixBuilder, PromptRequest, build_prefix
-from npc_voice.engine.prompt import install_prefix, prompt_frames, special_codes, text_prompt_tokens, voice_from_samples
+from npc_voice.engine.install import install_prefix
+from npc_voice.engine.prompt import prompt_frames, special_codes, text_prompt_tokens, voice_from_samples
 from npc_voice.model.config import get_preset
 from npc_voice.model.generator import Generator
 from npc_voice.model.loading import random_model

@@ -8,9 +8,9 @@ import torch
 
 from npc_voice.engine import Engine, EngineFull, Persona, Sampling
 from npc_voice.engine.prompt import (
-    SILENCE_FRAMES, Voice, delayed_positions, install_prefix, prompt_frames, special_codes,
-    text_prompt_tokens, voice_from_samples,
+    SILENCE_FRAMES, Voice, delayed_positions, prompt_frames, special_codes, text_prompt_tokens, voice_from_samples,
 )
+from npc_voice.engine.install import install_prefix
 from npc_voice.engine.build import build_prefix
 from npc_voice.model.generator import NOT_FORCED, Generator
 from npc_voice.model.loading import LoadedModel, random_model

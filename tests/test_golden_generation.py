@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 
 from npc_voice.engine.engine import Engine
 from npc_voice.engine.persona import Persona, PrefixCache
-from npc_voice.engine.prompt import install_prefix, special_codes, voice_from_samples
+from npc_voice.engine.install import install_prefix
+from npc_voice.engine.prompt import special_codes, voice_from_samples
 from npc_voice.model.generator import Generator, Sampling
 from npc_voice.model.loading import LoadedModel, load_model
 from npc_voice.model.transformer import ring_positions

@@ -28,7 +28,8 @@ from ..model.generator import NOT_FORCED, Generator
 from ..model.loading import LoadedModel
 from .build import Cost, PrefixBuilder, PromptRequest
 from .persona import Persona, PrefixCache
-from .prompt import FirstPosition, Prefix, install_prefix
+from .install import SlotInstaller
+from .prompt import Prefix
 from .session import RESERVED, EngineFull, FrameEvent, InputBuffer, Session, Install
 from .step import BatchedStep
 
@@ -58,10 +59,12 @@ class Engine:
         # On a GPU: every window's CUDA graph, the builder's too, before the first conversation.
         self.step.warm_up()
         self.builder.warm_up(max_voice_frames=voice_frames)
-        self.primed_decoder = self._primed_decoder()
-        self.fresh_encoder = model.mimi.init_encoder_state(1, device)  # what a slot's encoder starts from
-        self.fresh_encoder.reset(torch.ones(1, dtype=torch.bool, device=device))
-        self.first = FirstPosition(self.gen, self.state, self.step.use_graphs)  # samples an installed slot's first position
+        fresh_encoder = model.mimi.init_encoder_state(1, device)  # what a slot's encoder starts from
+        fresh_encoder.reset(torch.ones(1, dtype=torch.bool, device=device))
+        # One fixed-shape install (a CUDA graph per bucket of KV rows on a GPU), captured now.
+        self.installer = SlotInstaller(self.gen, self.state, self.builder.longest, self.step.use_graphs,
+                                       self.mimi_state, fresh_encoder, self._primed_decoder())
+        self.installer.warm_up()
         self.frame_size = model.mimi.frame_size
         self.max_input_frames = max(1, int(max_input_seconds / FRAME_SECONDS))
         self._sessions: list[Session | None] = [None] * slots  # installed, live or being closed
@@ -178,7 +181,7 @@ class Engine:
                 free = [i for i in range(self.slots) if self._owners[i] is None and self._sessions[i] is None]
             if free:  # a free slot's state is overwritten by its next install anyway
                 with fused.eager():
-                    install_prefix(self.gen, self.state, free[0], prefix, 0, first=self.first)
+                    self.installer.install(free[0], prefix, 0)
         self.builder.reset_costs()
 
     def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
@@ -305,10 +308,8 @@ class Engine:
 
     def _install(self, session: Session, prefix: Prefix) -> None:
         slot = session.slot
-        with fused.eager():
-            install_prefix(self.gen, self.state, slot, prefix, session.seed, session.persona.sampling, self.first)
-        self.mimi_state.encoder.copy_slot(self.fresh_encoder, 0, slot)  # a fresh encoder for the user's audio
-        self.mimi_state.decoder.copy_slot(self.primed_decoder, 0, slot)  # as the reference's, after the prompt
+        with fused.eager():  # the character, a fresh Mimi encoder, a primed decoder (as the reference's)
+            self.installer.install(slot, prefix, session.seed, session.persona.sampling)
         session.prefix_length = prefix.length
         session.frames_out = 0
         self._sessions[slot] = session

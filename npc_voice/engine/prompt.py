@@ -8,7 +8,7 @@ A character prompt is a sequence of forced frames (see the reference's prompt or
 Every stream is forced, so what the prompt leaves in the model (the temporal KV cache and the
 delayed-token ring) depends only on the character. We compute it in parallel forwards over many
 prompt positions at once (the reference runs one full model step per frame: seconds per character) and
-keep it as a `Prefix`, which `install_prefix` copies into a slot in a few small tensor copies.
+keep it as a `Prefix`, which `install.py` copies into a slot in one fixed-shape pass.
 The engine builds prompts between ticks, a chunk at a time (`build.py`).
 """
 
@@ -23,10 +23,9 @@ import torch
 
 from ..audio import VOICE_LUFS, normalize_loudness
 from ..model.config import SILENCE_FRAMES, prompt_length
-from ..model.generator import Generator, GeneratorState, Sampling
+from ..model.generator import Generator
 from ..model.loading import LoadedModel
 from ..model.mimi import Mimi
-from ..model.sampling import sample, uniform_noise
 from .step import capture_graph
 
 log = logging.getLogger(__name__)
@@ -280,78 +279,3 @@ def prompt_ring(frames: PromptFrames, gen: Generator) -> torch.Tensor:
         col = torch.where(torch.tensor(p) <= delays, initial, col)
         ring[:, p % gen.ring] = col
     return ring
-
-
-@torch.no_grad()
-def install_prefix(gen: Generator, state: GeneratorState, slot: int, prefix: Prefix, seed: int,
-                   sampling: Sampling = Sampling(), first: FirstPosition | None = None) -> None:
-    """Gives `slot` the character of `prefix`: copies its caches and ring, then samples the text
-    and agent codebook 0 of the first conversation position (the rest of it is forced silence);
-    `first`: the engine's static (on a GPU, graphed) sampler for that, else one made here."""
-    # Every field of the slot is set below, so nothing needs clearing first: KV rows past the
-    # prefix hold stale values that the slot's position makes invisible.
-    sampling.apply(state.sampling, slot, seed)
-    N, n = prefix.length, prefix.keys.shape[2]
-    capacity = state.temporal.layers[0].keys.shape[2] - 1  # the last row is scratch
-    # Position p lives in ring row p % capacity: the kept positions N-n..N-1, in at most two runs.
-    first_row = (N - n) % capacity
-    runs = [(first_row, 0, min(n, capacity - first_row))]
-    if runs[0][2] < n:
-        runs.append((0, runs[0][2], n - runs[0][2]))
-    into, out_of = [], []  # every layer's rows in one multi-tensor copy (one launch, not 2 x L x runs)
-    caches = state.temporal.layers
-    parts = caches[0].encode(prefix.keys, prefix.values)  # [L, H, n, ...] each, in the cache's form (8-bit: quantized)
-    for layer, cache in enumerate(caches):
-        for row, src, count in runs:
-            into += cache.rows(slot, row, count)
-            out_of += [part[layer, :, src : src + count] for part in parts]
-    torch._foreach_copy_(into, out_of, non_blocking=True)
-    state.temporal.position[slot] = N
-    state.offset[slot] = N
-    state.tokens[slot].copy_(prefix.ring, non_blocking=True)
-    # Position N's text and codebook 0 come from position N-1's prediction, sampled for this slot.
-    first = first or FirstPosition(gen, state, use_graphs=False)
-    state.tokens[slot, :2, N % gen.ring].copy_(first(state, slot, prefix))
-
-
-class FirstPosition:
-    """Samples a new slot's first conversation position (its text token, then agent codebook 0
-    from the depth transformer) from the prompt's last hidden state and text logits, on static
-    buffers: on a GPU one CUDA graph (captured at the first install), so an install costs a few
-    copies and one replay instead of some 150 kernel launches on the engine thread."""
-
-    def __init__(self, gen: Generator, state: GeneratorState, use_graphs: bool):
-        self.gen, self.use_graphs = gen, use_graphs
-        self.device = state.offset.device
-        self.params = type(state.sampling)(*(t[:1].clone() for t in state.sampling.tensors()))  # one slot's
-        self.counter = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.out = torch.zeros(2, dtype=torch.long, device=self.device)  # [text, agent codebook 0]
-        self.hidden: torch.Tensor | None = None  # [1, dim], [1, text_card]: made at the first
-        self.logits: torch.Tensor | None = None  # call, in the prefix's dtype
-        self._graph: torch.cuda.CUDAGraph | None = None
-
-    def _run(self) -> None:
-        sp, V = self.params, self.logits.shape[-1]
-        text = sample(self.logits, sp.text_temperature, sp.text_top_k, uniform_noise(sp.seed, self.counter, 0, V))
-        scratch = self.gen.lm.depformer.init_scratch(1, self.device, self.hidden.dtype)
-        logits = self.gen.lm.depth_step(0, self.hidden, text, scratch)
-        cb0 = sample(logits, sp.audio_temperature, sp.audio_top_k,
-                     uniform_noise(sp.seed, self.counter, 1, logits.shape[-1]))
-        self.out.copy_(torch.cat([text, cb0]))
-
-    def __call__(self, state: GeneratorState, slot: int, prefix: Prefix) -> torch.Tensor:
-        """[2]: the slot's first text token and codebook 0 (read it before the next call)."""
-        if self.hidden is None:
-            self.hidden = torch.zeros(1, prefix.hidden.shape[-1], dtype=prefix.hidden.dtype, device=self.device)
-            self.logits = torch.zeros(1, prefix.text_logits.shape[-1], dtype=prefix.text_logits.dtype,
-                                      device=self.device)
-        self.params.copy_slot(state.sampling, slot, 0)
-        torch._foreach_copy_([self.hidden[0], self.logits[0]], [prefix.hidden, prefix.text_logits], non_blocking=True)
-        self.counter.fill_(prefix.length - 1)
-        if not self.use_graphs:
-            self._run()
-            return self.out
-        if self._graph is None:
-            self._graph, _ = capture_graph(self._run, self.device)
-        self._graph.replay()
-        return self.out

@@ -300,7 +300,7 @@ def stage_build_parts() -> None:
     from npc_voice.bench_live import build_personas
     from npc_voice.engine import Engine
     from npc_voice.engine.build import prompt_embeddings_many
-    from npc_voice.engine.prompt import install_prefix, prompt_frames
+    from npc_voice.engine.prompt import prompt_frames
 
     import os
 
@@ -330,16 +330,9 @@ def stage_build_parts() -> None:
     builder.submit(requests[3])
     (_, prefix), = builder.run(None)
     row["prompt_frames"] = prefix.length
-    state, slot, first = engine.state, 0, engine.first
-    caches = state.temporal.layers
+    slot = 0
     row["install_ms"] = _timed_ms(lambda: engine._install(_FakeSession(slot, personas[3]), prefix))
-    row["install_prefix_ms"] = _timed_ms(lambda: install_prefix(engine.gen, state, slot, prefix, 0, first=first))
-    row["install_encode_ms"] = _timed_ms(lambda: caches[0].encode(prefix.keys, prefix.values))
-    row["install_first_position_ms"] = _timed_ms(lambda: first(state, slot, prefix))
-    row["install_mimi_copies_ms"] = _timed_ms(lambda: (
-        engine.mimi_state.encoder.copy_slot(engine.fresh_encoder, 0, slot),
-        engine.mimi_state.decoder.copy_slot(engine.primed_decoder, 0, slot)))
-    row["install_sampling_ms"] = _timed_ms(lambda: personas[3].sampling.apply(state.sampling, slot, 0))
+    row["install_graphs"] = len(engine.installer._graphs)
     emit(**row)
     for name, fn in (("install", lambda: engine._install(_FakeSession(slot, personas[3]), prefix)),
                      ("prepare_1", lambda: (builder.submit(requests[0]), builder._prepare(
