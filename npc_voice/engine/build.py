@@ -41,7 +41,7 @@ from ..model import fused
 from ..model.generator import Generator
 from ..model.loading import LoadedModel
 from .prompt import (
-    Prefix, PromptFrames, SpecialCodes, Voice, VoiceEncoder, delayed_positions, prompt_frames, prompt_ring,
+    Prefix, PromptEmbedder, PromptFrames, SpecialCodes, Voice, VoiceEncoder, prompt_frames, prompt_ring,
     special_codes,
 )
 from .step import capture_graph, window_for
@@ -124,6 +124,7 @@ class PrefixBuilder:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (b, C, window) -> graph
         self.voices = VoiceEncoder(model.mimi, self.use_graphs, self._pool)
+        self.embedder = PromptEmbedder(model, gen, self.longest, self.use_graphs, self._pool)
         self._queue: collections.deque[_Job] = collections.deque()
         self._lane_jobs: list[_Job | None] = [None] * lanes
         self._lock = threading.Lock()
@@ -259,7 +260,7 @@ class PrefixBuilder:
                     finished.append((request, exc))
             if not ready:
                 return
-            for (job, lane), x in zip(ready, prompt_embeddings_many(self.model, self.gen, [j.frames for j, _ in ready])):
+            for (job, lane), x in zip(ready, self.embedder.embed([j.frames for j, _ in ready])):
                 job.x, job.lane, job.done = x, lane, 0
                 self.state.position[lane] = 0  # rows past the position are invisible: no clearing needed
                 self._lane_jobs[lane] = job
@@ -347,26 +348,8 @@ class PrefixBuilder:
                 self.chunk_costs[(b, C)] = Cost(time.perf_counter() - t0)
             with fused.eager():
                 self.voices.warm_up(max_voice_frames)
+                self.embedder.warm_up()
             torch.cuda.synchronize(self.device)
-
-
-def prompt_embeddings(model: LoadedModel, gen: Generator, frames: PromptFrames) -> torch.Tensor:
-    """[F, dim]: the summed input embeddings of every prompt position (a preset's stored ones for
-    its voice positions)."""
-    return prompt_embeddings_many(model, gen, [frames])[0]
-
-
-def prompt_embeddings_many(model: LoadedModel, gen: Generator, prompts: list[PromptFrames]) -> list[torch.Tensor]:
-    """`prompt_embeddings` of several prompts in one embedding pass (one set of launches)."""
-    initial = gen.initial.cpu()
-    positions = torch.cat([delayed_positions(f.tokens, model.config.lm.delays, initial) for f in prompts], dim=1)
-    x = model.lm.embed(positions.to(model.device)[None])[0]  # [sum F, dim]
-    out = list(x.split([f.tokens.shape[1] for f in prompts]))
-    for x, frames in zip(out, prompts):
-        voice = frames.voice
-        if voice.embeddings is not None:  # a preset's stored input embeddings for positions 0..v-2
-            x[: voice.embeddings.shape[0]] = voice.embeddings.to(x.device, x.dtype)
-    return out
 
 
 def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames, chunk: int = 64) -> Prefix:
@@ -375,7 +358,7 @@ def build_prefix(model: LoadedModel, gen: Generator, frames: PromptFrames, chunk
     builder = PrefixBuilder(model, gen, lanes=1, chunk=chunk, use_graphs=False)
     job = _Job(PromptRequest("", frames.voice.name, []))
     with torch.inference_mode():
-        job.frames, job.x = frames, prompt_embeddings(model, gen, frames)
+        job.frames, job.x = frames, builder.embedder.embed([frames])[0]
     job.lane = 0
     builder._lane_jobs[0] = job
     return _only_result(builder.run(None))

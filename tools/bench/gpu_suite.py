@@ -299,7 +299,6 @@ def stage_build_parts() -> None:
 
     from npc_voice.bench_live import build_personas
     from npc_voice.engine import Engine
-    from npc_voice.engine.build import prompt_embeddings_many
     from npc_voice.engine.prompt import prompt_frames
 
     import os
@@ -319,8 +318,8 @@ def stage_build_parts() -> None:
     frames = [prompt_frames(v, r.text_tokens, builder.special, model) for v, r in zip(voices, requests)]
     row["layout_8_ms"] = _timed_ms(lambda: [prompt_frames(v, r.text_tokens, builder.special, model)
                                             for v, r in zip(voices, requests)])
-    row["embed_1_ms"] = _timed_ms(lambda: prompt_embeddings_many(model, engine.gen, frames[:1]))
-    row["embed_8_ms"] = _timed_ms(lambda: prompt_embeddings_many(model, engine.gen, frames))
+    row["embed_1_ms"] = _timed_ms(lambda: builder.embedder.embed(frames[:1]))
+    row["embed_8_ms"] = _timed_ms(lambda: builder.embedder.embed(frames))
     for n in (1, 4):
         def prepare() -> None:
             for r in requests[:n]:
