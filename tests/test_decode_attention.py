@@ -133,3 +133,10 @@ def test_the_fused_write_stores_what_the_cache_writes() -> None:
     ref.write(rows, k, v)
     for a, b in zip(ours.tensors(), ref.tensors()):
         assert torch.equal(a, b)
+    # An install's form: one batch entry into the slot a device tensor names (`write_slot`).
+    slot, ring = torch.tensor([1]), torch.tensor([5, 6])
+    da.write_rows(ring[None], k[2:], v[2:], ours.keys, ours.key_scale, ours.values, ours.value_scale, slots=slot)
+    ref.write_slot(slot, ring, k[2:], v[2:])  # on the CPU: PyTorch's quantization and index_put
+    for a, b in zip(ours.tensors(), ref.tensors()):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours.keys[1, :, 5:7], filled_cache(B, H, S, D, kv, seed=3).keys[1, :, 5:7])

@@ -95,11 +95,11 @@ def test_an_8bit_engine_installs_the_quantized_prefix_and_keeps_other_sessions_u
     capacity = engine.step.capacity
     for layer, cache in enumerate(engine.state.temporal.layers):
         assert isinstance(cache, QuantKVCache) and cache.keys.dtype == torch.int8
-        kq, _, ks, _ = cache.encode(prefix.keys[layer : layer + 1], prefix.values[layer : layer + 1])
+        kq, ks = quantize_rows(prefix.keys[layer], torch.int8)  # [H, n, D], [H, n]
         if n <= capacity:  # rows 0..n-1 hold the prompt until the conversation overwrites them
             kept = prefix.length - n  # first kept position
-            assert kept == 0 and torch.equal(cache.keys[a.slot, :, :1], kq[0, :, :1])
-            assert torch.equal(cache.key_scale[a.slot, :, :1], ks[0, :, :1])
+            assert kept == 0 and torch.equal(cache.keys[a.slot, :, :1], kq[:, :1])
+            assert torch.equal(cache.key_scale[a.slot, :, :1], ks[:, :1])
 
 
 def test_resolve_kv_dtype_defaults_and_refusals() -> None:

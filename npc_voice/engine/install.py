@@ -22,7 +22,7 @@ from ..model.streaming import StreamState, byte_view
 from .prompt import Prefix
 from .step import capture_graph
 
-ROW_BUCKET = 128  # KV rows an install graph covers, rounded up to a multiple of this (few graphs)
+ROW_BUCKET = 64  # KV rows an install graph covers, rounded up to a multiple of this (few graphs)
 
 
 class SlotInstaller:
@@ -58,7 +58,6 @@ class SlotInstaller:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self.params = SamplingParams(*(t[:1].clone() for t in state.sampling.tensors()))  # the slot's, [1]
         self.out = torch.zeros(2, dtype=torch.long, device=device)  # [text, agent codebook 0]
-        self._heads = torch.arange(H, device=device)
         self._two = torch.arange(2, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # rows of the bucket -> graph
 
@@ -122,12 +121,8 @@ class SlotInstaller:
         # (rows i >= n hold stale data for positions >= N: invisible until written again).
         n = torch.clamp(N, max=self.rows)
         ring_rows = torch.remainder(torch.arange(R, device=self.device) + (N - n), self.capacity)  # [R]
-        index = (slot[:, None, None], self._heads[None, :, None], ring_rows[None, None, :])
-        caches = state.temporal.layers
-        for layer, cache in enumerate(caches):
-            parts = cache.encode(self.keys[layer : layer + 1, :, :R], self.values[layer : layer + 1, :, :R])
-            for dst, part in zip(cache.tensors(), parts):  # [1, H, R(, D)] each, in the cache's form
-                byte_view(dst).index_put_(index, byte_view(part))
+        for layer, cache in enumerate(state.temporal.layers):  # quantized on the way for an 8-bit cache
+            cache.write_slot(slot, ring_rows, self.keys[layer : layer + 1, :, :R], self.values[layer : layer + 1, :, :R])
         state.temporal.position.index_copy_(0, slot, N)
         state.offset.index_copy_(0, slot, N)
         state.tokens.index_copy_(0, slot, self.ring[None])

@@ -272,34 +272,41 @@ def _quantize_row(X, Q, S, src, dst, scale_at, dmask, QMAX: tl.constexpr, IS_INT
 
 
 @triton.jit
-def _write_kernel(NK, NV, ROWS, K, KS, V, VS,
+def _write_kernel(NK, NV, ROWS, SLOTS, K, KS, V, VS,
                   sn_b, sn_h, sn_t, sv_b, sv_h, sv_t, sk_b, sk_h, sk_n, ss_b, ss_h, H, T,
-                  QMAX: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_INT: tl.constexpr):
-    pid = tl.program_id(0)  # one (slot, head, position)
+                  QMAX: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_INT: tl.constexpr,
+                  HAS_SLOTS: tl.constexpr):
+    pid = tl.program_id(0)  # one (batch entry, head, position)
     t = pid % T
     b = pid // T // H
     h = pid // T % H
     row = tl.load(ROWS + b * T + t)
+    if HAS_SLOTS:  # the cache slot of batch entry b
+        slot = tl.load(SLOTS + b).to(tl.int64)
+    else:
+        slot = b.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    dst = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + row * sk_n + d
-    scale_at = b.to(tl.int64) * ss_b + h * ss_h + row
+    dst = slot * sk_b + h.to(tl.int64) * sk_h + row * sk_n + d
+    scale_at = slot * ss_b + h * ss_h + row
     _quantize_row(NK, K, KS, b * sn_b + h * sn_h + t * sn_t + d, dst, scale_at, dmask, QMAX, IS_INT)
     _quantize_row(NV, V, VS, b * sv_b + h * sv_h + t * sv_t + d, dst, scale_at, dmask, QMAX, IS_INT)
 
 
 def write_rows(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor,
-               values: torch.Tensor, value_scale: torch.Tensor) -> None:
-    """k, v [B, H, T, D] quantized into ring rows [B, T] of an 8-bit cache (keys/values [B, H, S + 1, D],
-    scales [B, H, S + 1]): what `QuantKVCache.write` does in PyTorch, in one launch."""
+               values: torch.Tensor, value_scale: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+    """k, v [B, H, T, D] quantized into ring rows [B, T] of an 8-bit cache (keys/values [S_b, H, S + 1, D],
+    scales [S_b, H, S + 1]): what `QuantKVCache.write` does in PyTorch, in one launch. `slots` [B] long:
+    the cache slot each batch entry goes to (default: entry b to slot b; an install writes one slot)."""
     B, H, T, D = k.shape
     if k.stride(-1) != 1 or v.stride(-1) != 1 or keys.stride(-1) != 1 or key_scale.stride(-1) != 1:
         raise ValueError("write_rows needs the rows contiguous in their last dim")
     if keys.stride() != values.stride() or key_scale.stride() != value_scale.stride():
         raise ValueError("write_rows needs keys and values (and their scales) laid out alike")
     _write_kernel[(B * H * T,)](
-        k, v, rows.contiguous(), keys, key_scale, values, value_scale,
+        k, v, rows.contiguous(), rows if slots is None else slots, keys, key_scale, values, value_scale,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), key_scale.stride(0), key_scale.stride(1), H, T,
         QMAX=QMAX[keys.dtype], D=D, BLOCK_D=triton.next_power_of_2(D), IS_INT=keys.dtype == torch.int8,
+        HAS_SLOTS=slots is not None,
     )

@@ -58,12 +58,12 @@ class KVCache(StreamState):
     def attend(self, q: torch.Tensor, bias: torch.Tensor, window: int) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, self.keys[:, :, :window], self.values[:, :, :window], attn_mask=bias)
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
-        """A prefix's keys and values ([L, H, n, D]) as `rows` lists them."""
-        return [keys, values]
-
-    def rows(self, slot: int, start: int, count: int) -> list[torch.Tensor]:
-        return [self.keys[slot, :, start : start + count], self.values[slot, :, start : start + count]]
+    def write_slot(self, slot: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [1, H, R, D] into ring rows `rows` [R] of the slot in `slot` ([1] long, on the
+        device: an install's fixed shapes)."""
+        index = _slot_rows(slot, rows, self.keys.shape[1])
+        self.keys.index_put_(index, k)
+        self.values.index_put_(index, v)
 
 
 @fused.fusable
@@ -121,19 +121,25 @@ class QuantKVCache(StreamState):
             return decode_attention(q, self.keys, self.key_scale, self.values, self.value_scale, bias, window)
         return attend_dequantized(q, self.keys, self.key_scale, self.values, self.value_scale, bias, window)
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
-        """Quantized on the cache's device (a prefix kept in host memory is copied there first), in
-        plain PyTorch: a prompt's length varies, and compiling per length would cost seconds."""
-        device = self.keys.device
-        keys, values = keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
-        with fused.eager():
-            kq, ks = quantize_rows(keys, self.keys.dtype)
-            vq, vs = quantize_rows(values, self.values.dtype)
-        return [kq, vq, ks, vs]
+    def write_slot(self, slot: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`KVCache.write_slot`, quantized as `write` quantizes (on a GPU the fused kernel: one launch)."""
+        if k.is_cuda:
+            from . import decode_attention as da
 
-    def rows(self, slot: int, start: int, count: int) -> list[torch.Tensor]:
-        """Views of one slot's ring rows, in field order (keys, values, their scales), as `encode` lists them."""
-        return [t[slot, :, start : start + count] for t in self.tensors()]
+            if da.CONFIG["fused_write"]:
+                da.write_rows(rows[None], k, v, self.keys, self.key_scale, self.values, self.value_scale, slots=slot)
+                return
+        index = _slot_rows(slot, rows, self.keys.shape[1])
+        with fused.eager():  # the shapes are an install's buckets: not worth compiling
+            for new, values, scales in ((k, self.keys, self.key_scale), (v, self.values, self.value_scale)):
+                q, s = quantize_rows(new, values.dtype)
+                byte_view(values).index_put_(index, byte_view(q))
+                scales.index_put_(index, s)
+
+
+def _slot_rows(slot: torch.Tensor, rows: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    """The advanced index of ring rows `rows` [R] of every head of the slot in `slot` [1]: [1, H, R]."""
+    return slot[:, None, None], torch.arange(heads, device=rows.device)[None, :, None], rows[None, None, :]
 
 
 def attend_dequantized(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tensor, values: torch.Tensor,
