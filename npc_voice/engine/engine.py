@@ -180,8 +180,12 @@ class Engine:
             with self._lock:
                 free = [i for i in range(self.slots) if self._owners[i] is None and self._sessions[i] is None]
             if free:  # a free slot's state is overwritten by its next install anyway
+                t0 = time.perf_counter()
                 with fused.eager():
                     self.installer.install(free[0], prefix, 0)
+                if self.model.device.type == "cuda":
+                    torch.cuda.current_stream(self.model.device).synchronize()
+                self.install_cost = Cost(time.perf_counter() - t0)  # the warm one's, as the builder's
         self.builder.reset_costs()
 
     def _want(self, session: Session, persona: Persona, request: PromptRequest | str, prefix: Prefix | None,
