@@ -2,8 +2,9 @@
 
 Both halve the LM's memory (16.7 GB of bf16 weights -> 8.7 GB: tests/test_quant.py), so the 7B model and
 a few conversations fit a 24 GB consumer card; activations and the KV cache keep their precision.
-- int8: each matrix is dequantized to the compute dtype when used (one layer at a time): runs anywhere,
-  slower than bf16 (the dequantization is extra work on every use).
+- int8: on a GPU one Triton kernel reads the int8 rows and multiplies them by the activations in
+  registers (`int8_matmul.py`): half of bf16's bytes. Elsewhere each matrix is dequantized to the
+  compute dtype when used (one layer at a time): runs anywhere, slower than bf16.
 - fp8 (e4m3): the matmul itself runs in fp8 on the tensor cores (`torch._scaled_mm`, Ada / Hopper:
   compute capability 8.9+), the activations quantized per row (token) on the fly. Elsewhere (a CPU, in
   the tests) a plain float32 computation of the same math stands in. Per product on an H200 (torch
@@ -84,6 +85,16 @@ class Int8Weight(QuantWeight):
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return q.to(scale.dtype) * scale
+
+    def linear(self, x: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """On a GPU, for the few rows of a tick, one Triton kernel that reads the int8 rows as they are
+        (`int8_matmul`); elsewhere (and for a prompt's many rows) the rows dequantized, then multiplied."""
+        if x.is_cuda:
+            from . import int8_matmul
+
+            if int8_matmul.CONFIG["enabled"] and x.numel() // x.shape[-1] <= int8_matmul.LARGEST_M:
+                return int8_matmul.int8_linear(x, self.q[start:end], self.scale[start:end])
+        return super().linear(x, start, end)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

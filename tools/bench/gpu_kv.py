@@ -236,6 +236,84 @@ def stage_weights() -> None:
          **compare(logits, ref_logits))
 
 
+W8_SHAPES = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))  # 7B: qkv, out, gate+up, down
+W8_SWEEP = [dict(block_n=n, block_k=k, num_stages=st) for n in (16, 32, 64) for k in (128, 256, 512) for st in (3, 4)]
+
+
+@torch.inference_mode()
+def stage_weights_kernel() -> None:
+    """The int8-weight kernel (`int8_matmul`) per product at the 7B shapes: its launch configuration
+    swept (time summed over the shapes at 1, 8 and 64 rows; the fastest kept for what follows in the
+    same process), then each shape against bf16's F.linear, with the error vs the dequantized product."""
+    from npc_voice.model import int8_matmul as w8
+    from npc_voice.model.quant import Int8Weight
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    weights = {shape: Int8Weight(torch.randn(*shape, device=DEVICE, generator=g, dtype=torch.bfloat16) * 0.02,
+                                 torch.bfloat16) for shape in W8_SHAPES}
+    xs = {(M, K): torch.randn(M, K, device=DEVICE, generator=g, dtype=torch.bfloat16) for M in (1, 8, 64)
+          for K in {k for _, k in W8_SHAPES}}
+    default, best = dict(w8.CONFIG), None
+    for config in W8_SWEEP:
+        w8.CONFIG.update(default)
+        w8.CONFIG.update(config)
+        try:
+            total = sum(graphed_ms(lambda: w8.int8_linear(xs[(M, K)], w.q, w.scale))
+                        for (N, K), w in weights.items() for M in (1, 8, 64))
+        except Exception as exc:  # a configuration Triton cannot build
+            emit(what="w8_sweep", **config, error=repr(exc)[:200])
+            continue
+        emit(what="w8_sweep", **config, total_ms=round(total, 3))
+        if best is None or total < best[0]:
+            best = (total, dict(config))
+    w8.CONFIG.update(default)
+    w8.CONFIG.update(best[1] if best else {})
+    emit(what="w8_config", default=default, chosen=w8.CONFIG)
+    for (N, K), w in weights.items():
+        dense = w()  # [N, K] bf16: what bf16 weights would be
+        for M in (1, 8, 64):
+            x = xs[(M, K)]
+            ours = w8.int8_linear(x, w.q, w.scale).double()
+            ref = x.double() @ (w.q.double() * w.scale.double()).T
+            int8_ms = graphed_ms(lambda: w8.int8_linear(x, w.q, w.scale))
+            bf16_ms = graphed_ms(lambda: F.linear(x, dense))
+            emit(what="w8_product", N=N, K=K, M=M, int8_ms=int8_ms, bf16_ms=bf16_ms,
+                 int8_gbps=round(N * K / int8_ms / 1e6), bf16_gbps=round(2 * N * K / bf16_ms / 1e6),
+                 rel_err=float((ours - ref).norm() / ref.norm()))
+    del weights, xs
+    free()
+
+
+def stage_weights_int8() -> None:
+    """int8 weights (the Triton kernel) with the int8 cache: weight bytes, ticks and peak memory at 1,
+    8 and 64 full-context sessions against bf16 weights in the same process, then int8 weights'
+    teacher-forced logits against bf16 weights (both with a bf16 cache, 3000 frames, 2 streams)."""
+    from npc_voice.model.quant import weight_bytes
+
+    for weights in ("bf16", "int8"):
+        model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="int8",
+                             weights_dtype=weights)
+        model.mimi.to(torch.bfloat16)
+        emit(what="weights", weights=weights, lm_weights_gb=round(weight_bytes(model.lm) / 1e9, 2))
+        for b in ((1, 8, 64) if weights == "int8" else (1, 64)):
+            emit(what="tick_weights", weights=weights, **bench_tick(model, b, frames=100, warmup=10).as_dict())
+            free()
+        del model
+        free()
+    ref = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
+    tokens = random_streams(ref.config.lm, S)
+    ref_logits, _ = teacher_forced(ref.lm, tokens)
+    del ref
+    free()
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16",
+                         weights_dtype="int8")
+    logits, _ = teacher_forced(model.lm, tokens)
+    emit(what="weights_accuracy", weights="int8", kv="bf16", vs="bf16 weights", frames=S, streams=2,
+         **compare(logits, ref_logits))
+    del model
+    free()
+
+
 def stage_accuracy_int8(frames: int = S) -> None:
     """The int8 cache read by the current kernel configuration against the bf16 cache (teacher-forced
     text logits, 2 streams)."""
@@ -251,7 +329,8 @@ def stage_accuracy_int8(frames: int = S) -> None:
 
 
 STAGES = {"kernel": stage_kernel, "accuracy_int8": stage_accuracy_int8, "ticks_final": stage_ticks_final, "ticks": stage_ticks, "accuracy": stage_accuracy, "weights": stage_weights,
-          "ticks_main": lambda: stage_ticks(TICKS_MAIN),
+          "ticks_main": lambda: stage_ticks(TICKS_MAIN), "weights_kernel": stage_weights_kernel,
+          "weights_int8": stage_weights_int8,
           "checks": lambda: stage_kernel(sweep=False)}
 
 if __name__ == "__main__":

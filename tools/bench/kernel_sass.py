@@ -1,4 +1,4 @@
-"""The 8-bit decode attention compiled for an H100/H200 (sm_90) on any machine, no GPU needed:
+"""The 8-bit decode attention (and the int8-weight matmul) compiled for an H100/H200 (sm_90) on any machine, no GPU needed:
 registers, spills, shared memory and an instruction count per launch configuration, one JSON line
 each. What a GPU launch compiles: 7B shapes (128-wide heads, a 64-session layer in two splits), the
 arguments specialised as Triton specialises them at a launch (pointers and strides that are
@@ -6,6 +6,7 @@ multiples of 16 marked so; the scales' head stride, 3001, and the window, 3000, 
 
     python3 tools/bench/kernel_sass.py                       # the configurations below
     python3 tools/bench/kernel_sass.py packed:128:4:2:168    # mode:rows:warps:stages[:register cap]
+    python3 tools/bench/kernel_sass.py w8:16:32:256:4:4      # int8_matmul: w8:BLOCK_M:BLOCK_N:BLOCK_K:warps:stages
 
 Uses the ptxas / cuobjdump that come with Triton's NVIDIA backend. Read with the GPU figures in
 docs/performance.md: a count is not a time.
@@ -29,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from npc_voice.model import decode_attention as da  # noqa: E402
+from npc_voice.model import int8_matmul  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "K": "*i8", "KS": "*fp32", "V": "*i8", "VS": "*fp32", "BIAS": "*bf16", "ACC": "*fp32",
             "ML": "*fp32", "OUT": "*bf16"}
@@ -51,10 +53,25 @@ def compile_split_kernel(mode: str, block_n: int, warps: int, stages: int, maxnr
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_w8_kernel(block_m: int, block_n: int, block_k: int, warps: int, stages: int):
+    """`int8_matmul._w8_kernel` as a 7B product launches it: bf16 activations, int8 rows, bf16 scales."""
+    pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "OUT": "*bf16"}
+    ints = ["M", "N", "K", "sx_m", "sw_n", "so_m"]
+    signature = {**pointers, **{name: "i32" for name in ints}, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                 "BLOCK_K": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate([*pointers, *ints]) if name != "M"}
+    source = ASTSource(fn=int8_matmul._w8_kernel, signature=signature, attrs=attrs,
+                       constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
 def describe(spec: str) -> dict:
-    mode, block_n, warps, stages, *cap = spec.split(":")
-    maxnreg = int(cap[0]) if cap else None
-    kernel = compile_split_kernel(mode, int(block_n), int(warps), int(stages), maxnreg)
+    if spec.startswith("w8:"):
+        block_m, block_n, block_k, warps, stages = (int(v) for v in spec.split(":")[1:])
+        kernel = compile_w8_kernel(block_m, block_n, block_k, warps, stages)
+    else:
+        mode, block_n, warps, stages, *cap = spec.split(":")
+        kernel = compile_split_kernel(mode, int(block_n), int(warps), int(stages), int(cap[0]) if cap else None)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:

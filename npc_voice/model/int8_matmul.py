@@ -1,0 +1,73 @@
+"""int8 weights times bf16 activations in one Triton kernel (`--weights-dtype int8` on a GPU).
+
+A conversation's tick multiplies a few rows of activations (1-128 sessions) by every matrix of the
+7B model: at that size a product is a read of the matrix, so int8 weights (half of bf16's bytes)
+should take half the time. Dequantizing the matrix to bf16 first (the portable path,
+`quant.Int8Weight.linear`) writes and reads a full bf16 copy on every use instead: 4.6x slower than
+bf16 per tick. Here each program reads a [BLOCK_N, K] strip of int8 rows once, turns each tile into
+the activations' dtype in registers, accumulates x @ w.T on the tensor cores in float32 and applies
+the rows' scales at the end: the int8 bytes are the only traffic besides x and the output.
+
+On a CPU the kernel runs only under Triton's interpreter (the tests); the CPU model itself keeps the
+portable path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch configuration: BLOCK_N output rows a program, BLOCK_K of the inner dimension per tile
+# (swept on the GPU by tools/bench/gpu_kv.py weights_kernel).
+CONFIG = {"enabled": True, "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4}  # enabled: on a GPU
+
+
+@triton.jit
+def _w8_kernel(X, W, S, OUT, M, N, K, sx_m, sw_n, so_m,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = m < M
+    nmask = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        x = tl.load(X + m[:, None] * sx_m + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(W + n[None, :].to(tl.int64) * sw_n + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+        acc += tl.dot(x, w.to(x.dtype))  # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]
+    scale = tl.load(S + n, mask=nmask, other=0.0).to(tl.float32)
+    out = acc * scale[None, :]
+    tl.store(OUT + m[:, None] * so_m + n[None, :], out.to(OUT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+LARGEST_M = 128  # more activation rows (a prompt's chunk) than this: a tensor-core GEMM on the dequantized
+# rows does better than re-reading the int8 strip for every 64 rows (`quant.Int8Weight.linear` decides)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q [N, K] int8 * scale [N] or [N, 1]).T -> [..., N] in x's dtype (float32
+    accumulation; the scale applied to the sums, not rounded into the weights first)."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    N = q.shape[0]
+    if q.dtype != torch.int8 or q.shape[1] != K or q.stride(1) != 1:
+        raise ValueError(f"int8_linear needs int8 rows [N, {K}] contiguous in K, not {q.dtype} {tuple(q.shape)}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    scale = scale.reshape(N)
+    if not x.is_cuda and not hasattr(_w8_kernel, "rewrite"):  # an InterpretedFunction has it
+        raise RuntimeError("int8_linear runs on a CPU only under Triton's interpreter "
+                           "(TRITON_INTERPRET=1 before triton is imported, as the tests do)")
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    block_n, block_k = CONFIG["block_n"], CONFIG["block_k"]
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _w8_kernel[grid](x2, q, scale, out, M, N, K, x2.stride(0), q.stride(0), out.stride(0),
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                     num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    return out.view(*lead, N)

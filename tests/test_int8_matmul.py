@@ -1,0 +1,40 @@
+"""The int8-weight kernel (`npc_voice/model/int8_matmul.py`), run under Triton's interpreter: the
+product of the int8 rows and their scales, for the shapes a tick uses (1 to 64 activation rows, a
+slice of a matrix's rows as the depth transformer takes them, sizes that are not whole tiles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # a test dependency on Linux x86-64 (pyproject's test extra)
+
+from npc_voice.model.int8_matmul import int8_linear  # noqa: E402
+from npc_voice.model.quant import Int8Weight  # noqa: E402
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (5, 40, 300), (64, 96, 128), (70, 33, 272)])
+def test_the_kernel_equals_the_dequantized_product(M, N, K) -> None:
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    w = Int8Weight(torch.randn(N, K, generator=g), torch.float32)
+    x = torch.randn(2, M, K, generator=g) if M == 70 else torch.randn(M, K, generator=g)
+    ours = int8_linear(x, w.q, w.scale)
+    ref = torch.nn.functional.linear(x.double(), w.q.double() * w.scale.double())
+    assert ours.shape == (*x.shape[:-1], N) and ours.dtype == x.dtype
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_slice_of_rows_and_a_strided_input() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = Int8Weight(torch.randn(64, 96, generator=g), torch.float32)
+    x = torch.randn(3, 2 * 96, generator=g)[:, ::2]  # not contiguous in K: copied first
+    ours = int8_linear(x, w.q[16:48], w.scale[16:48])
+    torch.testing.assert_close(ours, w.linear(x, 16, 48), rtol=1e-4, atol=1e-4)
+
+
+def test_it_refuses_what_it_cannot_multiply() -> None:
+    w = Int8Weight(torch.randn(32, 64), torch.float32)
+    with pytest.raises(ValueError, match="int8 rows"):
+        int8_linear(torch.randn(2, 32), w.q, w.scale)  # K does not match
+    with pytest.raises(ValueError, match="int8 rows"):
+        int8_linear(torch.randn(2, 64), w.q.float(), w.scale)
