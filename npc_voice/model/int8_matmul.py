@@ -18,9 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch configuration: BLOCK_N output rows a program, BLOCK_K of the inner dimension per tile
-# (swept on the GPU by tools/bench/gpu_kv.py weights_kernel).
-CONFIG = {"enabled": True, "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4}  # enabled: on a GPU
+# Launch configuration: BLOCK_N output rows a program, BLOCK_K of the inner dimension per tile.
+# Swept on an H200 at the 7B shapes, 1-64 rows (tools/bench/gpu_kv.py weights_kernel, 15 that build):
+# 64 x 256 with 3 stages was fastest (0.404 ms summed over 12 products; 16-row strips 0.53-0.59).
+# Measured there (docs/performance.md): a whole tick at one session 9.34 ms against 10.11 with bf16
+# weights; at 64 sessions 32.0 against 29.1 (a [64, K] tile is re-read per strip: bf16's GEMM wins);
+# the 4096-row matrices fill only 64 programs (a split of K would help them).
+CONFIG = {"enabled": True, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}  # enabled: on a GPU
 
 
 @triton.jit
