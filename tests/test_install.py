@@ -98,3 +98,28 @@ def test_a_prefix_longer_than_the_installer_holds_is_refused() -> None:
                                                     special_codes(model.mimi), model))
     with pytest.raises(ValueError, match="longer than a character can be"):
         SlotInstaller(gen, gen.init_state(1), rows=prefix.length - 1).install(0, prefix, seed=0)
+
+
+def test_an_engine_fails_a_prefix_it_cannot_hold_alone() -> None:
+    """A cached prefix with more KV rows than any character can have (another configuration's, say)
+    fails the `open` that asked for it; the live session beside it keeps every frame."""
+    import dataclasses
+
+    from npc_voice.engine import Engine, Persona
+
+    model = random_model("tiny", seed=5)
+    engine = Engine(model, slots=2)
+    inn = Persona("You keep the inn.", voice_samples=tone(1.0, 200))
+    live = engine.open(inn, seed=1)
+    engine.tick()
+    good = engine.cache.lookup(inn.prompt_key())
+    extra = engine.installer.rows + 1 - good.keys.shape[2]
+    pad = lambda t: torch.cat([t, t[:, :, :1].expand(-1, -1, extra, -1)], dim=2)  # noqa: E731
+    smith = Persona("You forge blades.", voice_samples=tone(1.0, 300))
+    engine.cache.store(smith.prompt_key(), dataclasses.replace(good, keys=pad(good.keys), values=pad(good.values)))
+    failed = engine.open(smith, seed=2)
+    frames = [engine.tick() for _ in range(3)]
+    with pytest.raises(ValueError, match="longer than a character can be"):
+        failed.started.result(timeout=0)
+    assert [e.frame for tick in frames for e in tick if e.session_id == live.id] == [1, 2, 3]
+    assert engine.free_slots == 1 and engine.sessions == [live]

@@ -266,15 +266,19 @@ class Engine:
             waiting = self._waiting.pop(request.key, [])
             for session, persona, wanted, done in waiting:
                 if isinstance(result, BaseException):
-                    if self._sessions[session.slot] is not session:  # an open whose character failed:
-                        # its slot is free again (a failed switch keeps the current character)
-                        if self._owners[session.slot] is session:
-                            self._owners[session.slot] = None
-                        session.closed = True
-                    if not done.done():
-                        done.set_exception(result)
+                    self._failed(session, done, result)
                 else:
                     self._pending.append(Install(session, persona, result, wanted, done))
+
+    def _failed(self, session: Session, done: concurrent.futures.Future, error: BaseException) -> None:
+        """(under the lock) A character that could not be built or installed: an open's slot is free
+        again (a failed switch keeps the current character); the caller gets the error."""
+        if self._sessions[session.slot] is not session:
+            if self._owners[session.slot] is session:
+                self._owners[session.slot] = None
+            session.closed = True
+        if not done.done():
+            done.set_exception(error)
 
     def _apply_pending(self, budget_s: float | None = None) -> None:
         """Applies closes and installs in order; an install only while its cost fits `budget_s`."""
@@ -300,8 +304,12 @@ class Engine:
                     op.done.cancel()
                 continue
             t0 = time.perf_counter()
-            session.persona = op.persona
-            self._install(session, op.prefix)
+            try:
+                self._install(session, op.prefix, op.persona)
+            except Exception as exc:  # a prefix this engine cannot hold: that character fails alone
+                with self._lock:
+                    self._failed(session, op.done, exc)
+                continue
             if self.model.device.type == "cuda":
                 torch.cuda.current_stream(self.model.device).synchronize()
             seconds = time.perf_counter() - t0
@@ -310,10 +318,11 @@ class Engine:
             if not op.done.done():
                 op.done.set_result(session)
 
-    def _install(self, session: Session, prefix: Prefix) -> None:
+    def _install(self, session: Session, prefix: Prefix, persona: Persona) -> None:
         slot = session.slot
         with fused.eager():  # the character, a fresh Mimi encoder, a primed decoder (as the reference's)
-            self.installer.install(slot, prefix, session.seed, session.persona.sampling)
+            self.installer.install(slot, prefix, session.seed, persona.sampling)
+        session.persona = persona
         session.prefix_length = prefix.length
         session.frames_out = 0
         self._sessions[slot] = session

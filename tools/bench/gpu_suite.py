@@ -330,10 +330,10 @@ def stage_build_parts() -> None:
     (_, prefix), = builder.run(None)
     row["prompt_frames"] = prefix.length
     slot = 0
-    row["install_ms"] = _timed_ms(lambda: engine._install(_FakeSession(slot, personas[3]), prefix))
+    row["install_ms"] = _timed_ms(lambda: engine._install(_FakeSession(slot, personas[3]), prefix, personas[3]))
     row["install_graphs"] = len(engine.installer._graphs)
     emit(**row)
-    for name, fn in (("install", lambda: engine._install(_FakeSession(slot, personas[3]), prefix)),
+    for name, fn in (("install", lambda: engine._install(_FakeSession(slot, personas[3]), prefix, personas[3])),
                      ("prepare_1", lambda: (builder.submit(requests[0]), builder._prepare(
                          [(builder._queue.popleft(), 7)], []), builder._lane_jobs.__setitem__(7, None)))):
         gpu = DEVICE.type == "cuda"
