@@ -203,37 +203,58 @@ def stage_ticks_final() -> None:
     da.CONFIG["fused_write"] = default
 
 
-def stage_weights() -> None:
-    """8-bit weights with the 8-bit cache: weight bytes, ticks and peak memory (1, 8, 64 sessions,
-    full context), and fp8 weights' teacher-forced logits against bf16 weights (both with a bf16 cache)."""
+def weights_ticks(plan: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+    """For each (weights dtype, session counts) of `plan`, with the 8-bit cache: weight bytes, then
+    ticks and peak memory at each count (full context)."""
     from npc_voice.model.quant import weight_bytes
 
-    for weights in ("fp8", "int8"):
+    for weights, batches in plan:
         model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="int8",
                              weights_dtype=weights)
         model.mimi.to(torch.bfloat16)
         emit(what="weights", weights=weights, lm_weights_gb=round(weight_bytes(model.lm) / 1e9, 2),
              mimi_weights_gb=round(weight_bytes(model.mimi) / 1e9, 2))
-        for b in ((1, 8, 64) if weights == "fp8" else (8,)):
+        for b in batches:
             emit(what="tick_weights", weights=weights, **bench_tick(model, b, frames=100, warmup=10).as_dict())
             free()
         del model
         free()
-    frames = S
+
+
+def weights_accuracy(weights: str, int8_cache_too: bool = False) -> None:
+    """`weights`' teacher-forced text logits (3000 frames, 2 streams) against bf16 weights, both with a
+    bf16 cache (and, with `int8_cache_too`, the 8-bit weights with the int8 cache as well)."""
     ref = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
-    tokens = random_streams(ref.config.lm, frames)
+    tokens = random_streams(ref.config.lm, S)
     ref_logits, _ = teacher_forced(ref.lm, tokens)
     del ref
     free()
     model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16",
-                         weights_dtype="fp8")
+                         weights_dtype=weights)
     logits, _ = teacher_forced(model.lm, tokens)
-    emit(what="weights_accuracy", weights="fp8", kv="bf16", vs="bf16 weights", frames=frames, streams=2,
+    emit(what="weights_accuracy", weights=weights, kv="bf16", vs="bf16 weights", frames=S, streams=2,
          **compare(logits, ref_logits))
-    model.lm.kv_dtype = torch.int8
-    logits, _ = teacher_forced(model.lm, tokens)
-    emit(what="weights_accuracy", weights="fp8", kv="int8", vs="bf16 weights, bf16 cache", frames=frames, streams=2,
-         **compare(logits, ref_logits))
+    if int8_cache_too:
+        model.lm.kv_dtype = torch.int8
+        logits, _ = teacher_forced(model.lm, tokens)
+        emit(what="weights_accuracy", weights=weights, kv="int8", vs="bf16 weights, bf16 cache", frames=S,
+             streams=2, **compare(logits, ref_logits))
+    del model
+    free()
+
+
+def stage_weights() -> None:
+    """fp8 weights (1, 8, 64 sessions) and int8 weights (8) with the 8-bit cache, and fp8 weights'
+    logits against bf16 weights."""
+    weights_ticks((("fp8", (1, 8, 64)), ("int8", (8,))))
+    weights_accuracy("fp8", int8_cache_too=True)
+
+
+def stage_weights_int8() -> None:
+    """int8 weights (the Triton kernel) at 1, 8 and 64 full-context sessions against bf16 weights at 1
+    and 64 in the same process, then int8 weights' logits against bf16 weights."""
+    weights_ticks((("bf16", (1, 64)), ("int8", (1, 8, 64))))
+    weights_accuracy("int8")
 
 
 W8_SHAPES = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))  # 7B: qkv, out, gate+up, down
@@ -281,36 +302,6 @@ def stage_weights_kernel() -> None:
                  int8_gbps=round(N * K / int8_ms / 1e6), bf16_gbps=round(2 * N * K / bf16_ms / 1e6),
                  rel_err=float((ours - ref).norm() / ref.norm()))
     del weights, xs
-    free()
-
-
-def stage_weights_int8() -> None:
-    """int8 weights (the Triton kernel) with the int8 cache: weight bytes, ticks and peak memory at 1,
-    8 and 64 full-context sessions against bf16 weights in the same process, then int8 weights'
-    teacher-forced logits against bf16 weights (both with a bf16 cache, 3000 frames, 2 streams)."""
-    from npc_voice.model.quant import weight_bytes
-
-    for weights in ("bf16", "int8"):
-        model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="int8",
-                             weights_dtype=weights)
-        model.mimi.to(torch.bfloat16)
-        emit(what="weights", weights=weights, lm_weights_gb=round(weight_bytes(model.lm) / 1e9, 2))
-        for b in ((1, 8, 64) if weights == "int8" else (1, 64)):
-            emit(what="tick_weights", weights=weights, **bench_tick(model, b, frames=100, warmup=10).as_dict())
-            free()
-        del model
-        free()
-    ref = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16")
-    tokens = random_streams(ref.config.lm, S)
-    ref_logits, _ = teacher_forced(ref.lm, tokens)
-    del ref
-    free()
-    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, kv_dtype="bf16",
-                         weights_dtype="int8")
-    logits, _ = teacher_forced(model.lm, tokens)
-    emit(what="weights_accuracy", weights="int8", kv="bf16", vs="bf16 weights", frames=S, streams=2,
-         **compare(logits, ref_logits))
-    del model
     free()
 
 
