@@ -32,6 +32,17 @@ def test_a_slice_of_rows_and_a_strided_input() -> None:
     torch.testing.assert_close(ours, w.linear(x, 16, 48), rtol=1e-4, atol=1e-4)
 
 
+def test_narrower_strips_for_a_small_matrix_give_the_same_product(monkeypatch) -> None:
+    from npc_voice.model import int8_matmul
+
+    g = torch.Generator().manual_seed(5)
+    w = Int8Weight(torch.randn(96, 64, generator=g), torch.float32)
+    x = torch.randn(3, 64, generator=g)
+    wide = int8_linear(x, w.q, w.scale)  # 2 strips of 64 rows
+    monkeypatch.setitem(int8_matmul.CONFIG, "min_programs", 6)  # 16-row strips: 6 programs
+    torch.testing.assert_close(int8_linear(x, w.q, w.scale), wide, rtol=1e-5, atol=1e-5)
+
+
 def test_it_refuses_what_it_cannot_multiply() -> None:
     w = Int8Weight(torch.randn(32, 64), torch.float32)
     with pytest.raises(ValueError, match="int8 rows"):

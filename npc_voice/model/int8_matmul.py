@@ -24,7 +24,9 @@ import triton.language as tl
 # Measured there (docs/performance.md): a whole tick at one session 9.34 ms against 10.11 with bf16
 # weights; at 64 sessions 32.0 against 29.1 (a [64, K] tile is re-read per strip: bf16's GEMM wins);
 # the 4096-row matrices fill only 64 programs (a split of K would help them).
-CONFIG = {"enabled": True, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}  # enabled: on a GPU
+# `min_programs`: narrower strips (down to 16 rows) for a matrix whose strips would launch fewer programs.
+CONFIG = {"enabled": True, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
+          "min_programs": 0}
 
 
 @triton.jit
@@ -70,6 +72,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     block_n, block_k = CONFIG["block_n"], CONFIG["block_k"]
+    while block_n > 16 and triton.cdiv(N, block_n) * triton.cdiv(M, block_m) < CONFIG.get("min_programs", 0):
+        block_n //= 2
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _w8_kernel[grid](x2, q, scale, out, M, N, K, x2.stride(0), q.stride(0), out.stride(0),
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

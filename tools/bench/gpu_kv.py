@@ -253,12 +253,18 @@ def stage_weights() -> None:
 def stage_weights_int8() -> None:
     """int8 weights (the Triton kernel) at 1, 8 and 64 full-context sessions against bf16 weights at 1
     and 64 in the same process, then int8 weights' logits against bf16 weights."""
-    weights_ticks((("bf16", (1, 64)), ("int8", (1, 8, 64))))
+    weights_ticks(INT8_TICKS)
     weights_accuracy("int8")
 
 
+INT8_TICKS = (("bf16", (1, 64)), ("int8", (1, 8, 64)))
+
+
 W8_SHAPES = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))  # 7B: qkv, out, gate+up, down
-W8_SWEEP = [dict(block_n=n, block_k=k, num_stages=st) for n in (16, 32, 64) for k in (128, 256, 512) for st in (3, 4)]
+W8_SWEEP = ([dict(block_n=n, block_k=k, num_stages=st) for n in (16, 32, 64) for k in (128, 256) for st in (3, 4)]
+            # narrower strips where a matrix would launch fewer programs (its 4096 rows: 64 of 64)
+            + [dict(block_n=n, block_k=k, num_stages=3, min_programs=p) for n in (64, 128) for k in (128, 256)
+               for p in (128, 256)])
 
 
 @torch.inference_mode()
@@ -321,7 +327,7 @@ def stage_accuracy_int8(frames: int = S) -> None:
 
 STAGES = {"kernel": stage_kernel, "accuracy_int8": stage_accuracy_int8, "ticks_final": stage_ticks_final, "ticks": stage_ticks, "accuracy": stage_accuracy, "weights": stage_weights,
           "ticks_main": lambda: stage_ticks(TICKS_MAIN), "weights_kernel": stage_weights_kernel,
-          "weights_int8": stage_weights_int8,
+          "weights_int8": stage_weights_int8, "weights_int8_ticks": lambda: weights_ticks(INT8_TICKS),
           "checks": lambda: stage_kernel(sweep=False)}
 
 if __name__ == "__main__":
