@@ -18,15 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch configuration: BLOCK_N output rows a program, BLOCK_K of the inner dimension per tile.
-# Swept on an H200 at the 7B shapes, 1-64 rows (tools/bench/gpu_kv.py weights_kernel, 15 that build):
-# 64 x 256 with 3 stages was fastest (0.404 ms summed over 12 products; 16-row strips 0.53-0.59).
-# Measured there (docs/performance.md): a whole tick at one session 9.34 ms against 10.11 with bf16
-# weights; at 64 sessions 32.0 against 29.1 (a [64, K] tile is re-read per strip: bf16's GEMM wins);
-# the 4096-row matrices fill only 64 programs (a split of K would help them).
-# `min_programs`: narrower strips (down to 16 rows) for a matrix whose strips would launch fewer programs.
-CONFIG = {"enabled": True, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
-          "min_programs": 0}
+# Launch configuration: BLOCK_N output rows a program, BLOCK_K of the inner dimension per tile,
+# `min_programs`: narrower strips (down to 16 rows) for a matrix whose strips would launch fewer
+# programs. Swept on an H200 at the 7B shapes, 1-64 rows (tools/bench/gpu_kv.py weights_kernel):
+# 128 x 256, 3 stages, at least 256 programs was fastest (0.384 ms summed over 12 products; 64 x 256
+# without narrowing 0.413; 16-row strips 0.52-0.58). Measured there (docs/performance.md): a whole
+# tick at one session 9.00 ms against 10.33 with bf16 weights; at 64 sessions 31.4 against 29.5 (a
+# [64, K] activation tile is re-read per strip: bf16's GEMM wins).
+CONFIG = {"enabled": True, "block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
+          "min_programs": 256}
 
 
 @triton.jit
