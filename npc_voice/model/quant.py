@@ -17,11 +17,16 @@ Embeddings, norms and Mimi are never quantized.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .transformer import Attention
+
+log = logging.getLogger(__name__)
 
 WEIGHT_CHOICES = ("bf16", "int8", "fp8")  # `--weights-dtype`; "bf16" = not quantized (the LM's --dtype)
 FP8 = torch.float8_e4m3fn
@@ -90,12 +95,22 @@ class Int8Weight(QuantWeight):
     def linear(self, x: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """On a GPU, for the few rows of a tick, one Triton kernel that reads the int8 rows as they are
         (`int8_matmul`); elsewhere (and for a prompt's many rows) the rows dequantized, then multiplied."""
-        if x.is_cuda:
-            from . import int8_matmul
-
-            if int8_matmul.CONFIG["enabled"] and x.numel() // x.shape[-1] <= int8_matmul.LARGEST_M:
-                return int8_matmul.int8_linear(x, self.q[start:end], self.scale[start:end])
+        if x.is_cuda and (w8 := _int8_kernel()) is not None:
+            if w8.CONFIG["enabled"] and x.numel() // x.shape[-1] <= w8.LARGEST_M:
+                return w8.int8_linear(x, self.q[start:end], self.scale[start:end])
         return super().linear(x, start, end)
+
+
+@functools.cache
+def _int8_kernel():
+    """The Triton kernel's module, or None where Triton is missing (the dequantizing path then runs:
+    the same numbers, slower; said once in the log)."""
+    try:
+        from . import int8_matmul
+    except ImportError as exc:
+        log.warning("int8 weights without Triton (%s): each matrix is dequantized on use, slower than bf16", exc)
+        return None
+    return int8_matmul
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
