@@ -27,6 +27,10 @@ import triton.language as tl
 # [64, K] activation tile is re-read per strip: bf16's GEMM wins).
 CONFIG = {"enabled": True, "block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
           "min_programs": 256}
+# For more than 16 rows (many sessions, a prompt's chunk) the launch may differ: the same until the
+# next GPU sweep (`weights_kernel` sweeps it apart, at 64 rows) says otherwise.
+MANY = {"block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 3, "min_programs": 256}
+FEW_ROWS = 16
 
 
 @triton.jit
@@ -70,12 +74,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         raise RuntimeError("int8_linear runs on a CPU only under Triton's interpreter "
                            "(TRITON_INTERPRET=1 before triton is imported, as the tests do)")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    config = CONFIG if M <= FEW_ROWS else MANY
     block_m = min(64, max(16, triton.next_power_of_2(M)))
-    block_n, block_k = CONFIG["block_n"], CONFIG["block_k"]
-    while block_n > 16 and triton.cdiv(N, block_n) * triton.cdiv(M, block_m) < CONFIG.get("min_programs", 0):
+    block_n, block_k = config["block_n"], config["block_k"]
+    while block_n > 16 and triton.cdiv(N, block_n) * triton.cdiv(M, block_m) < config.get("min_programs", 0):
         block_n //= 2
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _w8_kernel[grid](x2, q, scale, out, M, N, K, x2.stride(0), q.stride(0), out.stride(0),
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                     num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out.view(*lead, N)

@@ -113,25 +113,33 @@ def stage_kernel(sweep: bool = True) -> None:
         free()
 
 
+def sweep(configs: list[dict], target: dict, measure, what: str, report=lambda ms: {"ms": ms}) -> None:
+    """Tries each launch configuration in `target` (a kernel module's config dict; what a configuration
+    does not name is the default's) by `measure()` (ms), keeps the fastest there: a `{what}_sweep` row
+    each (`report(ms)`), then `{what}_config`."""
+    default, best = dict(target), None
+    for config in configs:
+        target.update(default)
+        target.update(config)
+        try:
+            ms = measure()
+        except Exception as exc:  # a configuration Triton cannot build (too many registers, shared memory)
+            emit(what=f"{what}_sweep", **config, error=repr(exc)[:200])
+            continue
+        emit(what=f"{what}_sweep", **config, **report(ms))
+        if best is None or ms < best[0]:
+            best = (ms, dict(config))
+    target.update(default)
+    target.update(best[1] if best else {})
+    emit(what=f"{what}_config", default=default, chosen=dict(target))
+
+
 def stage_sweep() -> None:
     """The launch configuration: swept at 64 sessions (int8, full context), the fastest kept for what
     follows in the same process."""
     cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S)
-    default, best = dict(da.CONFIG), None
-    for config in SWEEP:
-        da.CONFIG.update(default)  # what a configuration does not name is the default's
-        da.CONFIG.update(config)
-        try:
-            ms = layer_ms(cache, q, bias)
-        except Exception as exc:  # a configuration Triton cannot build (too many registers)
-            emit(what="kv_kernel_sweep", **config, error=repr(exc)[:200])
-            continue
-        emit(what="kv_kernel_sweep", **config, B=64, ms=ms, gbps=round(cache.nbytes * S / (S + 1) / ms / 1e6))
-        if best is None or ms < best[0]:
-            best = (ms, dict(config))
-    da.CONFIG.update(default)
-    da.CONFIG.update(best[1] if best else {})
-    emit(what="kv_kernel_config", default=default, chosen=da.CONFIG)
+    sweep(SWEEP, da.CONFIG, lambda: layer_ms(cache, q, bias), "kv_kernel",
+          lambda ms: dict(B=64, ms=ms, gbps=round(cache.nbytes * S / (S + 1) / ms / 1e6)))
     del cache
     free()
 
@@ -261,17 +269,23 @@ INT8_TICKS = (("bf16", (1, 64)), ("int8", (1, 8, 64)))
 
 
 W8_SHAPES = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))  # 7B: qkv, out, gate+up, down
-W8_SWEEP = ([dict(block_n=n, block_k=k, num_stages=st) for n in (16, 32, 64) for k in (128, 256) for st in (3, 4)]
+W8_SWEEP = ([dict(block_n=n, block_k=k, num_stages=st) for n in (32, 64) for k in (128, 256) for st in (3, 4)]
             # narrower strips where a matrix would launch fewer programs (its 4096 rows: 64 of 64)
             + [dict(block_n=n, block_k=k, num_stages=3, min_programs=p) for n in (64, 128) for k in (128, 256)
                for p in (128, 256)])
+# More than 16 rows (`int8_matmul.MANY`), timed at 64: wider programs, 8 warps, shorter K tiles.
+W8_SWEEP_MANY = [dict(block_n=n, block_k=k, num_warps=w, num_stages=st, min_programs=p)
+                 for n, k, w, st, p in ((128, 256, 4, 3, 256), (128, 128, 4, 4, 256), (128, 128, 8, 3, 0),
+                                        (256, 128, 8, 3, 0), (128, 64, 4, 4, 0), (64, 128, 4, 4, 0),
+                                        (256, 64, 8, 4, 0), (128, 256, 8, 3, 128))]
 
 
 @torch.inference_mode()
 def stage_weights_kernel() -> None:
-    """The int8-weight kernel (`int8_matmul`) per product at the 7B shapes: its launch configuration
-    swept (time summed over the shapes at 1, 8 and 64 rows; the fastest kept for what follows in the
-    same process), then each shape against bf16's F.linear, with the error vs the dequantized product."""
+    """The int8-weight kernel (`int8_matmul`) per product at the 7B shapes: its launch configurations
+    swept (time summed over the shapes at 1 and 8 rows for `CONFIG`, at 64 rows for `MANY`; the fastest
+    kept for what follows in the same process), then each shape against bf16's F.linear, with the
+    error vs the dequantized product."""
     from npc_voice.model import int8_matmul as w8
     from npc_voice.model.quant import Int8Weight
 
@@ -280,22 +294,15 @@ def stage_weights_kernel() -> None:
                                  torch.bfloat16) for shape in W8_SHAPES}
     xs = {(M, K): torch.randn(M, K, device=DEVICE, generator=g, dtype=torch.bfloat16) for M in (1, 8, 64)
           for K in {k for _, k in W8_SHAPES}}
-    default, best = dict(w8.CONFIG), None
-    for config in W8_SWEEP:
-        w8.CONFIG.update(default)
-        w8.CONFIG.update(config)
-        try:
-            total = sum(graphed_ms(lambda: w8.int8_linear(xs[(M, K)], w.q, w.scale))
-                        for (N, K), w in weights.items() for M in (1, 8, 64))
-        except Exception as exc:  # a configuration Triton cannot build
-            emit(what="w8_sweep", **config, error=repr(exc)[:200])
-            continue
-        emit(what="w8_sweep", **config, total_ms=round(total, 3))
-        if best is None or total < best[0]:
-            best = (total, dict(config))
-    w8.CONFIG.update(default)
-    w8.CONFIG.update(best[1] if best else {})
-    emit(what="w8_config", default=default, chosen=w8.CONFIG)
+    def total(rows: tuple[int, ...]):
+        return lambda: sum(graphed_ms(lambda: w8.int8_linear(xs[(M, K)], w.q, w.scale))
+                           for (N, K), w in weights.items() for M in rows)
+
+    def report(ms: float) -> dict:
+        return {"total_ms": round(ms, 3)}
+
+    sweep(W8_SWEEP, w8.CONFIG, total((1, 8)), "w8", report)  # a few rows: 1-16 sessions
+    sweep(W8_SWEEP_MANY, w8.MANY, total((64,)), "w8", report)  # more
     for (N, K), w in weights.items():
         dense = w()  # [N, K] bf16: what bf16 weights would be
         for M in (1, 8, 64):
