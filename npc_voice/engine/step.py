@@ -8,6 +8,7 @@ static buffers before a replay and the outputs read back after it: one host sync
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,6 +19,15 @@ from ..model import fused
 from ..model.generator import NOT_FORCED, Generator, GeneratorState
 from ..model.loading import LoadedModel
 from ..model.mimi import MimiState
+
+
+# Mimi's streaming encode and decode steps compiled whole by torch.compile with this backend ("" =
+# eager, the default). Each step is ~400-500 small kernels (1.1-1.4 ms of a one-session tick on an
+# H200, 1.9-2.1 ms at 64 sessions: docs/performance.md); both trace as one graph with no break, so
+# inductor can fuse their element-wise work. Off until measured on a GPU (`NPC_VOICE_COMPILE_MIMI=inductor`
+# before `gpu_kv.py ticks_main` / `gpu_suite.py check`, against a run without); "aot_eager" traces
+# without generating code (the tests).
+COMPILE_MIMI = os.environ.get("NPC_VOICE_COMPILE_MIMI", "")
 
 
 @dataclass
@@ -74,14 +84,19 @@ class BatchedStep:
         pinned = dict(pin_memory=True) if device.type == "cuda" else {}
         self._host_pcm = torch.zeros(B, model.mimi.frame_size, **pinned)
         self._host_text = torch.zeros(B, dtype=torch.long, **pinned)
+        mimi = model.mimi
+        self._encode, self._decode = mimi.encode_step, mimi.decode_step
+        if COMPILE_MIMI:
+            self._encode, self._decode = (torch.compile(f, backend=COMPILE_MIMI, dynamic=False, fullgraph=True)
+                                          for f in (mimi.encode_step, mimi.decode_step))
 
     @torch.inference_mode()
     def _run(self, window: int) -> None:
         mimi = self.model.mimi
-        codes = mimi.encode_step(self.pcm_in, self.mimi_state.encoder, self.active)
+        codes = self._encode(self.pcm_in, self.mimi_state.encoder, self.active)
         out = self.gen.step(self.gen_state, codes, self.active, forced_text=self.forced_text, window=window)
         audio = out.audio.clamp(0, mimi.cardinality - 1)  # the first frame's codebook 0 is the initial token
-        self.pcm_out.copy_(mimi.decode_step(audio, self.mimi_state.decoder, self.active)[:, 0])
+        self.pcm_out.copy_(self._decode(audio, self.mimi_state.decoder, self.active)[:, 0])
         self.text_out.copy_(out.text)
 
     def _graph(self, window: int) -> torch.cuda.CUDAGraph:
