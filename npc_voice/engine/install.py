@@ -65,9 +65,8 @@ class SlotInstaller:
         return sorted({min(self.rows, b) for b in range(ROW_BUCKET, self.rows + ROW_BUCKET, ROW_BUCKET)})
 
     def warm_up(self) -> None:
-        """Captures every bucket's graph (no-op without graphs). Slot 0's state is left as it was:
-        the warm-up runs, and the capture, install a zero prefix into it, so call this before any
-        conversation starts."""
+        """Captures every bucket's graph (no-op without graphs). The warm-up run before each capture
+        installs a zero prefix into slot 0: call this before any conversation starts."""
         if self.use_graphs:
             for rows in self.buckets():
                 self._graph(rows)
