@@ -33,11 +33,13 @@ class SlotInstaller:
                  mimi: MimiState | None = None, fresh_encoder: StreamState | None = None,
                  primed_decoder: StreamState | None = None, pool=None):
         self.gen, self.state, self.use_graphs = gen, state, use_graphs
-        self.pool = pool if pool is not None or not use_graphs else torch.cuda.graph_pool_handle()  # one for every bucket
+        if pool is None and use_graphs:
+            pool = torch.cuda.graph_pool_handle()  # one for every bucket's graph: they replay one at a time
+        self.pool = pool
         self.mimi = (mimi, fresh_encoder, primed_decoder) if mimi is not None else None
         lm = gen.lm
         caches = state.temporal.layers
-        B, H, S1, D = caches[0].keys.shape
+        _, H, S1, D = caches[0].keys.shape
         self.capacity = S1 - 1  # ring rows (the last row is the skipped slots' scratch)
         self.rows = min(rows, self.capacity)
         device = self.device = state.offset.device

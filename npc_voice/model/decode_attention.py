@@ -41,8 +41,9 @@ from .kvcache import QMAX
 # `maxnreg`: a register cap per thread (None: Triton's choice). Compiled for sm_90 here
 # (tools/bench/kernel_sass.py), the default launch takes 250 registers, so 2 programs share an SM,
 # and its instruction count bounds it (~0.28 ms of issue for the 0.55 ms a 64-session layer takes);
-# "packed" takes 178, and 168 under a cap (3 programs an SM, 16 bytes spilled): not measured on a
-# GPU yet (gpu_kv.py's sweep has both).
+# "packed" takes 178, and 168 under a cap (3 programs an SM, 16 bytes spilled). Measured on an H200
+# (docs/results/2026-12-02-h200-kv8-sweep3.jsonl): "packed" 0.545-0.72 ms, a cap of 168 0.55-0.72 ms,
+# against 0.548 for the default in the same sweep: within noise at best, so neither is the default.
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
           "num_stages": 2, "programs": 4096, "fused_write": True, "maxnreg": None}
 MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4, "packed": 5}

@@ -103,12 +103,9 @@ class QuantKVCache(StreamState):
         return [t[slot, :, :-1] for t in self.tensors()]
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if k.is_cuda:
-            from . import decode_attention as da
-
-            if da.CONFIG["fused_write"]:
-                da.write_rows(rows, k, v, self.keys, self.key_scale, self.values, self.value_scale)
-                return
+        if (da := _fused_write(k)) is not None:
+            da.write_rows(rows, k, v, self.keys, self.key_scale, self.values, self.value_scale)
+            return
         for new, values, scales in ((k, self.keys, self.key_scale), (v, self.values, self.value_scale)):
             q, s = quantize_rows(new, values.dtype)
             _write_rows(values, rows, q)
@@ -123,18 +120,25 @@ class QuantKVCache(StreamState):
 
     def write_slot(self, slot: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """`KVCache.write_slot`, quantized as `write` quantizes (on a GPU the fused kernel: one launch)."""
-        if k.is_cuda:
-            from . import decode_attention as da
-
-            if da.CONFIG["fused_write"]:
-                da.write_rows(rows[None], k, v, self.keys, self.key_scale, self.values, self.value_scale, slots=slot)
-                return
+        if (da := _fused_write(k)) is not None:
+            da.write_rows(rows[None], k, v, self.keys, self.key_scale, self.values, self.value_scale, slots=slot)
+            return
         index = _slot_rows(slot, rows, self.keys.shape[1])
         with fused.eager():  # the shapes are an install's buckets: not worth compiling
             for new, values, scales in ((k, self.keys, self.key_scale), (v, self.values, self.value_scale)):
                 q, s = quantize_rows(new, values.dtype)
                 byte_view(values).index_put_(index, byte_view(q))
                 scales.index_put_(index, s)
+
+
+def _fused_write(k: torch.Tensor):
+    """`decode_attention` where its fused quantize-and-store kernel writes `k`'s rows (a GPU, the
+    kernel switched on), else None (PyTorch's quantization and scatters)."""
+    if not k.is_cuda:
+        return None
+    from . import decode_attention as da
+
+    return da if da.CONFIG["fused_write"] else None
 
 
 def _slot_rows(slot: torch.Tensor, rows: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:

@@ -95,9 +95,9 @@ class Int8Weight(QuantWeight):
     def linear(self, x: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """On a GPU, for the few rows of a tick, one Triton kernel that reads the int8 rows as they are
         (`int8_matmul`); elsewhere (and for a prompt's many rows) the rows dequantized, then multiplied."""
-        if x.is_cuda and (w8 := _int8_kernel()) is not None:
-            if w8.CONFIG["enabled"] and x.numel() // x.shape[-1] <= w8.LARGEST_M:
-                return w8.int8_linear(x, self.q[start:end], self.scale[start:end])
+        w8 = _int8_kernel() if x.is_cuda else None
+        if w8 is not None and w8.CONFIG["enabled"] and x.numel() // x.shape[-1] <= w8.LARGEST_M:
+            return w8.int8_linear(x, self.q[start:end], self.scale[start:end])
         return super().linear(x, start, end)
 
 
