@@ -99,6 +99,11 @@ class SlotInstaller:
         else:
             self._run(rows)
 
+    def wait(self) -> None:
+        """Returns once the installs queued so far are done on the device (timing them)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _graph(self, rows: int) -> torch.cuda.CUDAGraph:
         graph = self._graphs.get(rows)
         if graph is None:
