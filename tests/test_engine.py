@@ -345,18 +345,28 @@ def test_a_preset_file_that_is_not_one_is_a_clear_error(tmp_path) -> None:
             voice_from_preset(name, str(path), 8)
 
 
-def test_a_step_with_mimi_compiled_whole_speaks_as_the_eager_one(model: LoadedModel, monkeypatch) -> None:
-    """`step.COMPILE_MIMI`: Mimi's streaming steps traced whole by torch.compile (here the backend that
-    generates no code) give the same tokens and the same PCM as eager ones."""
+def test_a_step_with_parts_compiled_whole_speaks_as_the_eager_one(model: LoadedModel, monkeypatch) -> None:
+    """`step.COMPILE`: Mimi's streaming steps and the depth transformer's steps with their sampling,
+    each traced whole by torch.compile with no graph break (here the backend that generates no code),
+    give the same tokens and the same PCM as eager ones."""
     from npc_voice.engine import step as step_module
 
     user = {"a": tone(1.0, 300, seed=1)}
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
 
-    def heard(compiled: str):
-        monkeypatch.setattr(step_module, "COMPILE_MIMI", compiled)
+    def heard(parts: frozenset[str]):
+        monkeypatch.setattr(step_module, "COMPILE", parts)
         got, sessions = run(Engine(model, slots=2), {0: lambda e, s: s.update(a=e.open(persona(), seed=7))}, 8, user)
         return got[sessions["a"].id]
 
-    eager, traced = heard(""), heard("aot_eager")
+    eager, traced = heard(frozenset()), heard(step_module.COMPILABLE)
     assert [e.text_token for e in eager] == [e.text_token for e in traced]
     assert all(np.array_equal(x.pcm, y.pcm) for x, y in zip(eager, traced, strict=True))
+
+
+def test_an_unknown_compiled_part_is_an_error_naming_the_variable(model: LoadedModel, monkeypatch) -> None:
+    from npc_voice.engine import step as step_module
+
+    monkeypatch.setattr(step_module, "COMPILE", frozenset({"mimi", "everything"}))
+    with pytest.raises(ValueError, match="NPC_VOICE_COMPILE: unknown part.*everything"):
+        Engine(model, slots=1)

@@ -49,3 +49,15 @@ def test_it_refuses_what_it_cannot_multiply() -> None:
         int8_linear(torch.randn(2, 32), w.q, w.scale)  # K does not match
     with pytest.raises(ValueError, match="int8 rows"):
         int8_linear(torch.randn(2, 64), w.q.float(), w.scale)
+
+
+def test_the_operator_is_one_node_of_a_compiled_graph() -> None:
+    """`int8_linear_op`: torch.compile keeps the kernel whole (no graph break, no tracing into Triton's
+    launcher) and the compiled product is the kernel's."""
+    from npc_voice.model.int8_matmul import int8_linear_op
+
+    g = torch.Generator().manual_seed(9)
+    w = Int8Weight(torch.randn(40, 64, generator=g), torch.float32)
+    x = torch.randn(2, 3, 64, generator=g)
+    compiled = torch.compile(lambda x: int8_linear_op(x, w.q, w.scale) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), 2 * int8_linear(x, w.q, w.scale))

@@ -21,13 +21,21 @@ from ..model.loading import LoadedModel
 from ..model.mimi import MimiState
 
 
-# Mimi's streaming encode and decode steps compiled whole by torch.compile with this backend ("" =
-# eager, the default). Each step is ~400-500 small kernels (1.1-1.4 ms of a one-session tick on an
-# H200, 1.9-2.1 ms at 64 sessions: docs/performance.md); both trace as one graph with no break, so
-# inductor can fuse their element-wise work. Off until measured on a GPU (`NPC_VOICE_COMPILE_MIMI=inductor`
-# before `gpu_kv.py ticks_main` / `gpu_suite.py check`, against a run without); "aot_eager" traces
-# without generating code (the tests).
-COMPILE_MIMI = os.environ.get("NPC_VOICE_COMPILE_MIMI", "")
+# Parts of the step compiled whole by torch.compile (`NPC_VOICE_COMPILE`, a comma list): "mimi"
+# (Mimi's streaming encode and decode steps: ~400-500 small kernels each, 1.1-1.4 ms of a one-session
+# tick on an H200, 1.9-2.1 ms at 64 sessions) and "depth" (the depth transformer's 8 steps with their
+# sampling: ~800 small kernels, 2.2 ms at one session). Each traces as one graph with no break, so
+# inductor fuses its element-wise work and its graph is captured in the step's CUDA graph like any
+# other kernels. Off until measured on a GPU (`tools/bench/gpu_fuse.py`); `COMPILE_BACKEND`
+# "aot_eager" traces without generating code (the tests).
+COMPILE = frozenset(p for p in os.environ.get("NPC_VOICE_COMPILE", "").split(",") if p)
+COMPILE_BACKEND = os.environ.get("NPC_VOICE_COMPILE_BACKEND", "inductor")
+COMPILABLE = frozenset({"mimi", "depth"})
+
+
+def compiled(fn: Callable, backend: str | None = None) -> Callable:
+    """`fn` compiled whole for fixed shapes (one specialisation per batch size and window)."""
+    return torch.compile(fn, backend=backend or COMPILE_BACKEND, dynamic=False, fullgraph=True)
 
 
 @dataclass
@@ -85,16 +93,20 @@ class BatchedStep:
         self._host_pcm = torch.zeros(B, model.mimi.frame_size, **pinned)
         self._host_text = torch.zeros(B, dtype=torch.long, **pinned)
         mimi = model.mimi
+        if unknown := COMPILE - COMPILABLE:
+            raise ValueError(f"NPC_VOICE_COMPILE: unknown part(s) {', '.join(sorted(unknown))} "
+                             f"(expected some of {', '.join(sorted(COMPILABLE))})")
         self._encode, self._decode = mimi.encode_step, mimi.decode_step
-        if COMPILE_MIMI:
-            self._encode, self._decode = (torch.compile(f, backend=COMPILE_MIMI, dynamic=False, fullgraph=True)
-                                          for f in (mimi.encode_step, mimi.decode_step))
+        if "mimi" in COMPILE:
+            self._encode, self._decode = compiled(mimi.encode_step), compiled(mimi.decode_step)
+        self._depth = compiled(gen.depth) if "depth" in COMPILE else gen.depth
 
     @torch.inference_mode()
     def _run(self, window: int) -> None:
         mimi = self.model.mimi
         codes = self._encode(self.pcm_in, self.mimi_state.encoder, self.active)
-        out = self.gen.step(self.gen_state, codes, self.active, forced_text=self.forced_text, window=window)
+        out = self.gen.step(self.gen_state, codes, self.active, forced_text=self.forced_text, window=window,
+                           depth=self._depth)
         audio = out.audio.clamp(0, mimi.cardinality - 1)  # the first frame's codebook 0 is the initial token
         self.pcm_out.copy_(self._decode(audio, self.mimi_state.decoder, self.active)[:, 0])
         self.text_out.copy_(out.text)

@@ -46,6 +46,8 @@ def fusable(fn: F_) -> F_:
     compiled: list[Callable] = []
 
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # inside a larger compiled region (step.COMPILE): traced with it
+            return fn(*args, **kwargs)
         if _enabled and args[0].is_cuda and not getattr(_local, "eager", False):
             if not compiled:
                 compiled.append(torch.compile(fn, dynamic=False, fullgraph=True))

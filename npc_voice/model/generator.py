@@ -125,13 +125,14 @@ class Generator:
     @torch.inference_mode()
     def step(self, state: GeneratorState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
              forced_text: torch.Tensor | None = None, forced_audio: torch.Tensor | None = None,
-             window: int | None = None) -> FrameOutput:
+             window: int | None = None, depth=None) -> FrameOutput:
         """One frame for every slot.
 
         user_codes [B, U]: the user's Mimi codes of this frame. active [B] bool: slots to step
         (others keep their state bit-identical). forced_text [B] / forced_audio [B, A]: tokens to
         use instead of sampling for what this step predicts (NOT_FORCED = sample). window: see
         `Transformer.step` (an upper bound of the frames any active slot has seen, this one included).
+        depth: what runs `Generator.depth` (the engine's step passes it compiled).
         """
         cfg, B = self.cfg, user_codes.shape[0]
         device = user_codes.device
@@ -158,7 +159,7 @@ class Generator:
         if forced_text is not None:
             text = torch.where(forced_text >= 0, forced_text, text)
 
-        audio = self._depth(hidden, text, state, forced_audio)  # [B, A]
+        audio = (depth or self.depth)(hidden, text, state.sampling, state.offset, forced_audio)  # [B, A]
 
         # What this step predicted is position t + 1 of the text and agent streams.
         agent = slice(0, 1 + self.num_agent)
@@ -172,12 +173,12 @@ class Generator:
         state.offset.copy_(t + active.long())
         return FrameOutput(frame_tokens[:, 0], frame_tokens[:, 1:], t, valid)
 
-    def _depth(self, hidden: torch.Tensor, text: torch.Tensor, state: GeneratorState,
-               forced_audio: torch.Tensor | None) -> torch.Tensor:
-        """Samples the agent's codebooks one after the other: [B, A]."""
-        sp = state.sampling
+    def depth(self, hidden: torch.Tensor, text: torch.Tensor, sp: SamplingParams, offset: torch.Tensor,
+              forced_audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples the agent's codebooks one after the other from the temporal hidden state [B, dim]
+        and the frame's text token [B], at frame `offset` [B]: [B, A]."""
         scratch = self.lm.depformer.init_scratch(hidden.shape[0], hidden.device, hidden.dtype)
-        noise = uniform_noise(sp.seed, state.offset, 1, self.cfg.card, streams=self.depth_steps)  # [B, A, card]
+        noise = uniform_noise(sp.seed, offset, 1, self.cfg.card, streams=self.depth_steps)  # [B, A, card]
         prev, tokens = text, []
         for k in range(self.depth_steps):
             logits = self.lm.depth_step(k, hidden, prev, scratch)

@@ -73,14 +73,26 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if not x.is_cuda and not hasattr(_w8_kernel, "rewrite"):  # an InterpretedFunction has it
         raise RuntimeError("int8_linear runs on a CPU only under Triton's interpreter "
                            "(TRITON_INTERPRET=1 before triton is imported, as the tests do)")
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     config = CONFIG if M <= FEW_ROWS else MANY
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     block_n, block_k = config["block_n"], config["block_k"]
     while block_n > 16 and triton.cdiv(N, block_n) * triton.cdiv(M, block_m) < config.get("min_programs", 0):
         block_n //= 2
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    _w8_kernel[grid](x2, q, scale, out, M, N, K, x2.stride(0), q.stride(0), out.stride(0),
+    _w8_kernel[grid](x2, q, scale, out, M, N, K, x2.stride(0), q.stride(0), N,
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                      num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return out.view(*lead, N)
+    return out
+
+
+# The kernel as an operator of its own, so that torch.compile (`step.COMPILE`) keeps it whole in a
+# compiled region instead of tracing into Triton's launcher.
+@torch.library.custom_op("npc_voice::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return int8_linear(x, q, scale)
+
+
+@int8_linear_op.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])

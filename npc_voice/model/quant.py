@@ -97,7 +97,7 @@ class Int8Weight(QuantWeight):
         (`int8_matmul`); elsewhere (and for a prompt's many rows) the rows dequantized, then multiplied."""
         w8 = _int8_kernel() if x.is_cuda else None
         if w8 is not None and w8.CONFIG["enabled"] and x.numel() // x.shape[-1] <= w8.LARGEST_M:
-            return w8.int8_linear(x, self.q[start:end], self.scale[start:end])
+            return w8.int8_linear_op(x, self.q[start:end], self.scale[start:end])
         return super().linear(x, start, end)
 
 

@@ -1,0 +1,134 @@
+"""GPU measurements of the step's parts compiled whole (`npc_voice.engine.step.COMPILE`, issue #14),
+one JSON line per result.
+
+Run on a CUDA machine from the repository root (reference: tools/bench/anchor_moshi.py, same call):
+    python3 tools/bench/gpu_fuse.py check ticks profile | tee $OUT/fuse.jsonl
+Stages: check (the compiled step against the eager one: the tiny model in float32, tokens and PCM;
+the 7B model in bf16, 4 sessions), ticks (7B, full 3000-frame context, bf16 weights: 64 and 1
+sessions with nothing, Mimi, then Mimi and the depth steps compiled; the first tick's time, which
+pays for compiling, is reported apart), ticks_int8 (the same with int8 weights), profile (the kernels
+of one tick, by torch.profiler: how many, their GPU time, the costliest).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_suite import DEVICE, emit, free, main  # noqa: E402
+
+from npc_voice.bench import bench_tick  # noqa: E402
+from npc_voice.engine import step as step_module  # noqa: E402
+from npc_voice.engine.step import BatchedStep  # noqa: E402
+from npc_voice.model.generator import Generator  # noqa: E402
+from npc_voice.model.loading import random_model  # noqa: E402
+
+NONE, MIMI, BOTH = frozenset(), frozenset({"mimi"}), frozenset({"mimi", "depth"})
+
+
+def model_7b(weights: str = "bf16"):
+    model = random_model("personaplex-7b", device=DEVICE, dtype=torch.bfloat16, seed=0, weights_dtype=weights)
+    model.mimi.to(torch.bfloat16)  # the serving default on a GPU
+    return model
+
+
+def run_steps(model, parts: frozenset[str], batch: int, frames: int, use_graphs: bool = True):
+    """`frames` ticks of `batch` slots (some skipped now and then) with `parts` compiled: outputs."""
+    step_module.COMPILE = parts
+    gen = Generator(model.lm)
+    step = BatchedStep(model, gen, gen.init_state(batch), model.mimi.init_state(batch, DEVICE), use_graphs=use_graphs)
+    rng = np.random.default_rng(0)
+    outs = []
+    for t in range(frames):
+        pcm = (0.1 * rng.standard_normal((batch, model.mimi.frame_size))).astype(np.float32)
+        active = np.array([True, t % 3 != 1, True, t > 4] * (batch // 4))
+        outs.append(step(pcm, active, np.full(batch, -1), frames_seen=t + 1))
+    return outs
+
+
+def compare(a, b) -> dict:
+    text = np.stack([o.text for o in a]), np.stack([o.text for o in b])
+    first = np.nonzero((text[0] != text[1]).any(axis=1))[0]
+    return dict(tokens_equal=bool((text[0] == text[1]).all()), text_agreement=float((text[0] == text[1]).mean()),
+                first_differing_frame=int(first[0]) if len(first) else None,
+                pcm_max_abs_diff=max(float(np.abs(x.pcm - y.pcm).max()) for x, y in zip(a, b)))
+
+
+def stage_check() -> None:
+    """Eager and uncompiled against graphed and compiled: the tiny model in float32 (12 frames), then
+    the 7B model in bf16 (4 sessions, 24 frames; bf16 rounding may differ where inductor fuses)."""
+    tiny = random_model("tiny", device=DEVICE, dtype=torch.float32, seed=1)
+    for parts in (MIMI, BOTH):
+        emit(what="compile_check", model="tiny float32", parts=sorted(parts),
+             **compare(run_steps(tiny, NONE, 4, 12, use_graphs=False), run_steps(tiny, parts, 4, 12)))
+    del tiny
+    model = model_7b()
+    eager = run_steps(model, NONE, 4, 24)
+    for parts in (MIMI, BOTH):
+        emit(what="compile_check", model="7B bf16", parts=sorted(parts), **compare(eager, run_steps(model, parts, 4, 24)))
+    del model
+    free()
+
+
+def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...]) -> None:
+    model = model_7b(weights)
+    for batch, parts in plan:
+        step_module.COMPILE = parts
+        start = time.time()
+        try:
+            row = bench_tick(model, batch, frames=200, warmup=10).as_dict()
+        except Exception as exc:  # one failed configuration must not hide the others
+            emit(what="tick_compiled", weights=weights, batch=batch, parts=sorted(parts), error=repr(exc)[:400])
+            continue
+        emit(what="tick_compiled", weights=weights, parts=sorted(parts), seconds_with_compile=round(time.time() - start, 1),
+             **row)
+        free()
+    del model
+    free()
+
+
+TICKS = ((64, NONE), (64, MIMI), (64, BOTH), (1, NONE), (1, MIMI), (1, BOTH))
+TICKS_INT8 = ((1, NONE), (1, BOTH), (8, BOTH), (64, BOTH))
+
+
+@torch.inference_mode()
+def stage_profile(plan=((1, "bf16", BOTH), (1, "int8", BOTH), (64, "bf16", BOTH))) -> None:
+    """The kernels one graphed tick runs (after its warm-up): count, GPU time, the costliest 15."""
+    from torch.profiler import ProfilerActivity, profile
+
+    models: dict[str, object] = {}
+    for batch, weights, parts in plan:
+        if weights not in models:
+            models.clear()
+            free()
+            models[weights] = model_7b(weights)
+        model = models[weights]
+        step_module.COMPILE = parts
+        gen = Generator(model.lm)
+        step = BatchedStep(model, gen, gen.init_state(batch), model.mimi.init_state(batch, DEVICE))
+        args = (np.zeros((batch, model.mimi.frame_size), np.float32), np.ones(batch, bool), np.full(batch, -1))
+        for _ in range(3):
+            step(*args, frames_seen=step.capacity)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(*args, frames_seen=step.capacity)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        emit(what="tick_profile", batch=batch, weights=weights, parts=sorted(parts),
+             cuda_kernels=sum(e.count for e in kernels),
+             cuda_ms=round(sum(e.self_device_time_total for e in kernels) / 1000, 3),
+             top=[(e.key[:70], e.count, round(e.self_device_time_total / 1000, 3))
+                  for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]])
+        del step, gen
+        free()
+
+
+STAGES = {"check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
+          "profile": stage_profile}
+
+if __name__ == "__main__":
+    main(STAGES)
