@@ -61,3 +61,21 @@ def test_the_operator_is_one_node_of_a_compiled_graph() -> None:
     x = torch.randn(2, 3, 64, generator=g)
     compiled = torch.compile(lambda x: int8_linear_op(x, w.q, w.scale) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), 2 * int8_linear(x, w.q, w.scale))
+
+
+@pytest.mark.parametrize("N, K, block_n", [(48, 64, 16), (40, 300, 8), (96, 1000, 32)])
+def test_the_one_row_kernel_equals_the_dequantized_product(monkeypatch, N, K, block_n) -> None:
+    """One activation row (`int8_matmul.GEMV`): the product summed on the CUDA cores, sizes that are
+    not whole tiles, strips narrowed for a small matrix."""
+    from npc_voice.model import int8_matmul
+
+    monkeypatch.setitem(int8_matmul.GEMV, "enabled", True)
+    monkeypatch.setitem(int8_matmul.GEMV, "block_n", block_n)
+    monkeypatch.setitem(int8_matmul.GEMV, "block_k", 128)
+    g = torch.Generator().manual_seed(N + K)
+    w = Int8Weight(torch.randn(N, K, generator=g), torch.float32)
+    for x in (torch.randn(1, K, generator=g), torch.randn(1, 1, K, generator=g)):
+        ref = torch.nn.functional.linear(x.double(), w.q.double() * w.scale.double())
+        ours = int8_linear(x, w.q, w.scale)
+        assert ours.shape == (*x.shape[:-1], N)
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)

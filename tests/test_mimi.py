@@ -182,6 +182,21 @@ def test_conv_streaming_matches_whole(pad_mode: str) -> None:
         torch.testing.assert_close(torch.cat(zs, -1), z, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride, T", [(2, 1), (2, 5), (4, 3)])
+def test_the_written_out_depthwise_upsampling_is_pytorchs_transposed_conv(stride: int, T: int) -> None:
+    """Mimi's depthwise upsampling (kernel 2 * stride, no bias) runs as two products and an
+    overlap-add instead of cuDNN's transposed conv: the same numbers, whole and streamed."""
+    up = StreamingConvTranspose1d(6, 6, 2 * stride, stride, groups=6, bias=False)
+    x = torch.randn(2, 6, T)
+    with torch.no_grad():
+        torch.testing.assert_close(up._transposed(x), up.convtr.convtr(x), rtol=1e-6, atol=1e-6)
+        whole = up(x)
+        state = up.init_state(2, x.device, x.dtype)
+        streamed = torch.cat([up.step(x[..., t : t + 1], state) for t in range(T)], dim=-1)
+    assert whole.shape == (2, 6, T * stride)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-6)
+
+
 # ---- per-slot isolation -------------------------------------------------------------------------
 
 def test_skipped_slot_is_frozen_and_others_unchanged() -> None:

@@ -21,14 +21,16 @@ from ..model.loading import LoadedModel
 from ..model.mimi import MimiState
 
 
-# Parts of the step compiled whole by torch.compile (`NPC_VOICE_COMPILE`, a comma list): "mimi"
-# (Mimi's streaming encode and decode steps: ~400-500 small kernels each, 1.1-1.4 ms of a one-session
-# tick on an H200, 1.9-2.1 ms at 64 sessions) and "depth" (the depth transformer's 8 steps with their
-# sampling: ~800 small kernels, 2.2 ms at one session). Each traces as one graph with no break, so
-# inductor fuses its element-wise work and its graph is captured in the step's CUDA graph like any
-# other kernels. Off until measured on a GPU (`tools/bench/gpu_fuse.py`); `COMPILE_BACKEND`
-# "aot_eager" traces without generating code (the tests).
-COMPILE = frozenset(p for p in os.environ.get("NPC_VOICE_COMPILE", "").split(",") if p)
+# Parts of the step compiled whole by torch.compile: "mimi" (Mimi's streaming encode and decode
+# steps, ~400-500 small kernels each) and "depth" (the depth transformer's 8 steps with their
+# sampling, ~800 small kernels). Each traces as one graph with no break, so inductor fuses its
+# element-wise work, and the result is captured in the step's CUDA graph like any other kernels.
+# Measured on an H200 (docs/performance.md, `tools/bench/gpu_fuse.py`): a one-session tick 10.1 ->
+# 9.0 ms, 64 sessions 29.2 -> 28.3 ms, for ~40 s of compiling at start-up. Default: both where the
+# step runs in CUDA graphs, none elsewhere; `NPC_VOICE_COMPILE` (a comma list, or "none") overrides;
+# `COMPILE_BACKEND` "aot_eager" traces without generating code (the tests).
+_env = os.environ.get("NPC_VOICE_COMPILE")
+COMPILE: frozenset[str] | None = None if _env is None else frozenset(p for p in _env.split(",") if p not in ("", "none"))
 COMPILE_BACKEND = os.environ.get("NPC_VOICE_COMPILE_BACKEND", "inductor")
 COMPILABLE = frozenset({"mimi", "depth"})
 
@@ -93,13 +95,15 @@ class BatchedStep:
         self._host_pcm = torch.zeros(B, model.mimi.frame_size, **pinned)
         self._host_text = torch.zeros(B, dtype=torch.long, **pinned)
         mimi = model.mimi
-        if unknown := COMPILE - COMPILABLE:
+        parts = (COMPILABLE if self.use_graphs else frozenset()) if COMPILE is None else COMPILE
+        if unknown := parts - COMPILABLE:
             raise ValueError(f"NPC_VOICE_COMPILE: unknown part(s) {', '.join(sorted(unknown))} "
-                             f"(expected some of {', '.join(sorted(COMPILABLE))})")
+                             f"(expected some of {', '.join(sorted(COMPILABLE))}, or none)")
+        self.compiled = parts
         self._encode, self._decode = mimi.encode_step, mimi.decode_step
-        if "mimi" in COMPILE:
+        if "mimi" in parts:
             self._encode, self._decode = compiled(mimi.encode_step), compiled(mimi.decode_step)
-        self._depth = compiled(gen.depth) if "depth" in COMPILE else gen.depth
+        self._depth = compiled(gen.depth) if "depth" in parts else gen.depth
 
     @torch.inference_mode()
     def _run(self, window: int) -> None:

@@ -54,6 +54,28 @@ def _w8_kernel(X, W, S, OUT, M, N, K, sx_m, sw_n, so_m,
     tl.store(OUT + m[:, None] * so_m + n[None, :], out.to(OUT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+# One activation row (one session) is a matrix-vector product: no tensor cores, each program sums
+# [block_n, block_k] tiles of its rows times x on the CUDA cores (float32) and reduces once at the
+# end; narrower strips until a matrix launches `min_programs` (a [4096, K] matrix must still fill
+# 132 SMs). Not measured yet: `tools/bench/gpu_kv.py weights_kernel` sweeps it against the kernel above.
+GEMV = {"enabled": False, "block_n": 16, "block_k": 512, "num_warps": 4, "min_programs": 1024}
+
+
+@triton.jit
+def _w8_gemv_kernel(X, W, S, OUT, N, K, sw_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        x = tl.load(X + k, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(W + n[:, None].to(tl.int64) * sw_n + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+        acc += w.to(tl.float32) * x[None, :]
+    scale = tl.load(S + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(OUT + n, (tl.sum(acc, axis=1) * scale).to(OUT.dtype.element_ty), mask=nmask)
+
+
 LARGEST_M = 128  # more activation rows (a prompt's chunk) than this: a tensor-core GEMM on the dequantized
 # rows does better than re-reading the int8 strip for every 64 rows (`quant.Int8Weight.linear` decides)
 
@@ -74,16 +96,26 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         raise RuntimeError("int8_linear runs on a CPU only under Triton's interpreter "
                            "(TRITON_INTERPRET=1 before triton is imported, as the tests do)")
     out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    if M == 1 and GEMV["enabled"]:
+        block_n = _narrowed(GEMV["block_n"], N, 1, GEMV["min_programs"], 2)
+        _w8_gemv_kernel[(triton.cdiv(N, block_n),)](x2, q, scale, out, N, K, q.stride(0), BLOCK_N=block_n,
+                                                    BLOCK_K=GEMV["block_k"], num_warps=GEMV["num_warps"])
+        return out
     config = CONFIG if M <= FEW_ROWS else MANY
     block_m = min(64, max(16, triton.next_power_of_2(M)))
-    block_n, block_k = config["block_n"], config["block_k"]
-    while block_n > 16 and triton.cdiv(N, block_n) * triton.cdiv(M, block_m) < config.get("min_programs", 0):
-        block_n //= 2
+    block_n, block_k = _narrowed(config["block_n"], N, triton.cdiv(M, block_m), config.get("min_programs", 0), 16), config["block_k"]
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _w8_kernel[grid](x2, q, scale, out, M, N, K, x2.stride(0), q.stride(0), N,
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                      num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
+
+
+def _narrowed(block_n: int, N: int, m_blocks: int, min_programs: int, narrowest: int = 1) -> int:
+    """`block_n` halved (not below `narrowest`) until N's strips times `m_blocks` reach `min_programs`."""
+    while block_n > narrowest and triton.cdiv(N, block_n) * m_blocks < min_programs:
+        block_n //= 2
+    return block_n
 
 
 # The kernel as an operator of its own, so that torch.compile (`step.COMPILE`) keeps it whole in a

@@ -6,8 +6,10 @@ Run on a CUDA machine from the repository root (reference: tools/bench/anchor_mo
 Stages: check (the compiled step against the eager one: the tiny model in float32, tokens and PCM;
 the 7B model in bf16, 4 sessions), ticks (7B, full 3000-frame context, bf16 weights: 64 and 1
 sessions with nothing, Mimi, then Mimi and the depth steps compiled; the first tick's time, which
-pays for compiling, is reported apart), ticks_int8 (the same with int8 weights), profile (the kernels
-of one tick, by torch.profiler: how many, their GPU time, the costliest).
+pays for compiling, is reported apart), ticks_final (64 sessions with both and with nothing compiled,
+1 session with both), ticks_int8 (int8 weights, both compiled: 1, 8, 64 sessions), weights_kernel
+(the int8-weight kernels' launches swept first, the fastest kept for the stages after it), profile
+(the kernels of one tick, by torch.profiler: how many, their GPU time, the costliest).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...]) -> None:
 
 
 TICKS = ((64, NONE), (64, MIMI), (64, BOTH), (1, NONE), (1, MIMI), (1, BOTH))
+TICKS_FINAL = ((64, BOTH), (64, NONE), (1, BOTH))  # today's default (both compiled) and 64 without
 TICKS_INT8 = ((1, NONE), (1, BOTH), (8, BOTH), (64, BOTH))
 
 
@@ -127,8 +130,16 @@ def stage_profile(plan=((1, "bf16", BOTH), (1, "int8", BOTH), (64, "bf16", BOTH)
         free()
 
 
+def stage_weights_kernel() -> None:
+    """`gpu_kv.py weights_kernel` (the int8-weight kernels' launches swept, the fastest kept in this
+    process for the stages after it)."""
+    from gpu_kv import stage_weights_kernel as sweep_kernels
+
+    sweep_kernels()
+
+
 STAGES = {"check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
-          "profile": stage_profile}
+          "ticks_final": lambda: ticks("bf16", TICKS_FINAL), "profile": stage_profile, "weights_kernel": stage_weights_kernel}
 
 if __name__ == "__main__":
     main(STAGES)

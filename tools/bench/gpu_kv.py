@@ -280,6 +280,14 @@ W8_SWEEP_MANY = [dict(block_n=n, block_k=k, num_warps=w, num_stages=st, min_prog
                                         (256, 64, 8, 4, 0), (128, 256, 8, 3, 128))]
 
 
+# One row (`int8_matmul.GEMV`), timed at 1 against the tensor-core kernel (the first entry).
+W8_SWEEP_GEMV = [dict(enabled=False)] + [dict(enabled=True, block_n=n, block_k=k, num_warps=w, min_programs=p)
+                                         for n, k, w, p in ((16, 512, 4, 1024), (8, 512, 4, 1024), (4, 1024, 4, 1024),
+                                                            (16, 256, 4, 1024), (32, 256, 8, 512), (8, 1024, 8, 512),
+                                                            (16, 512, 4, 2048), (4, 512, 2, 2048), (2, 1024, 2, 4096),
+                                                            (8, 256, 2, 2048), (32, 128, 4, 1024), (16, 1024, 8, 256))]
+
+
 @torch.inference_mode()
 def stage_weights_kernel() -> None:
     """The int8-weight kernel (`int8_matmul`) per product at the 7B shapes: its launch configurations
@@ -303,6 +311,7 @@ def stage_weights_kernel() -> None:
 
     sweep(W8_SWEEP, w8.CONFIG, total((1, 8)), "w8", report)  # a few rows: 1-16 sessions
     sweep(W8_SWEEP_MANY, w8.MANY, total((64,)), "w8", report)  # more
+    sweep(W8_SWEEP_GEMV, w8.GEMV, total((1,)), "w8_gemv", report)  # one row (the first: the kernel above)
     for (N, K), w in weights.items():
         dense = w()  # [N, K] bf16: what bf16 weights would be
         for M in (1, 8, 64):
