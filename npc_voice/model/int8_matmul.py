@@ -25,8 +25,10 @@ import triton.language as tl
 # without narrowing 0.413; 16-row strips 0.52-0.58). Measured there (docs/performance.md): a whole
 # tick at one session 9.00 ms against 10.33 with bf16 weights; at 64 sessions 31.4 against 29.5 (a
 # [64, K] activation tile is re-read per strip: bf16's GEMM wins).
-CONFIG = {"enabled": True, "block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
-          "min_programs": 256}
+# A third sweep (docs/results/2026-12-02-h200-fuse-int8.jsonl): 64 x 256, at least 128 programs, 0.195 ms
+# against 0.202 for 128 x 256 / 256: the default now.
+CONFIG = {"enabled": True, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
+          "min_programs": 128}
 # For more than 16 rows (many sessions, a prompt's chunk) the launch may differ: the same until the
 # next GPU sweep (`weights_kernel` sweeps it apart, at 64 rows) says otherwise.
 MANY = {"block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 3, "min_programs": 256}
@@ -57,7 +59,8 @@ def _w8_kernel(X, W, S, OUT, M, N, K, sx_m, sw_n, so_m,
 # One activation row (one session) is a matrix-vector product: no tensor cores, each program sums
 # [block_n, block_k] tiles of its rows times x on the CUDA cores (float32) and reduces once at the
 # end; narrower strips until a matrix launches `min_programs` (a [4096, K] matrix must still fill
-# 132 SMs). Not measured yet: `tools/bench/gpu_kv.py weights_kernel` sweeps it against the kernel above.
+# 132 SMs). Swept on an H200 (`gpu_kv.py weights_kernel`): at best 0.102 ms over the four 7B products,
+# the same as the tensor-core kernel above (0.102), so it stays off.
 GEMV = {"enabled": False, "block_n": 16, "block_k": 512, "num_warps": 4, "min_programs": 1024}
 
 

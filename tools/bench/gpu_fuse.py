@@ -139,7 +139,7 @@ def stage_weights_kernel() -> None:
 
 
 STAGES = {"check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
-          "ticks_final": lambda: ticks("bf16", TICKS_FINAL), "profile": stage_profile, "weights_kernel": stage_weights_kernel}
+          "ticks_final": lambda: ticks("bf16", TICKS_FINAL), "ticks_int8_1": lambda: ticks("int8", ((1, BOTH),)), "profile": stage_profile, "weights_kernel": stage_weights_kernel}
 
 if __name__ == "__main__":
     main(STAGES)
