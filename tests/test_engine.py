@@ -370,3 +370,22 @@ def test_an_unknown_compiled_part_is_an_error_naming_the_variable(model: LoadedM
     monkeypatch.setattr(step_module, "COMPILE", frozenset({"mimi", "everything"}))
     with pytest.raises(ValueError, match="NPC_VOICE_COMPILE: unknown part.*everything"):
         Engine(model, slots=1)
+
+
+def test_by_default_parts_are_compiled_only_where_the_step_runs_in_cuda_graphs(model: LoadedModel, monkeypatch) -> None:
+    """`step.COMPILE` unset: both parts where the step is graphed (a GPU), none in the eager CPU step;
+    `NPC_VOICE_COMPILE=none` (an empty set) turns them off everywhere."""
+    from npc_voice.engine import step as step_module
+    from npc_voice.engine.step import BatchedStep
+
+    monkeypatch.setattr(step_module, "COMPILE", None)
+    monkeypatch.setattr(step_module.fused, "enable", lambda on=True: None)  # a graphed step's switch, global
+
+    def parts(use_graphs: bool) -> frozenset[str]:
+        gen = Generator(model.lm)
+        return BatchedStep(model, gen, gen.init_state(1), model.mimi.init_state(1, model.device),
+                           use_graphs=use_graphs).compiled
+
+    assert parts(False) == frozenset() and parts(True) == step_module.COMPILABLE
+    monkeypatch.setattr(step_module, "COMPILE", frozenset())
+    assert parts(True) == frozenset()

@@ -26,7 +26,7 @@ import triton.language as tl
 # tick at one session 9.00 ms against 10.33 with bf16 weights; at 64 sessions 31.4 against 29.5 (a
 # [64, K] activation tile is re-read per strip: bf16's GEMM wins).
 # A third sweep (docs/results/2026-12-02-h200-fuse-int8.jsonl): 64 x 256, at least 128 programs, 0.195 ms
-# against 0.202 for 128 x 256 / 256: the default now.
+# summed at 1 and 8 rows against 0.202 for 128 x 256 / 256: the default now (one row: GEMV below).
 CONFIG = {"enabled": True, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3,  # enabled: on a GPU
           "min_programs": 128}
 # For more than 16 rows (many sessions, a prompt's chunk) the launch may differ: the same until the
@@ -59,9 +59,11 @@ def _w8_kernel(X, W, S, OUT, M, N, K, sx_m, sw_n, so_m,
 # One activation row (one session) is a matrix-vector product: no tensor cores, each program sums
 # [block_n, block_k] tiles of its rows times x on the CUDA cores (float32) and reduces once at the
 # end; narrower strips until a matrix launches `min_programs` (a [4096, K] matrix must still fill
-# 132 SMs). Swept on an H200 (`gpu_kv.py weights_kernel`): at best 0.102 ms over the four 7B products,
-# the same as the tensor-core kernel above (0.102), so it stays off.
-GEMV = {"enabled": False, "block_n": 16, "block_k": 512, "num_warps": 4, "min_programs": 1024}
+# 132 SMs). Swept on an H200 (`gpu_kv.py weights_kernel`, docs/results/2026-12-02-h200-fuse-int8.jsonl):
+# 2 rows x 1024, 2 warps, 4096 programs was fastest, 0.102 ms over the four 7B temporal products, the
+# same as the kernel above; but a whole one-session tick, where the depth transformer's hundreds of
+# small products gain most, took 7.35 ms with it against 7.82-7.85 without.
+GEMV = {"enabled": True, "block_n": 2, "block_k": 1024, "num_warps": 2, "min_programs": 4096}
 
 
 @triton.jit
