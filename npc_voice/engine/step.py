@@ -26,7 +26,7 @@ from ..model.mimi import MimiState
 # sampling, ~800 small kernels). Each traces as one graph with no break, so inductor fuses its
 # element-wise work, and the result is captured in the step's CUDA graph like any other kernels.
 # Measured on an H200 (docs/performance.md, `tools/bench/gpu_fuse.py`): a one-session tick 10.1 ->
-# 9.0 ms, 64 sessions 29.2 -> 28.3 ms, for ~40 s of compiling at start-up. Default: both where the
+# 9.0 ms, 64 sessions 29.2-29.4 -> 28.3-28.5 ms, for 40-100 s of compiling when an engine starts. Default: both where the
 # step runs in CUDA graphs, none elsewhere; `NPC_VOICE_COMPILE` (a comma list, or "none") overrides;
 # `COMPILE_BACKEND` "aot_eager" traces without generating code (the tests).
 _env = os.environ.get("NPC_VOICE_COMPILE")

@@ -13,6 +13,7 @@ Everything per slot is a fixed-shape tensor in `GeneratorState`; a step has no h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,7 @@ class Generator:
     @torch.inference_mode()
     def step(self, state: GeneratorState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
              forced_text: torch.Tensor | None = None, forced_audio: torch.Tensor | None = None,
-             window: int | None = None, depth=None) -> FrameOutput:
+             window: int | None = None, depth: Callable[..., torch.Tensor] | None = None) -> FrameOutput:
         """One frame for every slot.
 
         user_codes [B, U]: the user's Mimi codes of this frame. active [B] bool: slots to step
