@@ -54,7 +54,7 @@ def fusable(fn: F_) -> F_:
             return compiled[0](*args, **kwargs)
         return fn(*args, **kwargs)
 
-    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    wrapper.__doc__, wrapper.__name__, wrapper.__wrapped__ = fn.__doc__, fn.__name__, fn
     return wrapper  # type: ignore[return-value]
 
 

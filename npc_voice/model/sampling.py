@@ -43,6 +43,37 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: 
 MAX_TOP_K = 512
 
 
+# How `sample` finds each row's k-th largest logit: "topk" (one static top-MAX_TOP_K, a sort on the
+# GPU: 0.35 ms of a one-session tick on an H200 for the 9 draws) or "bisect" (the same value found bit
+# by bit over the logits' order-preserving integer keys: 32 counting passes that inductor can fuse
+# into the compiled depth step, no sort). Both give the exact same value, so the same tokens
+# (tests/test_sampling.py). "bisect" is not measured on a GPU yet: `tools/bench/gpu_fuse.py sampler`.
+SELECT = "topk"
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 in [0, 2**32) with the floats' order (-0.0 just below +0.0)."""
+    bits = x.view(torch.int32).long()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+
+
+def _from_order_key(key: torch.Tensor) -> torch.Tensor:
+    bits = key - (1 << 31)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int32).view(torch.float32)
+
+
+def kth_largest(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest value of each row: x [B, V] float32, k [B] long in 1..V -> [B] float32, by
+    bisection on the bits of the order keys (the largest t with at least k keys >= t)."""
+    keys = _order_keys(x)  # [B, V]
+    found = torch.zeros_like(k)
+    for bit in range(31, -1, -1):
+        candidate = found | (1 << bit)
+        enough = (keys >= candidate[:, None]).sum(dim=-1) >= k
+        found = torch.where(enough, candidate, found)
+    return _from_order_key(found)
+
+
 @fusable
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            noise: torch.Tensor) -> torch.Tensor:
@@ -55,8 +86,11 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # top-MAX_TOP_K serves every slot's k, so per-slot values need no shape change.
     kmax = min(MAX_TOP_K, logits.shape[-1])
     k = torch.where((top_k <= 0) | (top_k > kmax), torch.full_like(top_k, kmax), top_k)
-    ranked = scaled.topk(kmax, dim=-1).values  # [B, kmax], descending
-    threshold = ranked.gather(-1, (k - 1)[:, None])
+    if SELECT == "bisect":
+        threshold = kth_largest(scaled, k)[:, None]
+    else:
+        ranked = scaled.topk(kmax, dim=-1).values  # [B, kmax], descending
+        threshold = ranked.gather(-1, (k - 1)[:, None])
     scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     drawn = (probs / -torch.log(noise)).argmax(dim=-1)

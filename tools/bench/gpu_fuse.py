@@ -9,7 +9,8 @@ sessions with nothing, Mimi, then Mimi and the depth steps compiled; the first t
 pays for compiling, is reported apart), ticks_final (64 sessions with both and with nothing compiled,
 1 session with both), ticks_int8 (int8 weights, both compiled: 1, 8, 64 sessions), weights_kernel
 (the int8-weight kernels' launches swept first, the fastest kept for the stages after it), profile
-(the kernels of one tick, by torch.profiler: how many, their GPU time, the costliest).
+(the kernels of one tick, by torch.profiler: how many, their GPU time, the costliest), sampler (the
+sampler's k-th largest logit by a sort or by bisection).
 """
 
 from __future__ import annotations
@@ -138,7 +139,20 @@ def stage_weights_kernel() -> None:
     sweep_kernels()
 
 
-STAGES = {"check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
+def stage_sampler() -> None:
+    """`sampling.SELECT`: the k-th largest logit by a sort ("topk") or by bisection ("bisect"), both
+    parts compiled: int8 weights at 1 session, bf16 at 64."""
+    from npc_voice.model import sampling
+
+    for weights, batch in (("int8", 1), ("bf16", 64)):
+        for select in ("topk", "bisect"):
+            sampling.SELECT = select
+            emit(what="sampler", select=select)
+            ticks(weights, ((batch, BOTH),))
+    sampling.SELECT = "topk"
+
+
+STAGES = {"sampler": stage_sampler, "check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
           "ticks_final": lambda: ticks("bf16", TICKS_FINAL), "ticks_int8_1": lambda: ticks("int8", ((1, BOTH),)), "profile": stage_profile, "weights_kernel": stage_weights_kernel}
 
 if __name__ == "__main__":
