@@ -35,9 +35,9 @@ COMPILE_BACKEND = os.environ.get("NPC_VOICE_COMPILE_BACKEND", "inductor")
 COMPILABLE = frozenset({"mimi", "depth"})
 
 
-def compiled(fn: Callable, backend: str | None = None) -> Callable:
+def compiled(fn: Callable) -> Callable:
     """`fn` compiled whole for fixed shapes (one specialisation per batch size and window)."""
-    return torch.compile(fn, backend=backend or COMPILE_BACKEND, dynamic=False, fullgraph=True)
+    return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False, fullgraph=True)
 
 
 @dataclass

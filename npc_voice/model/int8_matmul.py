@@ -116,7 +116,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return out
 
 
-def _narrowed(block_n: int, N: int, m_blocks: int, min_programs: int, narrowest: int = 1) -> int:
+def _narrowed(block_n: int, N: int, m_blocks: int, min_programs: int, narrowest: int) -> int:
     """`block_n` halved (not below `narrowest`) until N's strips times `m_blocks` reach `min_programs`."""
     while block_n > narrowest and triton.cdiv(N, block_n) * m_blocks < min_programs:
         block_n //= 2

@@ -3,7 +3,7 @@
 Both halve the LM's memory (16.7 GB of bf16 weights -> 8.7 GB: tests/test_quant.py), so the 7B model and
 a few conversations fit a 24 GB consumer card; activations and the KV cache keep their precision.
 - int8: on a GPU one Triton kernel reads the int8 rows and multiplies them by the activations in
-  registers (`int8_matmul.py`): half of bf16's bytes; a one-session tick 9.0 ms against bf16's 10.3
+  registers (`int8_matmul.py`): half of bf16's bytes; a one-session tick 7.3 ms against bf16's 9.0
   on an H200 (slower from 64 sessions on: docs/performance.md). Elsewhere each matrix is dequantized
   to the compute dtype when used (one layer at a time): runs anywhere, slower than bf16.
 - fp8 (e4m3): the matmul itself runs in fp8 on the tensor cores (`torch._scaled_mm`, Ada / Hopper:

@@ -78,19 +78,26 @@ def stage_check() -> None:
     free()
 
 
-def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...]) -> None:
+def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...], selects: tuple[str, ...] = ("topk",)) -> None:
+    """Each (sessions, compiled parts) of `plan` with `weights`, under each of the sampler's `selects`
+    (`sampling.SELECT`), the model loaded once."""
+    from npc_voice.model import sampling
+
     model = model_7b(weights)
     for batch, parts in plan:
-        step_module.COMPILE = parts
-        start = time.time()
-        try:
-            row = bench_tick(model, batch, frames=200, warmup=10).as_dict()
-        except Exception as exc:  # one failed configuration must not hide the others
-            emit(what="tick_compiled", weights=weights, batch=batch, parts=sorted(parts), error=repr(exc)[:400])
-            continue
-        emit(what="tick_compiled", weights=weights, parts=sorted(parts), seconds_with_compile=round(time.time() - start, 1),
-             **row)
-        free()
+        for select in selects:
+            step_module.COMPILE, sampling.SELECT = parts, select
+            start = time.time()
+            try:
+                row = bench_tick(model, batch, frames=200, warmup=10).as_dict()
+            except Exception as exc:  # one failed configuration must not hide the others
+                emit(what="tick_compiled", weights=weights, batch=batch, parts=sorted(parts), select=select,
+                     error=repr(exc)[:400])
+                continue
+            emit(what="tick_compiled", weights=weights, parts=sorted(parts), select=select,
+                 seconds_with_compile=round(time.time() - start, 1), **row)
+            free()
+    sampling.SELECT = "topk"
     del model
     free()
 
@@ -142,14 +149,8 @@ def stage_weights_kernel() -> None:
 def stage_sampler() -> None:
     """`sampling.SELECT`: the k-th largest logit by a sort ("topk") or by bisection ("bisect"), both
     parts compiled: int8 weights at 1 session, bf16 at 64."""
-    from npc_voice.model import sampling
-
     for weights, batch in (("int8", 1), ("bf16", 64)):
-        for select in ("topk", "bisect"):
-            sampling.SELECT = select
-            emit(what="sampler", select=select)
-            ticks(weights, ((batch, BOTH),))
-    sampling.SELECT = "topk"
+        ticks(weights, ((batch, BOTH),), selects=("topk", "bisect"))
 
 
 STAGES = {"sampler": stage_sampler, "check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
