@@ -109,6 +109,30 @@ def test_gpu_only_launch_choices_leave_the_numbers_alone(monkeypatch) -> None:
     assert torch.equal(da.decode_attention(*args, mode="packed"), offset)
 
 
+@pytest.mark.parametrize("kv, mode", [(torch.int8, "offset"), (torch.float8_e4m3fn, "offset"), (torch.int8, "imma_pv")])
+def test_tiles_fetched_by_descriptor_give_what_pointer_loads_give(monkeypatch, kv, mode) -> None:
+    """`CONFIG["tma"]`: tiles fetched whole through a tensor descriptor, the last one running past the
+    window into the next head's rows (and past the cache's end, zero-filled) where garbage is stored:
+    exactly what the masked pointer loads give."""
+    B, H, S, D, W = 3, 2, 300, 32, 277
+    cache = filled_cache(B, H, S, D, kv, seed=6)
+    cache.keys[:, :, W:] = cache.keys[:, :, :1].expand(B, H, S + 1 - W, D)  # rows past the window: not zeros
+    cache.values[:, :, W:] = cache.values[:, :, 1:2].expand(B, H, S + 1 - W, D)
+    q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    args = (q, cache.keys, cache.key_scale, cache.values, cache.value_scale, mask(B, W, 6, torch.bfloat16), W)
+    loads = da.decode_attention(*args, mode=mode)
+    monkeypatch.setitem(da.CONFIG, "tma", True)
+    assert torch.equal(da.decode_attention(*args, mode=mode), loads)
+
+
+def test_a_small_batch_gives_each_split_at_least_min_tiles(monkeypatch) -> None:
+    monkeypatch.setitem(da.CONFIG, "min_tiles", 3)
+    block = da.CONFIG["block_n"]
+    assert da.plan(1, 32, 3000) == (8, 3 * block)  # 24 tiles: 8 splits of 3, not 24 of 1
+    assert da.plan(64, 32, 3000) == da.plan(64, 32, 3000, min_tiles=1)  # 12 tiles a split already
+    assert da.plan(1, 32, 2 * block) == (1, 2 * block)  # fewer tiles than that: one split
+
+
 def test_it_refuses_what_it_cannot_compute() -> None:
     cache = filled_cache(1, 1, 10, 16, torch.int8, seed=0)
     with pytest.raises(ValueError, match="one query position"):

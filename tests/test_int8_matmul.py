@@ -63,13 +63,14 @@ def test_the_operator_is_one_node_of_a_compiled_graph() -> None:
     torch.testing.assert_close(compiled(x), 2 * int8_linear(x, w.q, w.scale))
 
 
-@pytest.mark.parametrize("N, K, block_n", [(48, 64, 16), (40, 300, 8), (96, 1000, 32)])
-def test_the_one_row_kernel_equals_the_dequantized_product(monkeypatch, N, K, block_n) -> None:
+@pytest.mark.parametrize("N, K, block_n, stages", [(48, 64, 16, 0), (40, 300, 8, 0), (96, 1000, 32, 0), (40, 700, 4, 3)])
+def test_the_one_row_kernel_equals_the_dequantized_product(monkeypatch, N, K, block_n, stages) -> None:
     """One activation row (`int8_matmul.GEMV`): the product summed on the CUDA cores, sizes that are
-    not whole tiles, strips narrowed for a small matrix."""
+    not whole tiles, strips narrowed for a small matrix, the loop over K pipelined or not."""
     from npc_voice.model import int8_matmul
 
     monkeypatch.setitem(int8_matmul.GEMV, "enabled", True)
+    monkeypatch.setitem(int8_matmul.GEMV, "num_stages", stages)
     monkeypatch.setitem(int8_matmul.GEMV, "block_n", block_n)
     monkeypatch.setitem(int8_matmul.GEMV, "block_k", 128)
     g = torch.Generator().manual_seed(N + K)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from npc_voice.model.config import PRESETS, MimiConfig, MimiTransformerConfig, QuantizerConfig, SEANetConfig
-from npc_voice.model.mimi import Mimi, MimiState
+from npc_voice.model.mimi import Mimi, MimiState, convs
 from npc_voice.model.mimi.convs import StreamingConv1d, StreamingConvTranspose1d
 
 TINY = PRESETS["tiny"].mimi
@@ -309,3 +310,179 @@ def test_golden_reference_outputs(golden_dir: Path) -> None:
         if name + "_stats" in ref:
             stats = torch.stack([per_frame.pow(2).mean(-1).sqrt(), per_frame.abs().amax(-1)], dim=-1)
             assert _max_rel(stats, ref[name + "_stats"]) < 1e-4, name
+
+
+# ---- convs as matrix products (convs.CONV = "gemm") ------------------------------------------------
+
+def _no_cudnn(*modules: torch.nn.Module) -> None:
+    """Makes the PyTorch convs inside `modules` raise, so a test proves the gemm path ran."""
+    def boom(*_: object) -> torch.Tensor:
+        raise AssertionError("the cudnn conv ran where the gemm form was expected")
+
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+                sub.forward = boom
+
+
+@torch.no_grad()
+def _whole_and_streamed(layer: torch.nn.Module, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    state = layer.init_state(x.shape[0], x.device, x.dtype)
+    return layer(x), torch.cat([layer.step(c, state) for c in x.split(chunk, dim=-1)], dim=-1)
+
+
+# (C_in, C_out, kernel, stride, dilation, pad_mode, bias): Mimi's own (first conv 7, residual 3 with
+# dilations 1 and 2, 1x1s, encoder downsampling 2 * ratio for ratios 4, 5, 6, 8, frame-rate
+# downsampling 4 / 2 replicate without bias, last conv 3) and a few odd ones.
+CONV_CASES = [(1, 8, 7, 1, 1, "constant", True), (8, 4, 3, 1, 1, "constant", True),
+              (8, 4, 3, 1, 2, "constant", True), (8, 4, 3, 1, 3, "replicate", True),
+              (4, 8, 1, 1, 1, "constant", True), (8, 8, 1, 1, 1, "constant", False),
+              (8, 16, 8, 4, 1, "constant", True), (8, 16, 10, 5, 1, "constant", True),
+              (8, 16, 12, 6, 1, "constant", True), (4, 8, 16, 8, 1, "constant", True),
+              (16, 16, 4, 2, 1, "replicate", False), (16, 1, 3, 1, 1, "constant", True),
+              (3, 5, 5, 2, 1, "replicate", True), (3, 5, 4, 1, 3, "constant", True)]
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, dilation, pad_mode, bias", CONV_CASES)
+def test_gemm_conv_is_the_cudnn_conv(monkeypatch: pytest.MonkeyPatch, c_in: int, c_out: int, kernel: int,
+                                     stride: int, dilation: int, pad_mode: str, bias: bool) -> None:
+    """Conv1d as im2col + one matmul: the same numbers as PyTorch's conv (float64), whole clip and
+    streamed chunk by chunk, for any kernel, stride, dilation and padding."""
+    conv = StreamingConv1d(c_in, c_out, kernel, stride, dilation=dilation, bias=bias, pad_mode=pad_mode).double()
+    x = torch.randn(2, c_in, 12 * stride, dtype=torch.float64)
+    monkeypatch.setattr(convs, "CONV", "cudnn")
+    with torch.no_grad():
+        ref = conv(x)
+    monkeypatch.setattr(convs, "CONV", "gemm")
+    _no_cudnn(conv)
+    whole, streamed = _whole_and_streamed(conv, x, 3 * stride)
+    assert whole.shape == ref.shape == (2, c_out, 12)
+    torch.testing.assert_close(whole, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(streamed, ref, rtol=1e-12, atol=1e-12)
+
+
+# (C_in, C_out, kernel, stride, groups, bias, gemm): Mimi's decoder upsampling (2 * ratio for ratios 8,
+# 6, 5, 4), kernel 3 * stride, no overlap; falling back to cudnn: kernel not a multiple of the stride, grouped.
+CONVTR_CASES = [(16, 8, 16, 8, 1, True, True), (16, 8, 12, 6, 1, True, True), (16, 8, 10, 5, 1, True, True),
+                (16, 8, 8, 4, 1, False, True), (6, 4, 6, 2, 1, True, True), (6, 4, 3, 3, 1, True, True),
+                (6, 4, 1, 1, 1, True, True), (6, 4, 5, 2, 1, True, False), (6, 4, 4, 2, 2, True, False)]
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, groups, bias, gemm", CONVTR_CASES)
+def test_gemm_transposed_conv_is_the_cudnn_one(monkeypatch: pytest.MonkeyPatch, c_in: int, c_out: int, kernel: int,
+                                               stride: int, groups: int, bias: bool, gemm: bool) -> None:
+    """ConvTranspose1d as one matmul and an overlap-add of K / S blocks: PyTorch's numbers (float64),
+    untrimmed, whole clip and streamed; the cases it does not cover still run PyTorch's."""
+    convtr = StreamingConvTranspose1d(c_in, c_out, kernel, stride, groups=groups, bias=bias).double()
+    x = torch.randn(2, c_in, 7, dtype=torch.float64)
+    monkeypatch.setattr(convs, "CONV", "cudnn")
+    with torch.no_grad():
+        full, ref = convtr.convtr.convtr(x), convtr(x)
+    monkeypatch.setattr(convs, "CONV", "gemm")
+    if gemm:
+        _no_cudnn(convtr)
+    with torch.no_grad():
+        torch.testing.assert_close(convtr._transposed(x), full, rtol=1e-12, atol=1e-12)
+    for chunk in (1, 3):
+        whole, streamed = _whole_and_streamed(convtr, x, chunk)
+        assert whole.shape == (2, c_out, 7 * stride)
+        torch.testing.assert_close(whole, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(streamed, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_mimi_is_the_cudnn_mimi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole codec with every conv as a matrix product (float64): the same codes and PCM as with
+    PyTorch's convs, whole clip and streamed, on the tiny config and on one with learnt shortcuts,
+    replicate padding and odd ratios."""
+    odd = MimiConfig(
+        seanet=SEANetConfig(dimension=24, n_filters=4, ratios=(4, 3, 2), true_skip=False, pad_mode="replicate",
+                            n_residual_layers=2),
+        transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64),
+        quantizer=QuantizerConfig(dimension=16, n_q=5, n_q_semantic=2, bins=64),
+        sample_rate=24_000, frame_rate=24_000 / 48, num_codebooks=4,
+    )
+    for cfg, frames in ((TINY, 4), (odd, 6)):
+        mimi = random_mimi(cfg, seed=5).double()
+        pcm = random_pcm(2, frames, frame=cfg.frame_size).double()
+        results = {}
+        for mode in ("cudnn", "gemm"):
+            monkeypatch.setattr(convs, "CONV", mode)
+            with torch.no_grad():
+                codes = mimi.encode(pcm)
+                results[mode] = (codes, mimi.decode(codes), *stream(mimi, pcm))
+        _no_cudnn(mimi.encoder, mimi.decoder, mimi.downsample)  # the depthwise upsampling is always written out
+        with torch.no_grad():
+            mimi.encode_step(pcm[..., : cfg.frame_size], mimi.init_encoder_state(2))
+            mimi.decode_step(results["gemm"][0][..., 0], mimi.init_decoder_state(2))
+        ref, got = results["cudnn"], results["gemm"]
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+        for a, b in ((got[1], ref[1]), (got[3], ref[3])):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * b.abs().max().item())
+
+
+def test_gemm_conv_steps_compile_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One streaming step of each gemm conv (dilated, replicate-padded strided, transposed) traces as
+    a single graph with no break, as the GPU step's torch.compile(fullgraph=True) needs."""
+    monkeypatch.setattr(convs, "CONV", "gemm")
+    torch.manual_seed(0)
+    dilated = StreamingConv1d(4, 6, 3, dilation=3)
+    down = StreamingConv1d(6, 8, 4, 2, pad_mode="replicate")
+    up = StreamingConvTranspose1d(8, 4, 4, 2)
+    _no_cudnn(dilated, down, up)
+    layers = (dilated, down, up)
+
+    def step(x: torch.Tensor, states: list, active: torch.Tensor) -> torch.Tensor:
+        for layer, s in zip(layers, states, strict=True):
+            x = layer.step(x, s, active)
+        return x
+
+    def run(fn, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        states = [layer.init_state(2, torch.device("cpu"), torch.float32) for layer in layers]
+        active = torch.tensor([True, True])
+        with torch.no_grad():
+            out = torch.cat([fn(c, states, active) for c in chunks], dim=-1)
+        return out, states
+
+    chunks = list(torch.randn(2, 4, 12).split(4, dim=-1))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
+    (eager, eager_states), (traced, traced_states) = run(step, chunks), run(compiled, chunks)
+    torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(traced_states, eager_states, strict=True):
+        for ta, tb in zip(a.tensors(), b.tensors(), strict=True):
+            torch.testing.assert_close(ta, tb, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_mode_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONV "auto" is cudnn on the CPU (CI and the golden tests run today's convs, bit for bit) and gemm
+    on CUDA inside a compiled region only; `NPC_VOICE_MIMI_CONV` sets the switch at import and a bad
+    value is refused."""
+    monkeypatch.setattr(convs, "CONV", "auto")
+    assert convs.conv_mode(torch.device("cpu")) == "cudnn"
+    assert convs.conv_mode(torch.device("cuda")) == "cudnn"  # eager: cuDNN's kernels for long clips
+    modes = torch.compile(lambda x: (x, convs.conv_mode(torch.device("cuda")), convs.conv_mode(x.device)),
+                          backend="eager", fullgraph=True)(torch.zeros(1))[1:]
+    assert modes == ("gemm", "cudnn")
+    conv = StreamingConv1d(3, 4, 3, dilation=2)
+    x = torch.randn(1, 3, 10)
+    c = conv.conv.conv
+    with torch.no_grad():
+        assert torch.equal(conv(x), torch.nn.functional.conv1d(torch.nn.functional.pad(x, (4, 0)), c.weight, c.bias,
+                                                               dilation=2))
+    monkeypatch.setattr(convs, "CONV", "fft")
+    with pytest.raises(ValueError):
+        conv(x)
+
+    def import_fresh() -> str:  # a second copy of the module, read from the same file
+        spec = importlib.util.spec_from_file_location("npc_voice.model.mimi._convs_probe", convs.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.CONV
+
+    monkeypatch.setenv("NPC_VOICE_MIMI_CONV", "gemm")
+    assert import_fresh() == "gemm"
+    monkeypatch.delenv("NPC_VOICE_MIMI_CONV")
+    assert import_fresh() == "auto"
+    monkeypatch.setenv("NPC_VOICE_MIMI_CONV", "fft")
+    with pytest.raises(ValueError, match="NPC_VOICE_MIMI_CONV"):
+        import_fresh()

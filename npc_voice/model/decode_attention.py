@@ -44,8 +44,15 @@ from .kvcache import QMAX
 # "packed" takes 178, and 168 under a cap (3 programs an SM, 16 bytes spilled). Measured on an H200
 # (docs/results/2026-12-02-h200-kv8-sweep3.jsonl): "packed" 0.545-0.72 ms, a cap of 168 0.55-0.72 ms,
 # against 0.548 for the default in the same sweep: within noise at best, so neither is the default.
+# `tma`: the key and value tiles fetched by the Hopper tensor-memory accelerator (one bulk copy a
+# tile from a descriptor, not 16-byte copies addressed by every thread: fewer instructions and
+# registers), for head dims of 16-byte multiples over a contiguous cache; rows past the window that
+# a tile takes in are the next rows of the cache (finite bits, masked by the bias). Off until a GPU
+# sweep (`gpu_kv.py kernel`) measures it. `min_tiles`: at least this many tiles a split (a small
+# batch launched as one tile a program waits on each load with nothing to overlap: 1 session's
+# layer, 0.017 ms for 25 MB, 1.5 TB/s, docs/performance.md); swept at 1 session.
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
-          "num_stages": 2, "programs": 4096, "fused_write": True, "maxnreg": None}
+          "num_stages": 2, "programs": 4096, "fused_write": True, "maxnreg": None, "tma": False, "min_tiles": 1}
 MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4, "packed": 5}
 
 
@@ -54,7 +61,7 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
                   sq_b, sq_h, sk_b, sk_h, sk_n, ss_b, ss_h, sb_b, so_b, so_h,
                   H, W, sm_scale,
                   CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLITS: tl.constexpr, MODE: tl.constexpr):
+                  SPLITS: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr, IS_INT: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -63,8 +70,8 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     kbase = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    row0 = (kbase // sk_n).to(tl.int32) + start  # TMA: the split's first row in the [rows, D] view
     sbase = b.to(tl.int64) * ss_b + h * ss_h
-    IS_INT: tl.constexpr = K.dtype.element_ty == tl.int8
     # "imma" (int8 caches): the keys go into integer tensor-core dots as they are stored, against the
     # query as two int8 terms (q ~ sq * (q1 + q2 / 254): finer than fp16); "imma_pv" also the values,
     # against the probabilities as two int8 terms per tile. No per-value conversion at all.
@@ -99,10 +106,16 @@ def _split_kernel(Q, K, KS, V, VS, BIAS, ACC, ML, OUT,
         n = start + n0 + tl.arange(0, BLOCK_N)
         nmask = n < W
         tile = nmask[:, None] & dmask[None, :]
-        k = tl.load(K + kbase + n[:, None] * sk_n + d[None, :], mask=tile, other=0.0)
+        if TMA:  # K, V: descriptors of the [B * H * (S + 1), D] cache
+            k = K.load([row0 + n0, 0])
+        else:
+            k = tl.load(K + kbase + n[:, None] * sk_n + d[None, :], mask=tile, other=0.0)
         ks = tl.load(KS + sbase + n, mask=nmask, other=0.0) * (sm_scale * MULT)
         bias = tl.load(BIAS + b * sb_b + n, mask=nmask, other=float("-inf")).to(tl.float32)
-        v = tl.load(V + kbase + n[:, None] * sk_n + d[None, :], mask=tile, other=0.0)
+        if TMA:
+            v = V.load([row0 + n0, 0])
+        else:
+            v = tl.load(V + kbase + n[:, None] * sk_n + d[None, :], mask=tile, other=0.0)
         vs = tl.load(VS + sbase + n, mask=nmask, other=0.0) * MULT
         if MODE == 0:
             s = tl.sum(k.to(tl.float32) * q[None, :], 1) * ks + bias  # [BLOCK_N]
@@ -204,13 +217,15 @@ def _combine_kernel(ACC, ML, OUT, so_b, so_h, H,
     tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def plan(batch: int, heads: int, window: int, block_n: int | None = None, programs: int | None = None
-         ) -> tuple[int, int]:
+def plan(batch: int, heads: int, window: int, block_n: int | None = None, programs: int | None = None,
+         min_tiles: int | None = None) -> tuple[int, int]:
     """(splits, rows per split) for a launch: about `programs` (slot, head, split) programs, each over
-    a run of whole tiles of `block_n` rows, none empty (both default to CONFIG's)."""
+    a run of whole tiles of `block_n` rows (at least `min_tiles` where the window has them), none
+    empty (all default to CONFIG's)."""
     block_n = block_n or CONFIG["block_n"]
     blocks = triton.cdiv(window, block_n)
-    want = min(blocks, max(1, triton.cdiv(programs or CONFIG["programs"], batch * heads)))
+    most = max(1, blocks // (min_tiles or CONFIG["min_tiles"]))
+    want = min(most, max(1, triton.cdiv(programs or CONFIG["programs"], batch * heads)))
     tiles = triton.cdiv(blocks, want)
     return triton.cdiv(blocks, tiles), tiles * block_n
 
@@ -235,6 +250,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
     if D < 16 or q.dtype not in (torch.bfloat16, torch.float16):
         mode = "fma"  # tensor-core dots need 16-wide tiles, and a float32 query keeps float32 math
     splits, chunk = plan(B, H, window, block_n, CONFIG["programs"])
+    tma = (CONFIG["tma"] and mode != "fma" and D == block_d and D * keys.element_size() % 16 == 0
+           and keys.is_contiguous() and values.is_contiguous() and keys.stride() == values.stride()
+           and (not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (9, 0)))
+    k_arg, v_arg = keys, values
+    if tma:  # one descriptor a tensor, over its rows: [B * H * (S + 1), D]
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg = TensorDescriptor.from_tensor(keys.view(-1, D), [block_n, D])
+        v_arg = TensorDescriptor.from_tensor(values.view(-1, D), [block_n, D])
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     acc = torch.empty(B * H * splits * block_d if splits > 1 else 1, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * H * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
@@ -242,11 +266,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, key_scale: torch.Tenso
         raise RuntimeError("decode attention runs on a CPU only under Triton's interpreter "
                            "(TRITON_INTERPRET=1 before triton is imported, as the tests do)")
     _split_kernel[(B * H, splits)](
-        q, keys, key_scale, values, value_scale, bias, acc, ml, out,
+        q, k_arg, key_scale, v_arg, value_scale, bias, acc, ml, out,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         key_scale.stride(0), key_scale.stride(1), bias.stride(0), out.stride(0), out.stride(1),
         H, window, 1.0 / math.sqrt(D),
-        CHUNK=chunk, D=D, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits, MODE=MODES[mode],
+        CHUNK=chunk, D=D, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits, MODE=MODES[mode], TMA=tma,
+        IS_INT=keys.dtype == torch.int8,
         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
     )

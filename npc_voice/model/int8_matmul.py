@@ -63,22 +63,36 @@ def _w8_kernel(X, W, S, OUT, M, N, K, sx_m, sw_n, so_m,
 # 2 rows x 1024, 2 warps, 4096 programs was fastest, 0.102 ms over the four 7B temporal products, the
 # same as the kernel above; but a whole one-session tick, where the depth transformer's hundreds of
 # small products gain most, took 7.35 ms with it against 7.82-7.85 without.
-GEMV = {"enabled": True, "block_n": 2, "block_k": 1024, "num_warps": 2, "min_programs": 4096}
+# `num_stages` > 1: the loop over K software-pipelined (`tl.range(num_stages=)`: the next tiles' loads
+# in flight while this one is summed); 0: a plain loop, as measured above. At 0.102 ms the four
+# temporal products read 205 MB at 2.0 TB/s, every launch in the sweep within 0.10-0.15 ms: a
+# program's loads wait one after the other. Swept on the next GPU call (`gpu_kv.py weights_kernel`).
+GEMV = {"enabled": True, "block_n": 2, "block_k": 1024, "num_warps": 2, "min_programs": 4096, "num_stages": 0}
 
 
 @triton.jit
-def _w8_gemv_kernel(X, W, S, OUT, N, K, sw_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8_gemv_kernel(X, W, S, OUT, N, K, sw_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES if STAGES > 0 else None):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < K
         x = tl.load(X + k, mask=kmask, other=0.0).to(tl.float32)
         w = tl.load(W + n[:, None].to(tl.int64) * sw_n + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-        acc += w.to(tl.float32) * x[None, :]
+        acc += _int8_as_float32(w) * x[None, :]
     scale = tl.load(S + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(OUT + n, (tl.sum(acc, axis=1) * scale).to(OUT.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _int8_as_float32(w):
+    """int8 -> float32 without a conversion instruction (I2F issues at a quarter of the FMA rate, 16
+    an SM a clock on Hopper: the one-row kernel needs ~15 bytes an SM a clock to keep up with HBM):
+    the byte with its sign bit flipped (x + 128) under float32's 2**23 exponent is 2**23 + x + 128
+    exactly, one logic op; one subtraction leaves x."""
+    bits = w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x4B000080
+    return bits.to(tl.float32, bitcast=True) - 8388736.0
 
 
 LARGEST_M = 128  # more activation rows (a prompt's chunk) than this: a tensor-core GEMM on the dequantized
@@ -104,7 +118,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if M == 1 and GEMV["enabled"]:
         block_n = _narrowed(GEMV["block_n"], N, 1, GEMV["min_programs"], 2)
         _w8_gemv_kernel[(triton.cdiv(N, block_n),)](x2, q, scale, out, N, K, q.stride(0), BLOCK_N=block_n,
-                                                    BLOCK_K=GEMV["block_k"], num_warps=GEMV["num_warps"])
+                                                    BLOCK_K=GEMV["block_k"], STAGES=GEMV.get("num_stages", 0),
+                                                    num_warps=GEMV["num_warps"])
         return out
     config = CONFIG if M <= FEW_ROWS else MANY
     block_m = min(64, max(16, triton.next_power_of_2(M)))

@@ -288,6 +288,94 @@ W8_SWEEP_GEMV = [dict(enabled=False)] + [dict(enabled=True, block_n=n, block_k=k
                                                             (8, 256, 2, 2048), (32, 128, 4, 1024), (16, 1024, 8, 256))]
 
 
+# One row, as a tick reads the weights: four layers' temporal products (distinct matrices, 822 MB:
+# nothing left in the 50 MB L2 from the layer before) and eight depth layers' (dim 1024), in one
+# CUDA graph. The first entry: the tensor-core kernel; then the one-row kernel, pipelined or not.
+DEPTH_SHAPES = ((3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816))
+GEMV_LAYERS = [dict(enabled=False)] + [dict(enabled=True, block_n=n, block_k=k, num_warps=w, min_programs=p, num_stages=st)
+                                       for n, k, w, p in ((2, 1024, 2, 4096), (4, 1024, 2, 2048), (4, 512, 2, 2048),
+                                                          (8, 512, 4, 1024), (8, 1024, 4, 1024), (16, 512, 4, 1024),
+                                                          (1, 2048, 2, 8192), (2, 2048, 4, 4096))
+                                       for st in (0, 2, 3)]
+
+
+@torch.inference_mode()
+def stage_gemv() -> None:
+    """`int8_matmul.GEMV` swept over whole layers at one row (the fastest kept for what follows), against
+    bf16's F.linear on the same layers: ms and GB/s of weights read."""
+    from npc_voice.model import int8_matmul as w8
+    from npc_voice.model.quant import Int8Weight
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    groups = {"temporal": [W8_SHAPES] * 4, "depth": [DEPTH_SHAPES] * 8}
+    for name, layers in groups.items():
+        weights = [[Int8Weight(torch.randn(*shape, device=DEVICE, generator=g, dtype=torch.bfloat16) * 0.02, torch.bfloat16)
+                    for shape in layer] for layer in layers]
+        xs = {K: torch.randn(1, K, device=DEVICE, generator=g, dtype=torch.bfloat16) for _, K in layers[0]}
+        nbytes = sum(w.q.numel() for layer in weights for w in layer)
+
+        def run() -> None:
+            for layer in weights:
+                for w in layer:
+                    w8.int8_linear(xs[w.q.shape[1]], w.q, w.scale)
+
+        def report(ms: float) -> dict:
+            return {"group": name, "ms": ms, "gbps": round(nbytes / ms / 1e6)}
+
+        if name == "temporal":  # the sweep: on the temporal layers, where the bytes are
+            sweep(GEMV_LAYERS, w8.GEMV, lambda: graphed_ms(run), "w8_gemv_layers", report)
+        w = weights[0][-1]
+        x = xs[w.q.shape[1]]
+        ref = x.double() @ (w.q.double() * w.scale.double()).T
+        emit(what="w8_gemv_layers_chosen", config=dict(w8.GEMV), **report(graphed_ms(run)),
+             rel_err=float((w8.int8_linear(x, w.q, w.scale).double() - ref).norm() / ref.norm()))
+        dense = [[w() for w in layer] for layer in weights]
+        del weights
+        free()
+        ms = graphed_ms(lambda: [F.linear(xs[d.shape[1]], d) for layer in dense for d in layer])
+        emit(what="bf16_gemv_layers", group=name, ms=ms, gbps=round(2 * nbytes / ms / 1e6))
+        del dense
+        free()
+
+
+# The attention's launch, as a tick meets it: 64 sessions (one layer: 1.57 GB), and 1 session over 8
+# layers' caches in one graph (25 MB a layer would sit in L2 if one were read again and again).
+ATTENTION_64 = ([{}] + [dict(tma=True, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
+                + [dict(tma=True, block_n=64, num_warps=4, num_stages=st) for st in (3, 4)])
+ATTENTION_1 = [dict(min_tiles=m, tma=t) for t in (False, True) for m in (1, 2, 3, 4, 6, 12)]
+
+
+@torch.inference_mode()
+def stage_attention() -> None:
+    """`decode_attention.CONFIG` swept at 64 sessions, then `min_tiles` at 1 (each fastest kept), with
+    each chosen launch checked against PyTorch's attention over the dequantized cache."""
+    def check(cache, q, bias) -> float:
+        out = da.decode_attention(q, cache.keys, cache.key_scale, cache.values, cache.value_scale, bias, S).double()
+        ref = attend_dequantized(q.double(), cache.keys, cache.key_scale, cache.values, cache.value_scale, bias.double(), S)
+        return float((out - ref).norm() / ref.norm())
+
+    cache, q, bias = random_cache(64, torch.int8), torch.randn(64, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(64, S, S - 7)
+    gb = cache.nbytes * S / (S + 1) / 1e9
+    sweep(ATTENTION_64, da.CONFIG, lambda: layer_ms(cache, q, bias), "attention",
+          lambda ms: dict(B=64, ms=ms, gbps=round(gb / ms * 1e3)))
+    emit(what="attention_check", B=64, config=dict(da.CONFIG), rel_err=check(cache, q, bias))
+    del cache
+    free()
+    caches = [random_cache(1, torch.int8, seed=i) for i in range(8)]
+    q, bias = torch.randn(1, H, 1, D, device=DEVICE, dtype=torch.bfloat16), bias_for(1, S, S - 7)
+    gb = sum(c.nbytes for c in caches) * S / (S + 1) / 1e9
+
+    def layers() -> None:
+        for c in caches:
+            da.decode_attention(q, c.keys, c.key_scale, c.values, c.value_scale, bias, S)
+
+    sweep(ATTENTION_1, da.CONFIG, lambda: graphed_ms(layers), "attention",
+          lambda ms: dict(B=1, layers=8, ms=ms, gbps=round(gb / ms * 1e3)))
+    emit(what="attention_check", B=1, config=dict(da.CONFIG), rel_err=check(caches[0], q, bias))
+    del caches
+    free()
+
+
 @torch.inference_mode()
 def stage_weights_kernel() -> None:
     """The int8-weight kernel (`int8_matmul`) per product at the 7B shapes: its launch configurations
@@ -344,7 +432,7 @@ def stage_accuracy_int8(frames: int = S) -> None:
 STAGES = {"kernel": stage_kernel, "accuracy_int8": stage_accuracy_int8, "ticks_final": stage_ticks_final, "ticks": stage_ticks, "accuracy": stage_accuracy, "weights": stage_weights,
           "ticks_main": lambda: stage_ticks(TICKS_MAIN), "weights_kernel": stage_weights_kernel,
           "weights_int8": stage_weights_int8, "weights_int8_ticks": lambda: weights_ticks(INT8_TICKS),
-          "checks": lambda: stage_kernel(sweep=False)}
+          "checks": lambda: stage_kernel(sweep=False), "gemv": stage_gemv, "attention": stage_attention}
 
 if __name__ == "__main__":
     main(STAGES)

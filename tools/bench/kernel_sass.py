@@ -5,8 +5,9 @@ arguments specialised as Triton specialises them at a launch (pointers and strid
 multiples of 16 marked so; the scales' head stride, 3001, and the window, 3000, are not).
 
     python3 tools/bench/kernel_sass.py                       # the configurations below
-    python3 tools/bench/kernel_sass.py packed:128:4:2:168    # mode:rows:warps:stages[:register cap]
+    python3 tools/bench/kernel_sass.py packed:128:4:2:168    # mode[-tma]:rows:warps:stages[:register cap]
     python3 tools/bench/kernel_sass.py w8:16:32:256:4:4      # int8_matmul: w8:BLOCK_M:BLOCK_N:BLOCK_K:warps:stages
+    python3 tools/bench/kernel_sass.py gemv:2:1024:2:3       # its one-row kernel: gemv:BLOCK_N:BLOCK_K:warps:stages
 
 Uses the ptxas / cuobjdump that come with Triton's NVIDIA backend. Read with the GPU figures in
 docs/performance.md: a count is not a time.
@@ -36,18 +37,22 @@ POINTERS = {"Q": "*bf16", "K": "*i8", "KS": "*fp32", "V": "*i8", "VS": "*fp32", 
             "ML": "*fp32", "OUT": "*bf16"}
 INTS = ["sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "ss_b", "ss_h", "sb_b", "so_b", "so_h", "H", "W"]
 NOT_MULTIPLES_OF_16 = {"ss_h", "sb_b", "W"}  # 3001-row scales, a 3000-wide mask and window
-CONSTEXPRS = ["CHUNK", "D", "BLOCK_D", "BLOCK_N", "SPLITS", "MODE"]
+CONSTEXPRS = ["CHUNK", "D", "BLOCK_D", "BLOCK_N", "SPLITS", "MODE", "TMA", "IS_INT"]
 CONFIGS = ["offset:128:4:2", "offset:128:4:2:168", "packed:128:4:2", "packed:128:4:2:168", "packed:64:4:3",
-           "imma_pv:128:4:3", "offset:128:8:2"]
+           "imma_pv:128:4:3", "offset:128:8:2", "offset-tma:128:4:2", "offset-tma:128:4:3", "offset-tma:128:8:3"]
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def compile_split_kernel(mode: str, block_n: int, warps: int, stages: int, maxnreg: int | None):
+    """`mode` a key of `da.MODES`, "-tma" appended for tiles fetched by descriptor (`CONFIG["tma"]`)."""
+    mode, tma = mode.removesuffix("-tma"), mode.endswith("-tma")
     args = list(POINTERS) + INTS + ["sm_scale"]
-    signature = {**POINTERS, **{name: "i32" for name in INTS}, "sm_scale": "fp32", **{c: "constexpr" for c in CONSTEXPRS}}
-    constants = {"CHUNK": 1536, "D": 128, "BLOCK_D": 128, "BLOCK_N": block_n, "SPLITS": 2, "MODE": da.MODES[mode]}
+    pointers = dict(POINTERS, **({"K": f"tensordesc<i8[{block_n}, 128]>", "V": f"tensordesc<i8[{block_n}, 128]>"} if tma else {}))
+    signature = {**pointers, **{name: "i32" for name in INTS}, "sm_scale": "fp32", **{c: "constexpr" for c in CONSTEXPRS}}
+    constants = {"CHUNK": 1536, "D": 128, "BLOCK_D": 128, "BLOCK_N": block_n, "SPLITS": 2, "MODE": da.MODES[mode],
+                 "TMA": tma, "IS_INT": True}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(args)
-             if name != "sm_scale" and name not in NOT_MULTIPLES_OF_16}
+             if name != "sm_scale" and name not in NOT_MULTIPLES_OF_16 and not (tma and name in ("K", "V"))}
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     source = ASTSource(fn=da._split_kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -65,8 +70,23 @@ def compile_w8_kernel(block_m: int, block_n: int, block_k: int, warps: int, stag
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def compile_gemv_kernel(block_n: int, block_k: int, warps: int, stages: int):
+    """`int8_matmul._w8_gemv_kernel` as one activation row launches it."""
+    pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "OUT": "*bf16"}
+    ints = ["N", "K", "sw_n"]
+    signature = {**pointers, **{name: "i32" for name in ints}, "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                 "STAGES": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate([*pointers, *ints])}
+    source = ASTSource(fn=int8_matmul._w8_gemv_kernel, signature=signature, attrs=attrs,
+                       constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
 def describe(spec: str) -> dict:
-    if spec.startswith("w8:"):
+    if spec.startswith("gemv:"):
+        block_n, block_k, warps, stages = (int(v) for v in spec.split(":")[1:])
+        kernel = compile_gemv_kernel(block_n, block_k, warps, stages)
+    elif spec.startswith("w8:"):
         block_m, block_n, block_k, warps, stages = (int(v) for v in spec.split(":")[1:])
         kernel = compile_w8_kernel(block_m, block_n, block_k, warps, stages)
     else:

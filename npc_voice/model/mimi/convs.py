@@ -7,10 +7,13 @@ Both give the whole-clip result chunk by chunk (up to float rounding).
 
 Module nesting (`conv.conv.weight`, `convtr.convtr.weight`) mirrors the checkpoint's key names: the
 reference wrapped each conv in a weight-norm holder that was folded away before export.
+
+Each conv runs either as PyTorch's conv (cuDNN on a GPU) or as a matrix product (`CONV`, below).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +24,59 @@ from torch import nn
 from ..streaming import StreamState, state_field, where_active
 
 PadMode = Literal["constant", "replicate"]
+
+# How the convs run: "cudnn" (PyTorch's conv1d / conv_transpose1d), "gemm" (the same sums as one
+# matrix product: im2col by strided views, one matmul with the bias folded in, and for a transposed
+# conv an overlap-add of its taps), or "auto": gemm on CUDA inside a torch.compile region (the tick's
+# compiled Mimi steps, `engine.step.COMPILE`), cudnn elsewhere (the CPU path, CI and the golden tests
+# exactly today's; eager GPU work such as encoding a voice sample keeps cuDNN's kernels for long
+# clips). Why: on an H200 a one-session tick (CUDA graphs, Mimi in bf16 compiled by inductor) spent
+# ~0.21-0.3 ms in 39 cuDNN `nchwToNhwc` layout conversions around the small convs; as plain GEMMs
+# inductor fuses the gather, bias and activation and needs no layout change (measured by
+# `tools/bench/gpu_fuse.py levers`). Grouped convs (other than the written-out depthwise upsampling)
+# and transposed convs whose kernel is not a multiple of the stride stay on cudnn. Read at every call
+# (tests monkeypatch it); `NPC_VOICE_MIMI_CONV` overrides at import.
+CONV_MODES = ("auto", "cudnn", "gemm")
+CONV = os.environ.get("NPC_VOICE_MIMI_CONV", "auto")
+if CONV not in CONV_MODES:
+    raise ValueError(f"NPC_VOICE_MIMI_CONV must be one of {', '.join(CONV_MODES)}, got {CONV!r}")
+
+
+def conv_mode(device: torch.device) -> str:
+    """What `CONV` means for tensors on `device`: "cudnn" or "gemm"."""
+    if CONV not in CONV_MODES:
+        raise ValueError(f"convs.CONV must be one of {', '.join(CONV_MODES)}, got {CONV!r}")
+    if CONV == "auto":
+        return "gemm" if device.type == "cuda" and torch.compiler.is_compiling() else "cudnn"
+    return CONV
+
+
+def conv1d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
+                dilation: int = 1) -> torch.Tensor:
+    """F.conv1d(x, weight, bias, stride, dilation=dilation) (no padding, groups 1) as one matmul:
+    x [B, C_in, L], weight [C_out, C_in, K] -> [B, C_out, T_out], T_out = (L - K_eff) // S + 1."""
+    C_out, C_in, K = weight.shape
+    if K == 1:  # a 1x1 conv is a matmul on the (strided) steps
+        cols = x[..., ::stride].transpose(1, 2)  # [B, T_out, C_in]
+    else:
+        windows = x.unfold(-1, (K - 1) * dilation + 1, stride)[..., ::dilation]  # [B, C_in, T_out, K], a view
+        cols = windows.transpose(1, 2).flatten(2)  # [B, T_out, C_in * K], (channel, tap) as in the weight
+    return F.linear(cols, weight.reshape(C_out, C_in * K), bias).transpose(1, 2)  # [B, C_out, T_out]
+
+
+def conv_transpose1d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          stride: int) -> torch.Tensor:
+    """F.conv_transpose1d(x, weight, bias, stride) (no padding, groups 1, K a multiple of S) as one
+    matmul and an overlap-add: x [B, C_in, T], weight [C_in, C_out, K] -> [B, C_out, (T - 1) * S + K]."""
+    C_in, C_out, K = weight.shape
+    B, T, S = x.shape[0], x.shape[-1], stride
+    n = K // S  # input step t writes output blocks t .. t + n - 1, each S steps long
+    taps = (x.transpose(1, 2) @ weight.reshape(C_in, C_out * K)).view(B, T, C_out, n, S)  # [B, T, C_out, n, S]
+    blocks = F.pad(taps[:, :, :, 0], (0, 0, 0, 0, 0, n - 1))  # [B, T + n - 1, C_out, S]
+    for j in range(1, n):
+        blocks = blocks + F.pad(taps[:, :, :, j], (0, 0, 0, 0, j, n - 1 - j))
+    y = blocks.permute(0, 2, 1, 3).flatten(2)  # [B, C_out, (T + n - 1) * S]
+    return y if bias is None else y + bias[:, None]
 
 
 @dataclass
@@ -89,24 +145,31 @@ class StreamingConv1d(nn.Module):
         pad = self.context
         if pad:
             x = F.pad(x, (pad, 0), mode=self.pad_mode)
-        return self.conv(x)
+        return self._conv(x)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> ConvState:
         previous = torch.zeros(batch_size, self.conv.conv.in_channels, self.context, device=device, dtype=dtype)
         return ConvState(previous, torch.ones(batch_size, dtype=torch.bool, device=device))
 
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpadded conv, x [B, C_in, L] -> [B, C_out, (L - K_eff) / S + 1], as `CONV` says."""
+        c = self.conv.conv
+        if c.groups == 1 and conv_mode(x.device) == "gemm":
+            return conv1d_gemm(x, c.weight, c.bias, c.stride[0], c.dilation[0])
+        return self.conv(x)
+
     def step(self, x: torch.Tensor, state: ConvState, active: torch.Tensor | None = None) -> torch.Tensor:
         """One chunk: x [B, C_in, T] (T a multiple of the stride, >= context) -> [B, C_out, T / S]."""
         pad = self.context
         if not pad:
-            return self.conv(x)
+            return self._conv(x)
         active = _active_or_all(active, x)
         previous = state.previous
         if self.pad_mode == "replicate":
             # A fresh stream's left context is its first sample repeated, as F.pad(mode="replicate").
             previous = torch.where(state.first[:, None, None], x[..., :1].expand_as(previous), previous)
         x = torch.cat([previous, x], dim=-1)  # [B, C_in, pad + T]
-        y = self.conv(x)
+        y = self._conv(x)
         state.previous.copy_(where_active(active, x[..., -pad:], state.previous))
         state.first.logical_and_(~active)
         return y
@@ -131,10 +194,13 @@ class StreamingConvTranspose1d(nn.Module):
         """The transposed conv, x [B, C_in, T] -> [B, C_out, (T - 1) * S + K]. A depthwise one of
         kernel 2 * S (Mimi's upsampling) is two products and an overlap-add, written out (and fused
         when compiled): a 64-session step's profile on an H200 showed one generic cuDNN transposed-conv
-        kernel (`dgrad_engine`) of 0.32 ms, most likely this one, for 128 KB of work."""
+        kernel (`dgrad_engine`) of 0.32 ms, most likely this one, for 128 KB of work. Any other one
+        runs as `CONV` says (gemm only for groups 1 and K a multiple of S)."""
         c = self.convtr.convtr
         S, K = c.stride[0], c.kernel_size[0]
         if not (c.groups == c.in_channels == c.out_channels and K == 2 * S and c.bias is None):
+            if c.groups == 1 and K % S == 0 and conv_mode(x.device) == "gemm":
+                return conv_transpose1d_gemm(x, c.weight, c.bias, S)
             return c(x)
         taps = x[..., None] * c.weight[:, 0][None, :, None, :]  # [B, C, T, K]
         head, tail = taps[..., :S], taps[..., S:]  # to output blocks t and t + 1
