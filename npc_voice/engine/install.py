@@ -17,7 +17,7 @@ import torch
 
 from ..model.generator import Generator, GeneratorState, Sampling, SamplingParams
 from ..model.mimi import MimiState
-from ..model.sampling import sample, uniform_noise
+from ..model.sampling import draw_tokens
 from ..model.streaming import StreamState, byte_view
 from .prompt import Prefix
 from .step import capture_graph
@@ -134,12 +134,10 @@ class SlotInstaller:
         state.tokens.index_copy_(0, slot, self.ring[None])
         # Position N's text and codebook 0 come from position N-1's prediction, sampled for this slot.
         counter = N - 1
-        V = self.logits.shape[-1]
-        text = sample(self.logits, p.text_temperature, p.text_top_k, uniform_noise(p.seed, counter, 0, V))
+        text = draw_tokens(self.logits, p.text_temperature, p.text_top_k, p.seed, counter, 0)
         scratch = self.gen.lm.depformer.init_scratch(1, self.device, self.hidden.dtype)
         audio_logits = self.gen.lm.depth_step(0, self.hidden, text, scratch)
-        cb0 = sample(audio_logits, p.audio_temperature, p.audio_top_k,
-                     uniform_noise(p.seed, counter, 1, audio_logits.shape[-1]))
+        cb0 = draw_tokens(audio_logits, p.audio_temperature, p.audio_top_k, p.seed, counter, 1)
         self.out.copy_(torch.cat([text, cb0]))
         state.tokens.index_put_((slot, self._two, torch.remainder(N, self.gen.ring)), self.out)
         if self.mimi is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .lm import PersonaPlexLM
-from .sampling import MAX_TOP_K, sample, uniform_noise
+from .sampling import MAX_TOP_K, draw_tokens
 from .streaming import StreamState, state_field, where_active
 from .transformer import TransformerState
 
@@ -155,8 +155,7 @@ class Generator:
         hidden, text_logits = self.lm.step_text(current[:, :, None], state.temporal, active, window)
         hidden, text_logits = hidden[:, 0], text_logits[:, 0]  # [B, dim], [B, text_card]
         sp = state.sampling
-        text = sample(text_logits, sp.text_temperature, sp.text_top_k,
-                      uniform_noise(sp.seed, t, 0, text_logits.shape[-1]))
+        text = draw_tokens(text_logits, sp.text_temperature, sp.text_top_k, sp.seed, t, 0)
         if forced_text is not None:
             text = torch.where(forced_text >= 0, forced_text, text)
 
@@ -179,11 +178,10 @@ class Generator:
         """Samples the agent's codebooks one after the other from the temporal hidden state [B, dim]
         and the frame's text token [B], at frame `offset` [B]: [B, A]."""
         scratch = self.lm.depformer.init_scratch(hidden.shape[0], hidden.device, hidden.dtype)
-        noise = uniform_noise(sp.seed, offset, 1, self.cfg.card, streams=self.depth_steps)  # [B, A, card]
         prev, tokens = text, []
         for k in range(self.depth_steps):
             logits = self.lm.depth_step(k, hidden, prev, scratch)
-            token = sample(logits, sp.audio_temperature, sp.audio_top_k, noise[:, k])
+            token = draw_tokens(logits, sp.audio_temperature, sp.audio_top_k, sp.seed, offset, 1 + k)  # stream 1 + k
             if forced_audio is not None:
                 token = torch.where(forced_audio[:, k] >= 0, forced_audio[:, k], token)
             tokens.append(token)

@@ -8,12 +8,15 @@ A multinomial draw is the exponential race the reference uses: argmax(p / E) wit
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .fused import fusable
 
 _MASK31 = (1 << 31) - 1
 _MULT = 0x45D9F3B  # < 2**27, so (x < 2**31) * _MULT stays well inside int64
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -27,14 +30,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: int,
                   streams: int = 1) -> torch.Tensor:
     """Uniform noise in (0, 1), float32, a pure function of (seed [B], counter [B], stream, index):
-    [B, size], or [B, streams, size] for the consecutive streams stream..stream+streams-1."""
+    [B, size], or [B, streams, size] for the consecutive streams stream..stream+streams-1. Never 1.0:
+    the hashes within 64 of 2**31 round to it in float32, and -log(1.0) = -0.0 would make a token the
+    top-k dropped (probability 0) win the race as 0 / -0.0 = NaN (about one text draw in a thousand);
+    they get the largest float below 1 instead."""
     h = _mix(seed & _MASK31)
     h = _mix(h ^ (counter & _MASK31))
     ids = torch.arange(stream, stream + streams, device=seed.device)
     h = _mix(h[:, None] ^ ids[None, :])  # [B, S]
     index = torch.arange(size, device=seed.device)
     h = _mix(h[:, :, None] ^ index)  # [B, S, size]
-    u = (h.float() + 0.5) / float(1 << 31)
+    u = ((h.float() + 0.5) / float(1 << 31)).clamp(max=_BELOW_ONE)
     return u[:, 0] if streams == 1 else u
 
 
@@ -43,12 +49,17 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, size: 
 MAX_TOP_K = 512
 
 
-# How `sample` finds each row's k-th largest logit: "topk" (one static top-MAX_TOP_K, a sort on the
-# GPU: 0.35 ms of a one-session tick on an H200 for the 9 draws) or "bisect" (the same value found bit
-# by bit over the logits' order-preserving integer keys: 32 counting passes that inductor can fuse
-# into the compiled depth step, no sort). Both give the exact same value, so the same tokens
-# (tests/test_sampling.py). "bisect" is not measured on a GPU yet: `tools/bench/gpu_fuse.py sampler`.
-SELECT = "topk"
+# How a draw (`draw_tokens`) is made. "topk": `sample` with `uniform_noise`, the k-th largest logit
+# of each row found by one static top-MAX_TOP_K, a sort on the GPU (0.35 ms of a one-session tick on
+# an H200 for the 9 draws). "bisect": the same, the value found bit by bit over the logits'
+# order-preserving integer keys (32 counting passes that inductor can fuse into the compiled depth
+# step, no sort). "kernel": the whole draw in one Triton kernel (`sample_kernel.draw`: the noise, the
+# bisection, the softmax and the race), on a GPU (on a CPU only under Triton's interpreter, the
+# tests; without Triton, "topk"). "auto" (the default): "kernel" on a GPU, "topk" elsewhere. All
+# find the same threshold and the same noise, so the same tokens (tests/test_sampling.py; the
+# kernel's exp and log may differ from PyTorch's by an ulp, which could change a near tie only).
+# Not measured on a GPU yet: `tools/bench/gpu_fuse.py sampler`.
+SELECT = "auto"
 
 
 def _order_keys(x: torch.Tensor) -> torch.Tensor:
@@ -95,3 +106,29 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     probs = torch.softmax(scaled, dim=-1)
     drawn = (probs / -torch.log(noise)).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
+                counter: torch.Tensor, stream: int) -> torch.Tensor:
+    """One draw: `sample` with the noise `uniform_noise(seed, counter, stream, V)`, logits [B, V] ->
+    [B] long; in one Triton kernel where `SELECT` says so (see there)."""
+    if SELECT == "kernel" or (SELECT == "auto" and logits.is_cuda):
+        kernel = _sample_kernel()
+        if kernel is not None and (logits.is_cuda or kernel.INTERPRETED):
+            return kernel.draw_op(logits, temperature, top_k, seed, counter, stream)
+    return sample(logits, temperature, top_k, uniform_noise(seed, counter, stream, logits.shape[-1]))
+
+
+_TRITON = importlib.util.find_spec("triton") is not None  # where it is not, no import is tried per draw
+
+
+def _sample_kernel():
+    """The Triton sampler's module, or None where Triton is missing (then PyTorch's draw: the same
+    tokens). Not `functools.cache`d: torch.compile traces the import (once imported, a lookup)."""
+    if not _TRITON:
+        return None
+    try:
+        from . import sample_kernel
+    except ImportError:
+        return None
+    return sample_kernel

@@ -10,7 +10,9 @@ pays for compiling, is reported apart), ticks_final (64 sessions with both and w
 1 session with both), ticks_int8 (int8 weights, both compiled: 1, 8, 64 sessions), weights_kernel
 (the int8-weight kernels' launches swept first, the fastest kept for the stages after it), profile
 (the kernels of one tick, by torch.profiler: how many, their GPU time, the costliest), sampler (the
-sampler's k-th largest logit by a sort or by bisection).
+sampler's k-th largest logit by a sort or by bisection), levers (the one-row int8 kernel and the
+attention swept over whole layers, the Triton sampler and Mimi's convs as products checked, then a
+one-session int8 tick with all of them and with each turned off).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def stage_check() -> None:
     free()
 
 
-def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...], selects: tuple[str, ...] = ("topk",)) -> None:
+def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...], selects: tuple[str, ...] = ("auto",)) -> None:
     """Each (sessions, compiled parts) of `plan` with `weights`, under each of the sampler's `selects`
     (`sampling.SELECT`), the model loaded once."""
     from npc_voice.model import sampling
@@ -97,7 +99,7 @@ def ticks(weights: str, plan: tuple[tuple[int, frozenset[str]], ...], selects: t
             emit(what="tick_compiled", weights=weights, parts=sorted(parts), select=select,
                  seconds_with_compile=round(time.time() - start, 1), **row)
             free()
-    sampling.SELECT = "topk"
+    sampling.SELECT = "auto"
     del model
     free()
 
@@ -147,13 +149,84 @@ def stage_weights_kernel() -> None:
 
 
 def stage_sampler() -> None:
-    """`sampling.SELECT`: the k-th largest logit by a sort ("topk") or by bisection ("bisect"), both
-    parts compiled: int8 weights at 1 session, bf16 at 64."""
+    """`sampling.SELECT`: the Triton sampler ("kernel"), the k-th largest logit by a sort ("topk") or
+    by bisection ("bisect"), both parts compiled: int8 weights at 1 session, bf16 at 64."""
     for weights, batch in (("int8", 1), ("bf16", 64)):
-        ticks(weights, ((batch, BOTH),), selects=("topk", "bisect"))
+        ticks(weights, ((batch, BOTH),), selects=("kernel", "topk", "bisect"))
 
 
-STAGES = {"sampler": stage_sampler, "check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
+@torch.inference_mode()
+def sampler_check(draws: int = 20) -> None:
+    """The Triton sampler (`sampling.SELECT="kernel"`) against PyTorch's ("topk") on the GPU: the same
+    tokens at the 7B vocabularies (64 rows: temperatures, top-k and greedy mixed), and one draw's time
+    (a row, CUDA graph)."""
+    from gpu_suite import graphed_ms
+
+    from npc_voice.model import sampling
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    B = 64
+    temperature = torch.tensor([0.7, 0.8, 0.0, 1.0], device=DEVICE).repeat(B // 4)
+    top_k = torch.tensor([25, 250, 1, 0], device=DEVICE).repeat(B // 4)
+    seed = torch.arange(B, device=DEVICE)
+    for vocab in (32000, 2048):
+        logits = 3 * torch.randn(B, vocab, device=DEVICE, generator=g, dtype=torch.bfloat16)
+        same = 0
+        for t in range(draws):
+            counter = torch.full((B,), t, device=DEVICE)
+            drawn = []
+            for select in ("kernel", "topk"):
+                sampling.SELECT = select
+                drawn.append(sampling.draw_tokens(logits, temperature, top_k, seed, counter, 1))
+            same += int((drawn[0] == drawn[1]).sum())
+        row = dict(what="sampler_check", vocab=vocab, draws=B * draws, same_tokens=same)
+        one = (logits[:1], temperature[:1], top_k[:1], seed[:1], torch.zeros(1, dtype=torch.long, device=DEVICE), 1)
+        for select in ("kernel", "topk"):
+            sampling.SELECT = select
+            row[f"{select}_ms_one_row"] = graphed_ms(lambda: sampling.draw_tokens(*one))
+        emit(**row)
+    sampling.SELECT = "auto"
+
+
+LEVERS = (("today's defaults", {}), ("sampler: sort", {"select": "topk"}), ("Mimi convs: cuDNN", {"conv": "cudnn"}))
+
+
+def stage_levers(weights: str = "int8", batch: int = 1) -> None:
+    """This round's levers: the one-row int8 kernel and the attention's launch swept over whole layers
+    (gpu_kv.py gemv / attention, the fastest kept), the Triton sampler and the Mimi convs as matrix
+    products checked, then a `batch`-session tick with every lever on, and with each turned off."""
+    from gpu_kv import stage_attention, stage_gemv
+
+    from npc_voice.model import decode_attention, int8_matmul, sampling
+    from npc_voice.model.mimi import convs
+
+    stage_gemv()
+    stage_attention()
+    sampler_check()
+    tiny = random_model("tiny", device=DEVICE, dtype=torch.float32, seed=1)  # compiled Mimi: its convs as products
+    emit(what="conv_check", model="tiny float32", vs="eager (cuDNN convs)",
+         **compare(run_steps(tiny, NONE, 4, 12, use_graphs=False), run_steps(tiny, MIMI, 4, 12)))
+    del tiny
+    free()
+    model = model_7b(weights)
+    step_module.COMPILE = BOTH
+    for lever, off in LEVERS:
+        sampling.SELECT, convs.CONV = off.get("select", "auto"), off.get("conv", "auto")
+        start = time.time()
+        try:
+            row = bench_tick(model, batch, frames=200, warmup=10).as_dict()
+        except Exception as exc:  # one failed configuration must not hide the others
+            emit(what="tick_lever", lever=lever, error=repr(exc)[:400])
+            continue
+        emit(what="tick_lever", lever=lever, weights=weights, seconds_with_compile=round(time.time() - start, 1),
+             gemv=dict(int8_matmul.GEMV), attention=dict(decode_attention.CONFIG), **row)
+        free()
+    sampling.SELECT, convs.CONV = "auto", "auto"
+    del model
+    free()
+
+
+STAGES = {"levers": stage_levers, "sampler": stage_sampler, "check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
           "ticks_final": lambda: ticks("bf16", TICKS_FINAL), "ticks_int8_1": lambda: ticks("int8", ((1, BOTH),)), "profile": stage_profile, "weights_kernel": stage_weights_kernel}
 
 if __name__ == "__main__":
