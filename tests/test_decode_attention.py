@@ -92,7 +92,8 @@ def test_the_launch_plan_fills_the_gpu_with_whole_tiles() -> None:
         splits, chunk = da.plan(B, H, W)
         assert chunk % da.CONFIG["block_n"] == 0
         assert splits * chunk >= W and (splits - 1) * chunk < W  # every row covered, no split empty
-        assert B * H * splits >= min(da.CONFIG["programs"], B * H * math.ceil(W / da.CONFIG["block_n"])) // 2
+        most = max(1, math.ceil(W / da.CONFIG["block_n"]) // da.CONFIG["min_tiles"])  # splits of min_tiles tiles
+        assert B * H * splits >= min(da.CONFIG["programs"], B * H * most) // 2
 
 
 def test_gpu_only_launch_choices_leave_the_numbers_alone(monkeypatch) -> None:

@@ -45,14 +45,16 @@ from .kvcache import QMAX
 # (docs/results/2026-12-02-h200-kv8-sweep3.jsonl): "packed" 0.545-0.72 ms, a cap of 168 0.55-0.72 ms,
 # against 0.548 for the default in the same sweep: within noise at best, so neither is the default.
 # `tma`: the key and value tiles fetched by the Hopper tensor-memory accelerator (one bulk copy a
-# tile from a descriptor, not 16-byte copies addressed by every thread: fewer instructions and
-# registers), for head dims of 16-byte multiples over a contiguous cache; rows past the window that
-# a tile takes in are the next rows of the cache (finite bits, masked by the bias). Off until a GPU
-# sweep (`gpu_kv.py kernel`) measures it. `min_tiles`: at least this many tiles a split (a small
-# batch launched as one tile a program waits on each load with nothing to overlap: 1 session's
-# layer, 0.017 ms for 25 MB, 1.5 TB/s, docs/performance.md); swept at 1 session.
+# tile from a descriptor, not 16-byte copies addressed by every thread: 213 registers instead of 250,
+# 10 % fewer instructions), for head dims of 16-byte multiples over a contiguous cache; rows past the
+# window that a tile takes in are the next rows of the cache (finite bits, masked by the bias).
+# Measured on an H200 (`gpu_kv.py attention`, docs/results/2026-12-02-h200-levers.jsonl): slower at
+# 64 sessions (0.63-0.67 ms at 4 warps, 1.1 at 8, against 0.545), so off. `min_tiles`: at least this
+# many tiles a split (a small batch launched as one tile a program waits on each load with nothing
+# to overlap): at 1 session, 8 layers' caches in one graph, 3 tiles 0.140 ms against 0.158 for 1
+# (2: 0.166, 4: 0.151, 6: 0.180); a 64-session layer splits into 12-tile runs either way.
 CONFIG = {"mode": os.environ.get("NPC_VOICE_DECODE_ATTENTION", "offset"), "block_n": 128, "num_warps": 4,
-          "num_stages": 2, "programs": 4096, "fused_write": True, "maxnreg": None, "tma": False, "min_tiles": 1}
+          "num_stages": 2, "programs": 4096, "fused_write": True, "maxnreg": None, "tma": False, "min_tiles": 3}
 MODES = {"fma": 0, "dot": 1, "offset": 2, "imma": 3, "imma_pv": 4, "packed": 5}
 
 

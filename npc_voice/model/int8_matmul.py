@@ -64,10 +64,12 @@ def _w8_kernel(X, W, S, OUT, M, N, K, sx_m, sw_n, so_m,
 # same as the kernel above; but a whole one-session tick, where the depth transformer's hundreds of
 # small products gain most, took 7.35 ms with it against 7.82-7.85 without.
 # `num_stages` > 1: the loop over K software-pipelined (`tl.range(num_stages=)`: the next tiles' loads
-# in flight while this one is summed); 0: a plain loop, as measured above. At 0.102 ms the four
-# temporal products read 205 MB at 2.0 TB/s, every launch in the sweep within 0.10-0.15 ms: a
-# program's loads wait one after the other. Swept on the next GPU call (`gpu_kv.py weights_kernel`).
-GEMV = {"enabled": True, "block_n": 2, "block_k": 1024, "num_warps": 2, "min_programs": 4096, "num_stages": 0}
+# in flight while this one is summed); 0: a plain loop. The int8 values become float32 by bit
+# operations (`_int8_as_float32`), not by I2F. Swept over four layers' temporal products at once
+# (822 MB, nothing reread from L2: `gpu_kv.py gemv`, docs/results/2026-12-02-h200-levers.jsonl):
+# 16 rows x 512, 4 warps, 3 stages 0.282 ms (2.9 TB/s) against 0.305 for the previous default
+# (2 x 1024, 2 warps, unpipelined) and 0.335 for the tensor-core kernel; bf16 weights 0.467 ms.
+GEMV = {"enabled": True, "block_n": 16, "block_k": 512, "num_warps": 4, "min_programs": 1024, "num_stages": 3}
 
 
 @triton.jit

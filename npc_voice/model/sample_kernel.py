@@ -53,7 +53,7 @@ def _row_hash(seed, counter, stream):
     """`sampling.uniform_noise`'s hash of (seed, counter: int scalars, stream: int32), before the index."""
     h = _mix((seed & 0x7FFFFFFF).to(tl.uint32))
     h = _mix(h ^ (counter & 0x7FFFFFFF).to(tl.uint32))
-    return _mix(h ^ tl.to_tensor(stream).to(tl.uint32))  # a launch may make an int 1 a constexpr
+    return _mix(h ^ stream.to(tl.uint32))  # stream: never specialised (an int 1 would be a constexpr)
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def _draw_kernel(LOGITS, TEMP, TOPK, SEED, COUNTER, OUT, V, stride, stream, kmax
     tl.store(OUT + b, token.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream"])
 def _noise_kernel(SEED, COUNTER, OUT, size, stream, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     lanes = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

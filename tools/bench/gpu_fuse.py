@@ -10,9 +10,10 @@ pays for compiling, is reported apart), ticks_final (64 sessions with both and w
 1 session with both), ticks_int8 (int8 weights, both compiled: 1, 8, 64 sessions), weights_kernel
 (the int8-weight kernels' launches swept first, the fastest kept for the stages after it), profile
 (the kernels of one tick, by torch.profiler: how many, their GPU time, the costliest), sampler (the
-sampler's k-th largest logit by a sort or by bisection), levers (the one-row int8 kernel and the
-attention swept over whole layers, the Triton sampler and Mimi's convs as products checked, then a
-one-session int8 tick with all of them and with each turned off).
+sampler's k-th largest logit by a sort or by bisection), levers (the Triton sampler and Mimi's
+convs as products checked, then a one-session int8 tick with all of this round's levers and with
+each turned off; levers_swept: the one-row int8 kernel and the attention swept over whole layers
+first, gpu_kv.py gemv / attention).
 """
 
 from __future__ import annotations
@@ -191,17 +192,19 @@ def sampler_check(draws: int = 20) -> None:
 LEVERS = (("today's defaults", {}), ("sampler: sort", {"select": "topk"}), ("Mimi convs: cuDNN", {"conv": "cudnn"}))
 
 
-def stage_levers(weights: str = "int8", batch: int = 1) -> None:
-    """This round's levers: the one-row int8 kernel and the attention's launch swept over whole layers
-    (gpu_kv.py gemv / attention, the fastest kept), the Triton sampler and the Mimi convs as matrix
-    products checked, then a `batch`-session tick with every lever on, and with each turned off."""
+def stage_levers(weights: str = "int8", batch: int = 1, swept: bool = False) -> None:
+    """This round's levers: (`swept`) the one-row int8 kernel and the attention's launch swept over
+    whole layers (gpu_kv.py gemv / attention, the fastest kept), the Triton sampler and the Mimi convs
+    as matrix products checked, then a `batch`-session tick with every lever on, and with each turned
+    off."""
     from gpu_kv import stage_attention, stage_gemv
 
     from npc_voice.model import decode_attention, int8_matmul, sampling
     from npc_voice.model.mimi import convs
 
-    stage_gemv()
-    stage_attention()
+    if swept:
+        stage_gemv()
+        stage_attention()
     sampler_check()
     tiny = random_model("tiny", device=DEVICE, dtype=torch.float32, seed=1)  # compiled Mimi: its convs as products
     emit(what="conv_check", model="tiny float32", vs="eager (cuDNN convs)",
@@ -226,7 +229,7 @@ def stage_levers(weights: str = "int8", batch: int = 1) -> None:
     free()
 
 
-STAGES = {"levers": stage_levers, "sampler": stage_sampler, "check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
+STAGES = {"levers": stage_levers, "levers_swept": lambda: stage_levers(swept=True), "sampler": stage_sampler, "check": stage_check, "ticks": lambda: ticks("bf16", TICKS), "ticks_int8": lambda: ticks("int8", TICKS_INT8),
           "ticks_final": lambda: ticks("bf16", TICKS_FINAL), "ticks_int8_1": lambda: ticks("int8", ((1, BOTH),)), "profile": stage_profile, "weights_kernel": stage_weights_kernel}
 
 if __name__ == "__main__":
