@@ -90,8 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if not args.weights:
-        print("npc-voice serve: no --weights: serving the tiny built-in model with RANDOM weights (its NPCs babble)",
-              file=sys.stderr)
+        name = f"the {args.preset} model" if args.preset and args.preset != "tiny" else "the tiny built-in model"
+        print(f"npc-voice serve: no --weights: serving {name} with RANDOM weights (its NPCs babble)", file=sys.stderr)
     try:
         devices = parse_devices(args.devices)
     except ValueError as exc:
