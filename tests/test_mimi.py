@@ -142,15 +142,19 @@ def test_streaming_matches_whole_clip() -> None:
     assert out.abs().max() > 1e-3
 
 
+# d_model != SEANet dimension (input/output projections), conv shortcuts, replicate padding, odd ratios
+LEARNT_SKIPS = MimiConfig(
+    seanet=SEANetConfig(dimension=24, n_filters=4, ratios=(4, 3, 2), true_skip=False, pad_mode="replicate",
+                        n_residual_layers=2),
+    transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64),
+    quantizer=QuantizerConfig(dimension=16, n_q=5, n_q_semantic=2, bins=64),
+    sample_rate=24_000, frame_rate=24_000 / 48, num_codebooks=4,
+)
+
+
 def test_streaming_matches_whole_clip_with_projections_and_learnt_skips() -> None:
     """d_model != SEANet dimension (input/output projections), conv shortcuts, replicate padding."""
-    cfg = MimiConfig(
-        seanet=SEANetConfig(dimension=24, n_filters=4, ratios=(4, 3, 2), true_skip=False, pad_mode="replicate",
-                            n_residual_layers=2),
-        transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64),
-        quantizer=QuantizerConfig(dimension=16, n_q=5, n_q_semantic=2, bins=64),
-        sample_rate=24_000, frame_rate=24_000 / 48, num_codebooks=4,
-    )
+    cfg = LEARNT_SKIPS
     mimi = random_mimi(cfg, seed=5)
     assert "encoder_transformer.input_proj.weight" in mimi.state_dict()
     assert "encoder.model.1.shortcut.conv.conv.weight" in mimi.state_dict()
@@ -394,14 +398,7 @@ def test_gemm_mimi_is_the_cudnn_mimi(monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole codec with every conv as a matrix product (float64): the same codes and PCM as with
     PyTorch's convs, whole clip and streamed, on the tiny config and on one with learnt shortcuts,
     replicate padding and odd ratios."""
-    odd = MimiConfig(
-        seanet=SEANetConfig(dimension=24, n_filters=4, ratios=(4, 3, 2), true_skip=False, pad_mode="replicate",
-                            n_residual_layers=2),
-        transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=1, dim_feedforward=64),
-        quantizer=QuantizerConfig(dimension=16, n_q=5, n_q_semantic=2, bins=64),
-        sample_rate=24_000, frame_rate=24_000 / 48, num_codebooks=4,
-    )
-    for cfg, frames in ((TINY, 4), (odd, 6)):
+    for cfg, frames in ((TINY, 4), (LEARNT_SKIPS, 6)):
         mimi = random_mimi(cfg, seed=5).double()
         pcm = random_pcm(2, frames, frame=cfg.frame_size).double()
         results = {}

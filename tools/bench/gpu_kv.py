@@ -5,7 +5,11 @@ Run on a CUDA machine from the repository root (reference: tools/bench/anchor_mo
 Stages: kernel (the fused decode attention vs PyTorch's attention over the dequantized cache at
 the 7B shapes: error, then time per layer against bf16 SDPA), ticks (7B, full 3000-frame context:
 whole ticks at 1/64/128 sessions with the 8-bit cache, 1/64 with bf16, peak memory), accuracy
-(teacher-forced text logits over 3000 frames, 2 streams, each cache vs the bf16 one).
+(teacher-forced text logits over 3000 frames, 2 streams, each cache vs the bf16 one), and the
+kernels' launch sweeps (attention, gemv, weights_kernel).
+
+Over 400 lines: one GPU call runs several stages in one process (a sweep keeps its fastest launch
+for the stages after it), so the stages of the 8-bit cache and weights stay in one script.
 """
 
 from __future__ import annotations
