@@ -30,7 +30,14 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import sampling
 from .sampling import MAX_TOP_K
+
+# The hash's and the noise's constants, owned by `sampling` (the PyTorch path the kernel must equal).
+_MULT = tl.constexpr(sampling._MULT)
+_MASK31 = tl.constexpr(sampling._MASK31)
+_BELOW_ONE = tl.constexpr(sampling._BELOW_ONE)
+_INV_2_31 = tl.constexpr(1.0 / (1 << 31))
 
 # Warps per program by block size (blocks up to `small_block`: the audio rows): a program holds its
 # row's order keys in registers through the bisection, so the text row (32768) needs many threads;
@@ -44,16 +51,16 @@ CONFIG = {"small_block": 4096, "num_warps_small": 4, "num_warps_large": 16, "chu
 @triton.jit
 def _mix(x):
     """`sampling._mix` on uint32 values < 2**31."""
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0x7FFFFFFF
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0x7FFFFFFF
+    x = ((x ^ (x >> 16)) * _MULT) & _MASK31
+    x = ((x ^ (x >> 16)) * _MULT) & _MASK31
     return x ^ (x >> 16)
 
 
 @triton.jit
 def _row_hash(seed, counter, stream):
     """`sampling.uniform_noise`'s hash of (seed, counter: int scalars, stream: int32), before the index."""
-    h = _mix((seed & 0x7FFFFFFF).to(tl.uint32))
-    h = _mix(h ^ (counter & 0x7FFFFFFF).to(tl.uint32))
+    h = _mix((seed & _MASK31).to(tl.uint32))
+    h = _mix(h ^ (counter & _MASK31).to(tl.uint32))
     return _mix(h ^ stream.to(tl.uint32))  # stream: never specialised (an int 1 would be a constexpr)
 
 
@@ -63,7 +70,7 @@ def _uniform(h, index):
     (0, 1), bit for bit (h < 2**31 is exact in int32, rounded to float32 as torch rounds it, times
     2**-31 exactly as torch's division, and kept below 1.0 as there)."""
     h = _mix(h ^ index.to(tl.uint32))
-    return tl.minimum((h.to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 2147483648.0), 0.99999994)
+    return tl.minimum((h.to(tl.int32).to(tl.float32) + 0.5) * _INV_2_31, _BELOW_ONE)
 
 
 @triton.jit
